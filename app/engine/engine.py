@@ -1,0 +1,314 @@
+"""AsyncEngine: submit a request, get an async stream of outputs; one loop serves every task together.
+
+The loop runs in its own thread, so a long forward never blocks the event loop (health checks, uploads).
+`step()` is the one place the scheduler, the runner and the outputs meet:
+reap cancelled/expired -> schedule -> write new prefixes -> one forward -> tokens, heads -> outputs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from app.engine.kv_cache import KVCache
+from app.engine.model import Transformer
+from app.engine.runner import ModelRunner, StepResult
+from app.engine.scheduler import Overloaded, Scheduler
+from app.engine.sequence import Mode, Output, Sequence, Status
+from app.engine.task_prompt import TaskPrompt, build_task_prompt
+from app.engine.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
+           "WrongTaskType"]
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (too long for the context, empty input)."""
+
+
+class WrongTaskType(InvalidRequest):
+    """The named prompt serves another kind of task than the route asked for."""
+
+
+class PromptNotFound(KeyError):
+    def __str__(self):
+        return self.args[0]
+
+
+@dataclass
+class EngineConfig:
+    max_seq_len: int = 2048  # positions per sequence: virtual tokens + prompt + generated tokens
+    kv_cache_bytes: int = 2 << 30
+    max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
+    max_waiting: int = 256
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    kv_slots_used: int
+    kv_slots_total: int
+    kv_tokens_used: int
+    kv_tokens_total: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int
+    last_batch_tokens: int
+
+
+class _Stream:
+    """Delivery state of one request: its asyncio queue and, for generation, its detokenizer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer):
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.sent = 0  # characters of text already released
+
+    def put(self, output: Output) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+
+
+class AsyncEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        weight = model.embed_tokens.weight
+        slots = KVCache.slots_for_budget(model.args, config.max_seq_len, config.kv_cache_bytes, weight.dtype)
+        if slots < 1:
+            raise ValueError(f"the KV cache budget ({config.kv_cache_bytes} bytes) holds no sequence of "
+                             f"{config.max_seq_len} positions; raise the budget or lower max_seq_len")
+        self.cache = KVCache(model.args, slots, config.max_seq_len, weight.device, weight.dtype)
+        self.scheduler = Scheduler(self.cache, config.max_waiting, config.max_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.prompts: dict[str, TaskPrompt] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._seqs: dict[int, Sequence] = {}
+        self._incoming: list[Sequence] = []
+        self._lock = threading.Lock()  # guards _incoming and the waiting count seen by submitters
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # no new requests
+        self._thread_stop = False  # the loop thread ends
+        self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
+
+    # ---- prompts -------------------------------------------------------------------------------------
+    def load_prompt(self, prompt_file) -> TaskPrompt:
+        """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
+        task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
+        self.prompts[task_prompt.name] = task_prompt
+        return task_prompt
+
+    def remove_prompt(self, name: str) -> None:
+        self.prompts.pop(name, None)
+
+    def get_prompt(self, name: str | None) -> TaskPrompt | None:
+        if name is None:
+            return None
+        if name not in self.prompts:
+            raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them")
+        return self.prompts[name]
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def make_sequence(self, prompt_name: str | None, token_ids: list[int], mode: Mode, sampling,
+                      timeout_s: float | None = None) -> Sequence:
+        """Resolve the prompt (its current version is kept for the whole request) and check the limits."""
+        prompt = self.get_prompt(prompt_name)
+        task = "generate" if prompt is None else prompt.task
+        if task != mode.value:
+            raise WrongTaskType(f"prompt {prompt_name!r} is a {task!r} prompt, not {mode.value!r}"
+                                 if prompt else f"the base model only generates; {mode.value} needs a prompt")
+        if not token_ids:
+            raise InvalidRequest("the input is empty")
+        seq = Sequence(prompt, list(token_ids), mode, sampling,
+                       deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+        if seq.total_len > self.config.max_seq_len:
+            raise InvalidRequest(
+                f"{seq.prefix_len} virtual + {len(token_ids)} input + "
+                f"{seq.sampling.max_tokens if mode == Mode.GENERATE else 0} new tokens exceed the context "
+                f"of {self.config.max_seq_len}; shorten the input or lower max_tokens")
+        if sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(sampling.seed)
+        return seq
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Output]:
+        """Submit and yield outputs until the last; leaving early (client gone) cancels the request."""
+        stream = _Stream(asyncio.get_running_loop(), self.tokenizer)
+        with self._lock:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_waiting:
+                raise Overloaded(f"the server is at capacity ({self.config.max_waiting} requests waiting); "
+                                 f"retry later")
+            self._streams[seq.request_id] = stream
+            self._seqs[seq.request_id] = seq
+            self._incoming.append(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                output = await stream.queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    async def run_to_end(self, seq: Sequence) -> Output:
+        """Collect a whole request into one Output (text and tokens concatenated)."""
+        total = Output(seq.request_id)
+        async for out in self.stream(seq):
+            total.text += out.text
+            total.tokens += out.tokens
+            total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
+            total.prompt_tokens, total.completion_tokens, total.probs = \
+                out.prompt_tokens, out.completion_tokens, out.probs
+        return total
+
+    def abort(self, request_id: int) -> None:
+        seq = self._seqs.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+            self._wake.set()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="softserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop admitting; let running requests finish for up to grace_s, then cancel the rest."""
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + grace_s
+        while self._seqs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._seqs):
+            self.abort(request_id)
+        while self._seqs and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.02)
+        self._thread_stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+
+    def _loop(self) -> None:
+        while not self._thread_stop:
+            with self._lock:
+                incoming, self._incoming = self._incoming, []
+            for seq in incoming:
+                self.scheduler.waiting.append(seq)  # the bound was checked at submit
+            if not self.scheduler.has_work:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.step()
+            except Exception as e:  # a bug or a device error must not kill the engine: fail what ran
+                log.exception("engine step failed")
+                outputs = [self._finish(seq, "error", error=f"internal error in the engine: {e}")
+                           for seq in list(self.scheduler.running)]
+            for output in outputs:
+                self._deliver(output)
+
+    def step(self) -> list[Output]:
+        outputs = self._reap()
+        step = self.scheduler.schedule()
+        if step.empty:
+            return outputs
+        for seq in step.admitted:
+            self.runner.write_prefix(seq)
+        result = self.runner.run(step)
+        self._counters["steps_total"] += 1
+        self._counters["last_batch_tokens"] = result.num_tokens
+        for seq, n in step.prefill:
+            seq.num_cached += n
+            self._counters["prompt_tokens_total"] += n
+        for seq in step.decode:
+            seq.num_cached += 1
+        return outputs + self._postprocess(step.decode + [s for s, _ in step.prefill], result)
+
+    def _reap(self) -> list[Output]:
+        now = time.monotonic()
+        outputs = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.cancelled:
+                outputs.append(self._finish(seq, "cancelled"))
+            elif seq.deadline is not None and now > seq.deadline:
+                outputs.append(self._finish(seq, "timeout", error="the request timed out"))
+        return outputs
+
+    def _postprocess(self, seqs: list[Sequence], result: StepResult) -> list[Output]:
+        outputs = []
+        for seq in seqs:
+            if seq.status == Status.FINISHED:
+                continue
+            if seq.mode == Mode.GENERATE:
+                choice = result.tokens.get(seq.request_id)
+                if choice is not None:
+                    outputs.append(self._append_token(seq, choice))
+            elif seq.request_id in result.probs:
+                seq.head_probs.append(result.probs[seq.request_id])
+                if not seq.in_prefill:
+                    probs = torch.cat(seq.head_probs) if seq.mode == Mode.TAG else seq.head_probs[0]
+                    outputs.append(self._finish(seq, "stop", probs=probs))
+        return outputs
+
+    def _append_token(self, seq: Sequence, choice) -> Output:
+        stream = self._streams[seq.request_id]
+        params = seq.sampling
+        seq.output_ids.append(choice.token_id)
+        self._counters["generation_tokens_total"] += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        is_eos = choice.token_id in self.tokenizer.eos_ids and not params.ignore_eos
+        if not is_eos:
+            stream.decoder.add(choice.token_id)
+        text = stream.decoder.text
+        reason = "stop" if is_eos else None
+        stops = [text.find(s, max(0, stream.sent - len(s))) for s in params.stop]
+        hits = [i for i in stops if i >= 0]
+        if hits:
+            text, reason = text[:min(hits)], "stop"
+        elif reason is None and len(seq.output_ids) >= params.max_tokens:
+            reason = "length"
+        if reason is None:  # hold back what could still become a stop string
+            hold = max((len(s) - 1 for s in params.stop), default=0)
+            release = text[stream.sent:max(stream.sent, len(text) - hold)]
+            stream.sent += len(release)
+            return Output(seq.request_id, release, [choice], completion_tokens=len(seq.output_ids),
+                          prompt_tokens=len(seq.prompt_ids))
+        out = self._finish(seq, reason, text=text[stream.sent:])
+        out.tokens = [choice]
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", probs=None, error=None) -> Output:
+        self.scheduler.finish(seq)
+        self._seqs.pop(seq.request_id, None)
+        return Output(seq.request_id, text, finished=True, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
+                      completion_tokens=len(seq.output_ids), probs=probs, error=error)
+
+    def _deliver(self, output: Output) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def stats(self) -> EngineStats:
+        running = list(self.scheduler.running)
+        return EngineStats(
+            waiting=len(self.scheduler.waiting) + len(self._incoming),
+            running=len(running),
+            kv_slots_used=self.cache.num_used,
+            kv_slots_total=self.cache.num_slots,
+            kv_tokens_used=sum(s.prefix_len + s.num_cached for s in running),
+            kv_tokens_total=self.cache.num_slots * self.cache.max_seq_len,
+            **self._counters,
+        )

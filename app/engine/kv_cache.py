@@ -1,0 +1,115 @@
+"""KV memory for serving: one slot per running sequence, and the attention that reads and writes it.
+
+Layout: k, v of shape (layers, slots, kv_heads, max_seq_len, head_dim). A sequence owns one slot; its
+positions 0..P-1 hold its task prefix (copied in at admission from the task's pinned K,V, never
+recomputed), its text follows from position P. Decode cost depends on the batch size and the longest
+sequence, never on how many distinct tasks are in the batch: a row is a row whatever its prefix.
+
+A step's tokens are one flat list (prefill chunks and decode tokens of any sequences, B=1, T=N), so the
+projections and MLPs run once over exactly the real tokens, with no padding. Attention then splits:
+all decode tokens together in one SDPA call over their slots, each prefill chunk in its own call.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.model import ModelArgs
+
+
+class KVCache:
+    def __init__(self, args: ModelArgs, num_slots: int, max_seq_len: int, device: str, dtype: torch.dtype):
+        shape = (args.num_layers, num_slots, args.num_kv_heads, max_seq_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self._free = list(range(num_slots))  # a heap: the lowest free slot first keeps the live ones dense
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, dtype: torch.dtype) -> int:
+        return 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @classmethod
+    def slots_for_budget(cls, args: ModelArgs, max_seq_len: int, budget_bytes: int, dtype: torch.dtype) -> int:
+        return int(budget_bytes // (cls.bytes_per_token(args, dtype) * max_seq_len))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def allocate(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def free(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def write_prefix(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (layers, kv_heads, P, head_dim) -> positions 0..P-1 of the slot."""
+        P = k.shape[2]
+        self.k[:, slot, :, :P] = k
+        self.v[:, slot, :, :P] = v
+
+
+@dataclass
+class PrefillChunk:
+    slot: int
+    offset: int  # where its tokens start in the step's flat token list
+    length: int
+    start_pos: int  # cache position of its first token
+
+
+class CachedAttention:
+    """attend() for one step over the cache: decode tokens first in the flat list, then prefill chunks."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, num_decode: int,
+                 chunks: list[PrefillChunk]):
+        self.cache, self.num_decode, self.chunks = cache, num_decode, chunks
+        self.slots, self.positions = slots, positions  # per token (N,), on the cache's device
+        device = cache.k.device
+        if num_decode:
+            dec_slots = slots[:num_decode]
+            dec_list = dec_slots.tolist()
+            # Dense slots (the common case) are a view of the cache; others are gathered.
+            self.dec_range = (dec_list[0], dec_list[0] + num_decode) if dec_list == list(
+                range(dec_list[0], dec_list[0] + num_decode)) else None
+            self.dec_slots = dec_slots
+            dec_pos = positions[:num_decode]
+            self.dec_len = int(dec_pos.max()) + 1
+            self.dec_mask = (torch.arange(self.dec_len, device=device)[None, :] <= dec_pos[:, None])[:, None, None]
+        self.chunk_masks = [
+            None if c.start_pos == 0 else
+            torch.arange(c.start_pos + c.length, device=device)[None, :]
+            <= torch.arange(c.start_pos, c.start_pos + c.length, device=device)[:, None]
+            for c in chunks
+        ]
+
+    def attend(self, layer, q, k, v):
+        kc, vc = self.cache.k[layer], self.cache.v[layer]  # (slots, KVH, S, D)
+        kc[self.slots, :, self.positions] = k[0]
+        vc[self.slots, :, self.positions] = v[0]
+        parts = []
+        D = self.num_decode
+        if D:
+            L = self.dec_len
+            if self.dec_range is not None:
+                keys, values = kc[slice(*self.dec_range), :, :L], vc[slice(*self.dec_range), :, :L]
+            else:
+                keys, values = kc[self.dec_slots, :, :L], vc[self.dec_slots, :, :L]
+            out = F.scaled_dot_product_attention(q[0, :D].unsqueeze(2), keys, values,
+                                                 attn_mask=self.dec_mask, enable_gqa=True)
+            parts.append(out[:, :, 0])  # (D, H, hd)
+        for c, mask in zip(self.chunks, self.chunk_masks):
+            end = c.start_pos + c.length
+            qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
+            keys, values = kc[c.slot:c.slot + 1, :, :end], vc[c.slot:c.slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
+            parts.append(out[0].transpose(0, 1))  # (n, H, hd)
+        return torch.cat(parts, 0)[None]

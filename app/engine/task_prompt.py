@@ -1,0 +1,85 @@
+"""A registered task prompt, ready to serve: its per-layer K,V prefix (computed once) and its head.
+
+Shallow prompts (prompt tuning, P-tuning) run their P virtual embeddings through the frozen model once,
+at positions 0..P-1, and keep the K,V every layer produced. Under causal attention the virtual tokens
+never see the text, so this is exactly what PEFT computes when it prepends the embeddings to every input.
+Deep prompts (prefix tuning / P-Tuning v2) already are per-layer K,V: PEFT's `get_prompt` reshape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.model import DenseAttention, Transformer
+from prompt_store.format import PromptFile
+
+
+@dataclass
+class TaskPrompt:
+    name: str
+    version: int
+    kind: str  # "prompt" (shallow) | "prefix" (deep)
+    task: str  # "generate" | "tag" | "classify"
+    labels: list[str]
+    k: torch.Tensor  # (layers, kv_heads, P, head_dim)
+    v: torch.Tensor
+    head_weight: torch.Tensor | None = None  # (labels, hidden)
+    head_bias: torch.Tensor | None = None
+    label_token_ids: list[int] | None = None  # classify without a head: first token of each label word
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        heads = [t for t in (self.head_weight, self.head_bias) if t is not None]
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, *heads))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., hidden_size) -> label probabilities (..., labels)."""
+        logits = torch.nn.functional.linear(hidden.to(self.head_weight.dtype), self.head_weight, self.head_bias)
+        return logits.float().softmax(-1)
+
+
+class PrefixCounter:
+    """Counts forward passes over virtual tokens (a prefix must be computed once per prompt version)."""
+    passes = 0
+
+
+@torch.inference_mode()
+def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT-layout prompt_embeddings -> k, v each (layers, kv_heads, P, head_dim) on the model's device."""
+    args = model.args
+    weight = model.embed_tokens.weight
+    emb = embeddings.to(weight.device, weight.dtype)
+    P = emb.shape[0]
+    if kind == "prompt":
+        PrefixCounter.passes += 1
+        attention = DenseAttention(record=True)
+        model(torch.arange(P, device=emb.device)[None], attention, embeds=emb[None])
+        k = torch.stack([k[0] for k, _ in attention.recorded])
+        v = torch.stack([v[0] for _, v in attention.recorded])
+        return k.contiguous(), v.contiguous()
+    # PEFT: view(B, P, layers*2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).split(2) -> layer i is (2i, 2i+1)
+    kv = emb.view(P, args.num_layers * 2, args.num_kv_heads, args.head_dim).permute(1, 2, 0, 3)
+    return kv[0::2].contiguous(), kv[1::2].contiguous()
+
+
+def label_first_tokens(labels: list[str], encode) -> list[int]:
+    """First token of each label word; labels must differ in it to be scored by the LM head."""
+    ids = [encode(label)[0] for label in labels]
+    if len(set(ids)) != len(ids):
+        raise ValueError("labels share a first token, so the LM head cannot score them apart; "
+                         "upload the prompt with a classification head")
+    return ids
+
+
+def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
+    k, v = prefix_kv(model, pf.kind, pf.prompt_embeddings)
+    device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+    head_w = None if pf.head_weight is None else pf.head_weight.to(device, dtype)
+    head_b = None if pf.head_bias is None else pf.head_bias.to(device, dtype)
+    label_ids = label_first_tokens(pf.labels, encode) if pf.task == "classify" and head_w is None else None
+    return TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids)
