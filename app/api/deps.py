@@ -1,0 +1,60 @@
+"""Route dependencies: the loaded services (503 until ready), API keys, and the admin check."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from fastapi import Request
+
+from app.api.errors import APIError
+from app.services import Services
+
+
+def get_services(request: Request) -> Services:
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        error = getattr(request.app.state, "load_error", None)
+        raise APIError(503, f"the model failed to load: {error}" if error else "the model is still loading",
+                       "not_ready")
+    return services
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _is_loopback(request: Request) -> bool:
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def require_api_key(request: Request) -> None:
+    """With SOFTSERVE_API_KEYS set, inference routes need one of them as a bearer token."""
+    keys = request.app.state.settings.api_key_set
+    if not keys:
+        return
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+    if not any(hmac.compare_digest(token, key) for key in keys):
+        raise APIError(401, "invalid API key", "invalid_api_key")
+
+
+def require_admin(request: Request) -> None:
+    """Prompt changes: the admin token when one is set, else only clients on this machine."""
+    admin = request.app.state.settings.admin_token
+    if admin is None:
+        if not _is_loopback(request):
+            raise APIError(403, "prompt changes are accepted only from loopback clients unless "
+                                "SOFTSERVE_ADMIN_TOKEN is set", "admin_only")
+        return
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "prompt changes need 'Authorization: Bearer <admin token>'", "missing_admin_token")
+    if not hmac.compare_digest(token, admin):
+        raise APIError(403, "this token may not change prompts", "forbidden")

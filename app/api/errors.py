@@ -1,0 +1,82 @@
+"""One error shape for every route: {"error": {"message", "type", "code"}} (OpenAI's), with the right status.
+
+Engine and store exceptions map to 4xx here, so no route needs its own try/except for them; anything a
+client can send ends as a 4xx, and a 500 means a bug.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
+from app.engine.tokenizer import ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               422: "invalid_request_error", 429: "overloaded_error", 503: "service_unavailable", 500: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "code": code or str(status)}}
+
+
+def error_response(status: int, message: str, code: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if err.get("type") == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+# (exception class, status, code); subclasses before their bases
+ENGINE_ERRORS = [
+    (WrongTaskType, 422, "wrong_task_type"),
+    (InvalidRequest, 400, "invalid_request"),
+    (ChatTemplateError, 400, "chat_template"),
+    (PromptNotFound, 404, "prompt_not_found"),
+    (Overloaded, 429, "overloaded"),
+]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, exc.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_response(422, _describe_validation(exc), "validation_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail))
+
+    for cls, status, code in ENGINE_ERRORS:
+        def handler(request: Request, exc: Exception, status=status, code=code):
+            headers = {"Retry-After": "1"} if status == 429 else None
+            return error_response(status, str(exc), code, headers)
+        app.add_exception_handler(cls, handler)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "internal_error")

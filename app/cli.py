@@ -1,0 +1,83 @@
+"""`softserve serve | fetch-model | prompts | train | bench`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from app.config import Settings
+
+SERVE_FLAGS = {  # flag -> (Settings field, type, help)
+    "--model": ("model", str, "'default', an HF model directory, or a .gguf file"),
+    "--dtype": ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--host": ("host", str, "address to listen on"),
+    "--port": ("port", int, "port to listen on"),
+    "--cache-dir": ("cache_dir", str, "where the default model is fetched and GGUF files converted"),
+    "--prompt-store": ("prompt_store", str, "the prompt registry's folder"),
+    "--max-seq-len": ("max_seq_len", int, "positions per request"),
+    "--kv-cache-gb": ("kv_cache_gb", float, "KV cache budget in GiB"),
+    "--log-level": ("log_level", str, "debug | info | warning | error"),
+}
+
+
+def settings_from(args: argparse.Namespace, **extra) -> Settings:
+    """Environment first (pydantic-settings reads SOFTSERVE_*), then the flags that were given."""
+    overrides = {field: getattr(args, field) for field, _, _ in SERVE_FLAGS.values()
+                 if getattr(args, field, None) is not None}
+    return Settings(**overrides, **extra)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, names=tuple(SERVE_FLAGS)) -> None:
+    for flag in names:
+        field, kind, help_text = SERVE_FLAGS[flag]
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} (env SOFTSERVE_{field.upper()})")
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from app.server import create_app
+
+    settings = settings_from(args, example_prompts=not args.no_examples) if args.no_examples else settings_from(args)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from app.engine.weights import load_model, resolve_dtype
+
+    settings = settings_from(args)
+    loaded = load_model(settings.model, resolve_dtype("float32"), "cpu", settings.cache_dir)
+    print(f"{loaded.name}: ready in {loaded.directory} (fingerprint {loaded.fingerprint})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="softserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    add_model_flags(serve)
+    serve.add_argument("--no-examples", action="store_true", help="do not add the shipped example prompts")
+    serve.set_defaults(func=cmd_serve)
+
+    fetch = sub.add_parser("fetch-model", help="download and convert the model once (for images, offline use)")
+    add_model_flags(fetch, ("--model", "--cache-dir"))
+    fetch.set_defaults(func=cmd_fetch_model)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", None) and args.log_level.upper() or logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from app.engine.weights import ModelLoadError
+
+    try:
+        return args.func(args)
+    except ModelLoadError as e:
+        print(f"softserve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

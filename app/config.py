@@ -1,0 +1,64 @@
+"""Every setting in one object, read from SOFTSERVE_* environment variables and overridden by CLI flags.
+
+The README's settings table lists the same fields; `Settings` is passed down, never read globally.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
+
+    # the model
+    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF model directory, or a .gguf file")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and KV dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    cache_dir: Path = Field(Path("~/.cache/softserve"), description="where the default model is fetched and GGUF files are converted")
+    # the server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # prompts
+    prompt_store: Path = Field(Path("~/.local/share/softserve/prompts"), description="the prompt registry's folder")
+    example_prompts: bool = Field(True, description="add the shipped chat, ner and spam prompts to an empty store at start-up")
+    watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
+    max_virtual_tokens: int = Field(512, ge=1)
+    # the engine
+    max_seq_len: int = Field(2048, ge=16, description="positions per request: virtual tokens + input + max_tokens")
+    kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
+    max_batched_tokens: int = Field(2048, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
+    max_waiting: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
+    request_timeout_s: float = Field(300.0, gt=0)
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
+    # the API
+    max_upload_mb: float = Field(64.0, gt=0)
+    max_inputs_per_request: int = Field(64, ge=1)
+    admin_token: str | None = Field(None, description="bearer token for prompt changes; unset: only loopback clients may change prompts")
+    api_keys: str = Field("", description="comma-separated keys for the inference routes; empty: open")
+
+    @field_validator("cache_dir", "prompt_store")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self) -> str:
+        if self.dtype == "auto":
+            return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+        return self.dtype
