@@ -1,0 +1,50 @@
+# softserve: one frozen base model, many soft-prompt tasks, over HTTP.
+#
+#   CPU (default):  docker build -t softserve .
+#   GPU (CUDA):     docker build -t softserve:gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
+#
+# TORCH_INDEX must carry torch==${TORCH_VERSION}: check which CUDA indices a torch release is built for
+# (https://download.pytorch.org/whl/cuXYZ/torch/), or use https://pypi.org/simple, whose Linux x86_64 torch
+# wheels are CUDA builds. Run a GPU image with `docker run --gpus all ...` (see docker-compose.yml).
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SOFTSERVE_MODEL=default \
+    SOFTSERVE_CACHE_DIR=/models \
+    SOFTSERVE_PROMPT_STORE=/data/prompts \
+    SOFTSERVE_HOST=0.0.0.0 \
+    SOFTSERVE_PORT=8000 \
+    HF_HOME=/models/hf
+
+# torch first, from the chosen index, so that `pip install .` finds it satisfied and never pulls another build.
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY app/ app/
+COPY prompt_store/ prompt_store/
+COPY examples/ examples/
+RUN pip install --no-cache-dir .
+
+# Unprivileged user; it owns the prompt store (/data) and the model cache (/models). The model is fetched
+# as this user so that the files are owned by it without a second copy of the layer.
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin softserve \
+    && mkdir -p /data/prompts /models \
+    && chown -R softserve:softserve /data /models
+USER softserve
+
+# Bake the default model (SmolLM2-135M-Instruct GGUF, ~100 MB) into the image: containers start offline.
+RUN softserve fetch-model
+
+EXPOSE 8000
+
+# /health answers 503 while the model loads and 200 when ready; urlopen raises on 503, so the check fails.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
+
+CMD ["softserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
