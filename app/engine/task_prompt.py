@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.model import DenseAttention, Transformer
+from app.engine.model import DenseAttention, ModelArgs, Transformer
 from prompt_store.format import PromptFile
 
 
@@ -62,9 +62,19 @@ def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[
         k = torch.stack([k[0] for k, _ in attention.recorded])
         v = torch.stack([v[0] for _, v in attention.recorded])
         return k.contiguous(), v.contiguous()
-    # PEFT: view(B, P, layers*2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).split(2) -> layer i is (2i, 2i+1)
-    kv = emb.view(P, args.num_layers * 2, args.num_kv_heads, args.head_dim).permute(1, 2, 0, 3)
-    return kv[0::2].contiguous(), kv[1::2].contiguous()
+    k, v = deep_prefix_kv(args, emb)
+    return k.contiguous(), v.contiguous()
+
+
+def deep_prefix_kv(args: ModelArgs, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's prefix layout [P, layers*2*kv_heads*head_dim] -> k, v views (layers, kv_heads, P, head_dim).
+
+    PEFT: view(B, P, layers*2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).split(2): layer i is (2i, 2i+1).
+    Differentiable, so training uses the very same reshape as serving.
+    """
+    P = embeddings.shape[0]
+    kv = embeddings.view(P, args.num_layers * 2, args.num_kv_heads, args.head_dim).permute(1, 2, 0, 3)
+    return kv[0::2], kv[1::2]
 
 
 def label_first_tokens(labels: list[str], encode) -> list[int]:
