@@ -1,0 +1,315 @@
+"""The softserve prompt file: one safetensors file per prompt version.
+
+Tensors: `prompt_embeddings` and, for tasks with a head, `head.weight` / `head.bias`, all float32.
+Everything else lives in the safetensors metadata under `softserve.*` keys (see docs/PROMPT_FORMAT.md).
+Shapes follow PEFT so that an adapter imports without reshaping:
+  shallow ("prompt"): [P, hidden]
+  deep ("prefix"):    [P, num_layers * 2 * num_kv_heads * head_dim]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+FORMAT_VERSION = 1
+KINDS = ("prompt", "prefix")
+TASKS = ("generate", "tag", "classify")
+RESERVED_NAMES = ("base",)  # "base" addresses the bare model in the API
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+EMBEDDINGS_KEY = "prompt_embeddings"
+HEAD_WEIGHT_KEY = "head.weight"
+HEAD_BIAS_KEY = "head.bias"
+META_PREFIX = "softserve."
+
+# torch.save writes a zip archive (new format) or a bare pickle stream (legacy / protocol >= 2).
+PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+class PromptFormatError(ValueError):
+    """A prompt file, adapter or name was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What a prompt was trained against; a prompt only runs on a base with the same identity."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    fingerprint: str
+
+    @property
+    def prefix_width(self) -> int:
+        """Width of one deep-prompt row: K and V for every layer, PEFT layout."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseIdentity:
+        sizes = ("hidden_size", "num_layers", "num_kv_heads", "head_dim", "vocab_size")
+        try:
+            return cls(
+                architecture=str(data["architecture"]),
+                **{size: int(data[size]) for size in sizes},
+                fingerprint=str(data["fingerprint"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PromptFormatError(f"invalid base identity {data!r}: {exc}") from exc
+
+    def mismatch(self, other: BaseIdentity) -> str | None:
+        """Call as `prompt_base.mismatch(server_base)`: the first difference as a sentence, or None."""
+        for field in fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if mine == theirs:
+                continue
+            if field.name == "fingerprint":
+                return f"prompt was trained for another base model (fingerprint {mine} != {theirs})"
+            return (
+                f"prompt was trained for a base with {field.name}={mine}, "
+                f"this server's base has {field.name}={theirs}"
+            )
+        return None
+
+
+@dataclass
+class PromptFile:
+    """One version of one task prompt, as stored on disk."""
+
+    name: str
+    kind: str  # "prompt" (shallow) | "prefix" (deep)
+    task: str  # "generate" | "tag" | "classify"
+    num_virtual_tokens: int
+    labels: list[str]
+    description: str
+    base: BaseIdentity
+    prompt_embeddings: torch.Tensor  # shallow [P, hidden]; deep [P, num_layers*2*num_kv_heads*head_dim]
+    head_weight: torch.Tensor | None = None  # [num_labels, hidden]
+    head_bias: torch.Tensor | None = None  # [num_labels]
+    source: str = "softserve-train"
+    version: int = 0  # assigned by the registry
+    created_at: str = ""
+
+
+def validate_name(name: str) -> None:
+    """Names become folder names and API model ids, so only a safe, short alphabet is accepted."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise PromptFormatError(
+            f"invalid prompt name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise PromptFormatError(f"prompt name {name!r} is reserved")
+
+
+def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_tokens: int = 512) -> None:
+    """Raise PromptFormatError naming the first problem. With base=None the base-dependent checks are skipped."""
+    validate_name(pf.name)
+    if pf.kind not in KINDS:
+        raise PromptFormatError(f"unknown prompt kind {pf.kind!r}; expected one of {', '.join(KINDS)}")
+    if pf.task not in TASKS:
+        raise PromptFormatError(f"unknown task {pf.task!r}; expected one of {', '.join(TASKS)}")
+    if base is not None:
+        problem = pf.base.mismatch(base)
+        if problem:
+            raise PromptFormatError(problem)
+    _validate_embeddings(pf, max_virtual_tokens)
+    if base is not None:
+        _validate_width(pf, base)
+    _validate_labels_and_head(pf)
+
+
+def _validate_embeddings(pf: PromptFile, max_virtual_tokens: int) -> None:
+    emb = pf.prompt_embeddings
+    if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+        raise PromptFormatError("prompt_embeddings must be a floating-point tensor")
+    if emb.dim() != 2:
+        raise PromptFormatError(f"prompt_embeddings must be 2-D [P, width], got shape {list(emb.shape)}")
+    rows = emb.shape[0]
+    if rows != pf.num_virtual_tokens:
+        raise PromptFormatError(
+            f"prompt_embeddings has {rows} rows but num_virtual_tokens is {pf.num_virtual_tokens}"
+        )
+    if not 1 <= rows <= max_virtual_tokens:
+        raise PromptFormatError(f"num_virtual_tokens must be between 1 and {max_virtual_tokens}, got {rows}")
+    if not torch.isfinite(emb).all():
+        raise PromptFormatError("prompt_embeddings contains NaN or infinite values")
+
+
+def _validate_width(pf: PromptFile, base: BaseIdentity) -> None:
+    width = pf.prompt_embeddings.shape[1]
+    if pf.kind == "prompt" and width != base.hidden_size:
+        raise PromptFormatError(
+            f"shallow prompt_embeddings must be {base.hidden_size} wide (hidden_size), got {width}"
+        )
+    if pf.kind == "prefix" and width != base.prefix_width:
+        raise PromptFormatError(
+            f"prefix prompt_embeddings must be {base.prefix_width} wide "
+            f"(num_layers*2*num_kv_heads*head_dim = {base.num_layers}*2*{base.num_kv_heads}*{base.head_dim}), "
+            f"got {width}"
+        )
+
+
+def _validate_labels_and_head(pf: PromptFile) -> None:
+    has_head = pf.head_weight is not None or pf.head_bias is not None
+    if pf.task == "generate":
+        if pf.labels:
+            raise PromptFormatError("a generate prompt must have no labels")
+        if has_head:
+            raise PromptFormatError("a generate prompt must have no head")
+        return
+    if not pf.labels:
+        raise PromptFormatError(f"a {pf.task} prompt needs a non-empty list of labels")
+    if any(not isinstance(label, str) or not label for label in pf.labels):
+        raise PromptFormatError("labels must be non-empty strings")
+    if len(set(pf.labels)) != len(pf.labels):
+        raise PromptFormatError(f"labels must be unique, got {pf.labels}")
+    if pf.task == "tag" and pf.head_weight is None:
+        raise PromptFormatError("a tag prompt needs a head (head.weight [num_labels, hidden])")
+    if has_head:
+        _validate_head(pf)
+
+
+def _validate_head(pf: PromptFile) -> None:
+    n, hidden = len(pf.labels), pf.base.hidden_size
+    weight, bias = pf.head_weight, pf.head_bias
+    if weight is None:
+        raise PromptFormatError("head.bias given without head.weight")
+    if list(weight.shape) != [n, hidden]:
+        raise PromptFormatError(
+            f"head.weight must be [num_labels, hidden] = [{n}, {hidden}], got {list(weight.shape)}"
+        )
+    if bias is not None and list(bias.shape) != [n]:
+        raise PromptFormatError(f"head.bias must be [num_labels] = [{n}], got {list(bias.shape)}")
+    for tensor_name, tensor in ((HEAD_WEIGHT_KEY, weight), (HEAD_BIAS_KEY, bias)):
+        if tensor is not None and not torch.isfinite(tensor).all():
+            raise PromptFormatError(f"{tensor_name} contains NaN or infinite values")
+
+
+# --- bytes <-> PromptFile -------------------------------------------------------------------------
+
+
+def read_safetensors_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors blob; refuses anything else, pickles with a specific message."""
+    try:
+        tensors = safetensors.torch.load(bytes(data))
+    except Exception as exc:  # safetensors raises its own error types, plus OverflowError/ValueError
+        # Checked only after safetensors failed: a valid header length may itself start with 0x80.
+        if bytes(data[:4]).startswith(PICKLE_MAGICS):
+            raise PromptFormatError("pickle files are refused; only safetensors are read") from exc
+        raise PromptFormatError(f"not a valid safetensors file: {exc}") from exc
+    # safetensors validated the header above; it is an 8-byte little-endian length then JSON.
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    return tensors, header.get("__metadata__") or {}
+
+
+def dump_prompt(pf: PromptFile) -> bytes:
+    tensors = {EMBEDDINGS_KEY: _as_stored(pf.prompt_embeddings)}
+    if pf.head_weight is not None:
+        tensors[HEAD_WEIGHT_KEY] = _as_stored(pf.head_weight)
+    if pf.head_bias is not None:
+        tensors[HEAD_BIAS_KEY] = _as_stored(pf.head_bias)
+    metadata = {
+        "format": "pt",  # what HF tools expect in a torch safetensors file
+        "format_version": str(FORMAT_VERSION),
+        "name": pf.name,
+        "kind": pf.kind,
+        "task": pf.task,
+        "num_virtual_tokens": str(pf.num_virtual_tokens),
+        "labels": json.dumps(list(pf.labels)),
+        "description": pf.description,
+        "base": json.dumps(pf.base.to_dict(), sort_keys=True),
+        "source": pf.source,
+        "version": str(pf.version),
+        "created_at": pf.created_at,
+    }
+    metadata = {key if key == "format" else META_PREFIX + key: value for key, value in metadata.items()}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
+    # clone: safetensors refuses tensors that share storage (e.g. views of a training parameter)
+    return tensor.detach().to("cpu", torch.float32).contiguous().clone()
+
+
+def load_prompt_bytes(data: bytes) -> PromptFile:
+    """Parse a prompt file. Checks the format only; call validate_prompt for the base-dependent rules."""
+    tensors, metadata = read_safetensors_bytes(data)
+    version = metadata.get(META_PREFIX + "format_version")
+    if version is None:
+        raise PromptFormatError("not a softserve prompt file: metadata key softserve.format_version is missing")
+    if version != str(FORMAT_VERSION):
+        raise PromptFormatError(f"unsupported prompt format version {version!r} (this server reads {FORMAT_VERSION})")
+    if EMBEDDINGS_KEY not in tensors:
+        raise PromptFormatError(f"missing tensor {EMBEDDINGS_KEY!r}")
+    extra = sorted(set(tensors) - {EMBEDDINGS_KEY, HEAD_WEIGHT_KEY, HEAD_BIAS_KEY})
+    if extra:
+        raise PromptFormatError(f"unexpected tensors in prompt file: {', '.join(extra)}")
+
+    kind, task = _meta(metadata, "kind"), _meta(metadata, "task")
+    if kind not in KINDS:
+        raise PromptFormatError(f"unknown prompt kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if task not in TASKS:
+        raise PromptFormatError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    labels = _meta_json(metadata, "labels")
+    if not isinstance(labels, list):
+        raise PromptFormatError("metadata softserve.labels must be a JSON list")
+    return PromptFile(
+        name=_meta(metadata, "name"),
+        kind=kind,
+        task=task,
+        num_virtual_tokens=_meta_int(metadata, "num_virtual_tokens"),
+        labels=labels,
+        description=metadata.get(META_PREFIX + "description", ""),
+        base=BaseIdentity.from_dict(_meta_json(metadata, "base")),
+        prompt_embeddings=tensors[EMBEDDINGS_KEY].float(),
+        head_weight=_optional_float(tensors.get(HEAD_WEIGHT_KEY)),
+        head_bias=_optional_float(tensors.get(HEAD_BIAS_KEY)),
+        source=metadata.get(META_PREFIX + "source", ""),
+        version=_meta_int(metadata, "version"),
+        created_at=metadata.get(META_PREFIX + "created_at", ""),
+    )
+
+
+def load_prompt_file(path: str | Path) -> PromptFile:
+    return load_prompt_bytes(Path(path).read_bytes())
+
+
+def _optional_float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float()
+
+
+def _meta(metadata: dict[str, str], key: str) -> str:
+    try:
+        return metadata[META_PREFIX + key]
+    except KeyError:
+        raise PromptFormatError(f"missing metadata key {META_PREFIX}{key}") from None
+
+
+def _meta_int(metadata: dict[str, str], key: str) -> int:
+    value = _meta(metadata, key)
+    try:
+        return int(value)
+    except ValueError:
+        raise PromptFormatError(f"metadata {META_PREFIX}{key} must be an integer, got {value!r}") from None
+
+
+def _meta_json(metadata: dict[str, str], key: str) -> Any:
+    value = _meta(metadata, key)
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise PromptFormatError(f"metadata {META_PREFIX}{key} is not valid JSON") from None

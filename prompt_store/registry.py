@@ -1,0 +1,347 @@
+"""The prompt registry: versioned prompt files in a folder that several replicas may share.
+
+Layout: <directory>/<name>/v<N>.safetensors; the highest N is the current version. Files are only ever
+written whole (temp file + fsync + os.replace), so a reader never sees a partial file, and a replica
+picks up another replica's changes by polling the folder (refresh / start_watching).
+
+Concurrency: one writer per prompt name at a time. Two replicas adding the same name at the same
+instant can both pick the same version number, and the later os.replace wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from prompt_store.format import (
+    BaseIdentity,
+    PromptFile,
+    PromptFormatError,
+    dump_prompt,
+    load_prompt_file,
+    validate_name,
+    validate_prompt,
+)
+
+log = logging.getLogger(__name__)
+
+VERSION_FILE = re.compile(r"^v([1-9][0-9]*)\.safetensors$")
+TEMP_PREFIX = "."  # temp files and folders being deleted are hidden, so scans skip them
+
+# fn(event, name, version): "added" means `version` is now the name's current version (new or replaced);
+# "removed" means the name is gone, `version` being the one that was current.
+Subscriber = Callable[[str, str, int], None]
+ChangeCallback = Callable[[set[str], set[str]], None]
+
+
+class PromptNotFound(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+class PromptExists(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What listing a prompt shows; no tensors."""
+
+    name: str
+    kind: str
+    task: str
+    labels: list[str]
+    num_virtual_tokens: int
+    description: str
+    source: str
+    version: int  # the current (newest) version
+    versions: list[int]
+    size_bytes: int  # of the current version's file
+    created_at: str
+
+
+@dataclass(frozen=True)
+class _StoredVersion:
+    path: Path
+    stat: tuple[int, int]  # (mtime_ns, size): a changed file is re-read on the next refresh
+    prompt: PromptFile
+
+
+class PromptRegistry:
+    """Versioned prompts on disk, indexed and cached in memory.
+
+    base=None opens the store read-only: files are checked for format but not against a base, and add()
+    is refused. keep_versions is how many versions besides the current one are kept per name.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        base: BaseIdentity | None,
+        max_virtual_tokens: int = 512,
+        keep_versions: int = 3,
+    ):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.base = base
+        self.max_virtual_tokens = max_virtual_tokens
+        self.keep_versions = keep_versions
+        self._lock = threading.RLock()
+        self._index: dict[str, dict[int, _StoredVersion]] = {}
+        self._rejected: dict[Path, tuple[int, int]] = {}  # invalid files already warned about
+        self._subscribers: list[Subscriber] = []
+        self._watch_thread: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self.refresh()
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def get(self, name: str, version: int | None = None) -> PromptFile:
+        """The cached PromptFile (shared: do not modify it)."""
+        with self._lock:
+            return self._stored(name, version).prompt
+
+    def path(self, name: str, version: int | None = None) -> Path:
+        with self._lock:
+            return self._stored(name, version).path
+
+    def read_bytes(self, name: str, version: int | None = None) -> bytes:
+        return self.path(name, version).read_bytes()
+
+    def versions(self, name: str) -> list[int]:
+        with self._lock:
+            return sorted(self._versions_of(name))
+
+    def list(self) -> list[PromptInfo]:
+        with self._lock:
+            return [self._info(name, versions) for name, versions in sorted(self._index.items())]
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._index
+
+    def _versions_of(self, name: str) -> dict[int, _StoredVersion]:
+        versions = self._index.get(name)
+        if not versions:
+            raise PromptNotFound(f"no prompt named {name!r}")
+        return versions
+
+    def _stored(self, name: str, version: int | None) -> _StoredVersion:
+        versions = self._versions_of(name)
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            available = ", ".join(map(str, sorted(versions)))
+            raise PromptNotFound(f"prompt {name!r} has no version {version} (versions: {available})")
+        return versions[version]
+
+    @staticmethod
+    def _info(name: str, versions: dict[int, _StoredVersion]) -> PromptInfo:
+        current = versions[max(versions)]
+        pf = current.prompt
+        return PromptInfo(
+            name=name,
+            kind=pf.kind,
+            task=pf.task,
+            labels=list(pf.labels),
+            num_virtual_tokens=pf.num_virtual_tokens,
+            description=pf.description,
+            source=pf.source,
+            version=pf.version,
+            versions=sorted(versions),
+            size_bytes=current.stat[1],
+            created_at=pf.created_at,
+        )
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    def add(self, pf: PromptFile, replace: bool = True) -> PromptFile:
+        """Validate, store as the next version, prune old versions; returns the stored PromptFile."""
+        if self.base is None:
+            raise RuntimeError("this registry was opened without a base identity; adding prompts needs one")
+        validate_prompt(pf, self.base, self.max_virtual_tokens)
+        with self._lock:
+            folder = self.directory / pf.name
+            on_disk = _version_files(folder)
+            if on_disk and not replace:
+                raise PromptExists(f"a prompt named {pf.name!r} already exists")
+            stored = dataclasses.replace(
+                pf,
+                version=max(on_disk, default=0) + 1,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            )
+            path = folder / f"v{stored.version}.safetensors"
+            _write_atomically(path, dump_prompt(stored))
+            versions = self._index.setdefault(pf.name, {})
+            versions[stored.version] = _StoredVersion(path, _stat(path), stored)
+            self._prune(pf.name, folder)
+        self._notify("added", pf.name, stored.version)
+        return stored
+
+    def delete(self, name: str) -> None:
+        validate_name(name)  # the name becomes a path below
+        with self._lock:
+            folder = self.directory / name
+            if not folder.is_dir():
+                raise PromptNotFound(f"no prompt named {name!r}")
+            current = max(self._index.pop(name, {}), default=0)
+            # One rename makes the whole name vanish at once for every reader; the slow rmtree follows.
+            doomed = self.directory / f"{TEMP_PREFIX}deleting-{name}-{uuid.uuid4().hex}"
+            os.replace(folder, doomed)
+            _fsync_dir(self.directory)
+            shutil.rmtree(doomed, ignore_errors=True)
+        self._notify("removed", name, current)
+
+    def _prune(self, name: str, folder: Path) -> None:
+        on_disk = _version_files(folder)
+        keep = set(sorted(on_disk)[-(self.keep_versions + 1) :])
+        for version, path in on_disk.items():
+            if version not in keep:
+                path.unlink(missing_ok=True)
+                self._index.get(name, {}).pop(version, None)
+
+    # --- watching other writers --------------------------------------------------------------------
+
+    def subscribe(self, fn: Subscriber) -> None:
+        self._subscribers.append(fn)
+
+    def refresh(self) -> tuple[set[str], set[str]]:
+        """Rescan the folder. Returns (names whose current version is new or changed, names removed)."""
+        with self._lock:
+            before = {name: self._current_stat(versions) for name, versions in self._index.items()}
+            self._index = self._scan()
+            after = {name: self._current_stat(versions) for name, versions in self._index.items()}
+            changed = {name for name, stat in after.items() if before.get(name) != stat}
+            removed = set(before) - set(after)
+            events = [("added", name, max(self._index[name])) for name in sorted(changed)]
+            events += [("removed", name, before[name][0]) for name in sorted(removed)]
+        for event in events:
+            self._notify(*event)
+        return changed, removed
+
+    @staticmethod
+    def _current_stat(versions: dict[int, _StoredVersion]) -> tuple[int, tuple[int, int]]:
+        current = max(versions)
+        return current, versions[current].stat
+
+    def _scan(self) -> dict[str, dict[int, _StoredVersion]]:
+        index: dict[str, dict[int, _StoredVersion]] = {}
+        for folder in sorted(self.directory.iterdir()):
+            if folder.name.startswith(TEMP_PREFIX) or not folder.is_dir():
+                continue
+            for version, path in _version_files(folder).items():
+                stored = self._load_or_reuse(folder.name, version, path)
+                if stored is not None:
+                    index.setdefault(folder.name, {})[version] = stored
+        self._rejected = {path: stat for path, stat in self._rejected.items() if path.exists()}
+        return index
+
+    def _load_or_reuse(self, name: str, version: int, path: Path) -> _StoredVersion | None:
+        try:
+            stat = _stat(path)
+        except FileNotFoundError:  # removed by another replica while we scanned
+            return None
+        known = self._index.get(name, {}).get(version)
+        if known is not None and known.stat == stat:
+            return known
+        if self._rejected.get(path) == stat:
+            return None
+        try:
+            validate_name(name)
+            pf = load_prompt_file(path)
+            if (pf.name, pf.version) != (name, version):
+                raise PromptFormatError(f"file says it is {pf.name!r} v{pf.version}")
+            validate_prompt(pf, self.base, self.max_virtual_tokens)
+        except (PromptFormatError, OSError) as exc:
+            log.warning("ignoring prompt file %s: %s", path, exc)
+            self._rejected[path] = stat
+            return None
+        self._rejected.pop(path, None)
+        return _StoredVersion(path, stat, pf)
+
+    def start_watching(self, interval_s: float = 2.0, on_change: ChangeCallback | None = None) -> None:
+        """Poll the folder in a daemon thread; on_change(changed, removed) runs after each refresh that found any."""
+        if self._watch_thread is not None:
+            raise RuntimeError("already watching")
+        self._watch_stop.clear()
+
+        def watch() -> None:
+            while not self._watch_stop.wait(interval_s):
+                try:
+                    changed, removed = self.refresh()
+                    if on_change is not None and (changed or removed):
+                        on_change(changed, removed)
+                except Exception:  # a bad poll must not kill the watcher; the next one retries
+                    log.exception("prompt store refresh failed")
+
+        self._watch_thread = threading.Thread(target=watch, name="prompt-store-watch", daemon=True)
+        self._watch_thread.start()
+
+    def stop_watching(self) -> None:
+        if self._watch_thread is None:
+            return
+        self._watch_stop.set()
+        self._watch_thread.join()
+        self._watch_thread = None
+
+    def _notify(self, event: str, name: str, version: int) -> None:
+        for fn in list(self._subscribers):
+            try:
+                fn(event, name, version)
+            except Exception:  # one failing subscriber must not stop the others or the store
+                log.exception("prompt store subscriber failed on %s %s v%s", event, name, version)
+
+
+def _version_files(folder: Path) -> dict[int, Path]:
+    """v<N>.safetensors files of one prompt folder by version (hidden temp files do not match)."""
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for entry in folder.iterdir():
+        match = VERSION_FILE.match(entry.name)
+        if match:
+            found[int(match.group(1))] = entry
+    return found
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Either the whole file appears under its final name, or nothing changes."""
+    folder = path.parent
+    created_folder = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_name, path)
+        _fsync_dir(folder)  # makes the rename itself durable
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        if created_folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
