@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading.cancel()
         services: Services | None = getattr(app.state, "services", None)
         if services is not None:
+            services.registry.stop_watching()
             await services.engine.shutdown(settings.shutdown_grace_s)
 
     app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,10 +11,13 @@ from app.config import Settings
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_model, resolve_dtype
+from prompt_store.format import BaseIdentity, PromptFile, load_prompt_file
+from prompt_store.registry import PromptRegistry
 
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 2 << 30
+EXAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "prompt_store" / "examples"  # chat, ner, spam
 
 
 @dataclass
@@ -22,6 +26,7 @@ class Services:
     loaded: LoadedModel
     tokenizer: Tokenizer
     engine: AsyncEngine
+    registry: PromptRegistry
 
     @property
     def model_name(self) -> str:
@@ -38,6 +43,41 @@ def kv_cache_bytes(settings: Settings, device: str) -> int:
     return CPU_KV_CACHE_BYTES
 
 
+def base_identity(loaded: LoadedModel) -> BaseIdentity:
+    a = loaded.args
+    return BaseIdentity(a.architecture, a.hidden_size, a.num_layers, a.num_kv_heads, a.head_dim, a.vocab_size,
+                        loaded.fingerprint)
+
+
+def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
+    """Serve every stored prompt, follow the store's changes (ours and other replicas'), keep watching."""
+    def follow(event: str, name: str, version: int) -> None:
+        if event == "added":
+            engine.load_prompt(registry.get(name, version))
+        else:
+            engine.remove_prompt(name)
+
+    registry.subscribe(follow)
+    for info in registry.list():
+        try:
+            engine.load_prompt(registry.get(info.name))
+        except ValueError as e:  # e.g. label words the LM head cannot tell apart: skip it, serve the rest
+            log.warning("not serving prompt %s: %s", info.name, e)
+    registry.start_watching(interval_s)
+
+
+def add_example_prompts(registry: PromptRegistry) -> None:
+    """The shipped example prompts, each added once when its name is free and it fits this base model."""
+    for path in sorted(EXAMPLE_PROMPTS.glob("*.safetensors")):
+        example: PromptFile = load_prompt_file(path)
+        if example.name in registry:
+            continue
+        if mismatch := example.base.mismatch(registry.base):
+            log.info("example prompt %s is not for this model (%s)", example.name, mismatch)
+            continue
+        registry.add(example)
+
+
 def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
     loaded = load_model(settings.model, resolve_dtype(settings.resolved_dtype()), device, settings.cache_dir)
@@ -46,6 +86,10 @@ def load_services(settings: Settings) -> Services:
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
                           max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting)
     engine = AsyncEngine(loaded.model, tokenizer, config)
+    registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
+    if settings.example_prompts:
+        add_example_prompts(registry)
+    connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d slots of %d positions", loaded.name, device,
              settings.resolved_dtype(), engine.cache.num_slots, max_seq_len)
-    return Services(settings, loaded, tokenizer, engine)
+    return Services(settings, loaded, tokenizer, engine, registry)

@@ -20,7 +20,7 @@ from app.engine.model import Transformer
 from app.engine.runner import ModelRunner, StepResult
 from app.engine.scheduler import Overloaded, Scheduler
 from app.engine.sequence import Mode, Output, Sequence, Status
-from app.engine.task_prompt import TaskPrompt, build_task_prompt
+from app.engine.task_prompt import TaskPrompt, build_task_prompt, label_first_tokens
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,16 @@ class AsyncEngine:
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
 
     # ---- prompts -------------------------------------------------------------------------------------
+    def check_prompt(self, prompt_file) -> None:
+        """Refuse, before it is stored, a prompt this engine could not serve (ValueError)."""
+        if prompt_file.task == "classify" and prompt_file.head_weight is None:
+            label_first_tokens(prompt_file.labels, self.tokenizer.encode)
+
     def load_prompt(self, prompt_file) -> TaskPrompt:
         """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
+        current = self.prompts.get(prompt_file.name)
+        if current is not None and prompt_file.version and current.version == prompt_file.version:
+            return current
         task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
         self.prompts[task_prompt.name] = task_prompt
         return task_prompt
