@@ -1,0 +1,258 @@
+"""The continuously-batched engine: any mix of tasks in one batch gives each request what it gets alone;
+seeded sampling, cancellation, overload, deadlines, stop strings, chunked prefill, prompt versions."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from app.engine.engine import AsyncEngine, EngineConfig, InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
+from app.engine.sampling import SamplingParams
+from app.engine.sequence import Mode
+from app.engine.task_prompt import PrefixCounter
+from app.services import base_identity
+from prompt_store.format import PromptFile
+
+P = 5
+
+
+def make_prompt(loaded, name, kind, task, labels=(), head=True, seed=0) -> PromptFile:
+    a = loaded.args
+    g = torch.Generator().manual_seed(seed)
+    width = a.hidden_size if kind == "prompt" else a.num_layers * 2 * a.kv_width
+    head_w = torch.randn(len(labels), a.hidden_size, generator=g) if labels and head else None
+    head_b = torch.randn(len(labels), generator=g) if head_w is not None else None
+    return PromptFile(name=name, kind=kind, task=task, num_virtual_tokens=P, labels=list(labels), description="",
+                      base=base_identity(loaded), prompt_embeddings=torch.randn(P, width, generator=g),
+                      head_weight=head_w, head_bias=head_b)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_llama):
+    _, loaded = tiny_llama
+    return [
+        make_prompt(loaded, "shallow", "prompt", "generate", seed=1),
+        make_prompt(loaded, "deep", "prefix", "generate", seed=2),
+        make_prompt(loaded, "ner", "prefix", "tag", ["O", "B-ORG", "I-ORG"], seed=3),
+        make_prompt(loaded, "topic", "prompt", "classify", ["sport", "news"], seed=4),
+        make_prompt(loaded, "spam", "prompt", "classify", ["spam", "ham"], head=False, seed=5),
+    ]
+
+
+def new_engine(loaded, tokenizer, prompts, **config) -> AsyncEngine:
+    engine = AsyncEngine(loaded.model, tokenizer, EngineConfig(**({"max_seq_len": 128, "kv_cache_bytes": 1 << 24}
+                                                                   | config)))
+    for pf in prompts:
+        engine.load_prompt(pf)
+    engine.start()
+    return engine
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy(n=8, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
+
+
+REQUESTS = [  # (prompt, input length, mode)
+    ("shallow", 9, Mode.GENERATE), ("deep", 4, Mode.GENERATE), (None, 13, Mode.GENERATE),
+    ("ner", 7, Mode.TAG), ("topic", 11, Mode.CLASSIFY), ("spam", 6, Mode.CLASSIFY),
+    ("deep", 20, Mode.GENERATE), ("shallow", 2, Mode.GENERATE),
+]
+
+
+def run(engine, requests):
+    async def go():
+        seqs = [engine.make_sequence(name, tokens, mode, params) for name, tokens, mode, params in requests]
+        return await asyncio.gather(*(engine.run_to_end(s) for s in seqs))
+    return asyncio.run(go())
+
+
+def assert_same(a, b):
+    assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+    assert a.text == b.text
+    if a.probs is not None or b.probs is not None:
+        assert (a.probs - b.probs).abs().max() < 1e-5
+
+
+def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    requests = [(name, ids(n, i), mode, greedy(6 + i)) for i, (name, n, mode) in enumerate(REQUESTS)]
+    engine = new_engine(loaded, tokenizer, prompts)
+    try:
+        alone = [run(engine, [r])[0] for r in requests]
+
+        async def staggered():  # half start together; the rest join while the first are mid-generation
+            first = [engine.make_sequence(*r) for r in requests[:4]]
+            tasks = [asyncio.ensure_future(engine.run_to_end(s)) for s in first]
+            while engine.stats().generation_tokens_total < 3 + sum(len(o.tokens) for o in alone):
+                await asyncio.sleep(0.001)
+            later = [engine.make_sequence(*r) for r in requests[4:]]
+            tasks += [asyncio.ensure_future(engine.run_to_end(s)) for s in later]
+            return await asyncio.gather(*tasks)
+
+        together = asyncio.run(staggered())
+    finally:
+        asyncio.run(engine.shutdown(1))
+    for a, b in zip(alone, together):
+        assert_same(a, b)
+    assert together[3].probs.shape == (7, 3) and together[4].probs.shape == (2,)
+
+
+def test_seeded_sampling_is_the_same_whatever_shares_the_batch(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    params = dict(max_tokens=10, temperature=0.9, top_p=0.95, top_k=200, ignore_eos=True)
+    mine = ("shallow", ids(8, 99), Mode.GENERATE, SamplingParams(seed=1234, **params))
+    engine = new_engine(loaded, tokenizer, prompts)
+    try:
+        alone = run(engine, [mine])[0]
+        companions = [("deep", ids(5 + i, i), Mode.GENERATE, SamplingParams(**params)) for i in range(5)]
+        crowded = run(engine, companions[:2] + [mine] + companions[2:])[2]
+        other_seed = run(engine, [mine[:3] + (SamplingParams(seed=4321, **params),)])[0]
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert [t.token_id for t in alone.tokens] == [t.token_id for t in crowded.tokens]
+    assert [t.token_id for t in alone.tokens] != [t.token_id for t in other_seed.tokens]
+
+
+def test_200_concurrent_requests_all_finish_and_memory_returns_to_idle(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts, max_waiting=256)
+    names = ["shallow", "deep", None]
+    requests = [(names[i % 3], ids(3 + i % 17, i), Mode.GENERATE, greedy(1 + i % 5)) for i in range(200)]
+    try:
+        outs = run(engine, requests)
+        stats = engine.stats()
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert [len(o.tokens) for o in outs] == [1 + i % 5 for i in range(200)]
+    assert all(o.finish_reason == "length" for o in outs)
+    assert (stats.running, stats.waiting, stats.kv_slots_used, stats.kv_tokens_used) == (0, 0, 0, 0)
+
+
+def test_cancelling_mid_stream_frees_its_slot_and_the_rest_finish(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts)
+
+    async def go():
+        long = engine.make_sequence("deep", ids(10, 1), Mode.GENERATE, greedy(100))
+        others = [engine.make_sequence("shallow", ids(6, 2 + i), Mode.GENERATE, greedy(30)) for i in range(3)]
+        rest = [asyncio.ensure_future(engine.run_to_end(s)) for s in others]
+        stream = engine.stream(long)
+        received = [await anext(stream) for _ in range(3)]
+        used_before = engine.stats().kv_slots_used
+        await stream.aclose()  # the client went away
+        for _ in range(200):
+            if long.slot is None:
+                break
+            await asyncio.sleep(0.01)
+        return received, used_before, engine.stats().kv_slots_used, long, await asyncio.gather(*rest)
+
+    try:
+        received, used_before, used_after, long, rest = asyncio.run(go())
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert len(received) == 3 and not received[-1].finished
+    assert long.slot is None and used_after == used_before - 1
+    assert all(len(o.tokens) == 30 for o in rest)
+    assert engine.stats().kv_slots_used == 0
+
+
+def test_overload_is_refused_cleanly_then_the_engine_serves_again(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts, max_waiting=3, kv_cache_bytes=1 << 18)
+
+    async def burst():
+        seqs = [engine.make_sequence("shallow", ids(8, i), Mode.GENERATE, greedy(20)) for i in range(12)]
+        return await asyncio.gather(*(engine.run_to_end(s) for s in seqs), return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+        after = run(engine, [("deep", ids(4, 0), Mode.GENERATE, greedy(3))])[0]
+    finally:
+        asyncio.run(engine.shutdown(1))
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert refused and served and len(refused) + len(served) == 12
+    assert "capacity" in str(refused[0])
+    assert all(len(r.tokens) == 20 for r in served)
+    assert len(after.tokens) == 3 and engine.stats().kv_slots_used == 0
+
+
+def test_deadline_and_stop_strings(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts)
+    try:
+        full = run(engine, [("shallow", ids(5, 7), Mode.GENERATE, greedy(12))])[0]
+        stop = full.text[len(full.text) // 2:][:2]
+        cut = run(engine, [("shallow", ids(5, 7), Mode.GENERATE, greedy(12, stop=[stop]))])[0]
+
+        async def expired():
+            seq = engine.make_sequence("deep", ids(5, 1), Mode.GENERATE, greedy(100), timeout_s=0.0)
+            return await engine.run_to_end(seq)
+
+        late = asyncio.run(expired())
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert stop and cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    assert late.finish_reason == "timeout" and engine.stats().kv_slots_used == 0
+
+
+def test_chunked_prefill_gives_the_unchunked_result(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    requests = [("deep", ids(50, 3), Mode.GENERATE, greedy(5)), ("ner", ids(40, 4), Mode.TAG, greedy(1)),
+                ("shallow", ids(33, 5), Mode.GENERATE, greedy(5))]
+    whole = new_engine(loaded, tokenizer, prompts)
+    chunked = new_engine(loaded, tokenizer, prompts, max_batched_tokens=16)
+    try:
+        want, got = run(whole, requests), run(chunked, requests)
+    finally:
+        asyncio.run(whole.shutdown(1))
+        asyncio.run(chunked.shutdown(1))
+    for a, b in zip(want, got):
+        assert_same(a, b)
+
+
+def test_a_prefix_is_computed_once_and_a_request_keeps_its_version(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    v1 = dataclasses.replace(prompts[0], version=1)
+    v2 = dataclasses.replace(make_prompt(loaded, "shallow", "prompt", "generate", seed=77), version=2)
+    engine = new_engine(loaded, tokenizer, [])
+    try:
+        before = PrefixCounter.passes
+        engine.load_prompt(v1)
+        request = ("shallow", ids(6, 5), Mode.GENERATE, greedy(8))
+        alone_v1 = run(engine, [request] * 3)[0]
+        assert PrefixCounter.passes == before + 1  # three requests, one pass over the virtual tokens
+
+        async def replaced_while_admitted():
+            seq = engine.make_sequence(*request)  # resolves v1
+            engine.load_prompt(v2)  # an upload lands before the request runs
+            return await engine.run_to_end(seq)
+
+        kept = asyncio.run(replaced_while_admitted())
+        alone_v2 = run(engine, [request])[0]
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert_same(kept, alone_v1)
+    assert [t.token_id for t in alone_v2.tokens] != [t.token_id for t in alone_v1.tokens]
+
+
+def test_bad_requests_are_refused_with_reasons(tiny_llama, tokenizer, prompts):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts)
+    try:
+        with pytest.raises(PromptNotFound, match="no prompt named 'nope'"):
+            engine.make_sequence("nope", [5], Mode.GENERATE, greedy())
+        with pytest.raises(WrongTaskType, match="'ner' is a 'tag' prompt, not 'classify'"):
+            engine.make_sequence("ner", [5], Mode.CLASSIFY, greedy())
+        with pytest.raises(InvalidRequest, match="exceed the context of 128"):
+            engine.make_sequence("deep", ids(100, 0), Mode.GENERATE, greedy(40))
+        with pytest.raises(InvalidRequest, match="empty"):
+            engine.make_sequence(None, [], Mode.GENERATE, greedy())
+    finally:
+        asyncio.run(engine.shutdown(1))
