@@ -1,63 +1,126 @@
 """FastAPI app factory. The lifespan loads the model once, in the background, so /health answers 503
-while loading and 200 when ready; on shutdown it stops admitting and lets in-flight requests finish."""
+while loading and 200 when ready.
+
+Graceful shutdown: on SIGTERM/SIGINT the app starts draining at once (before uvicorn waits for open
+connections): new requests get 503, in-flight ones may finish for `shutdown_grace_s`, then are cancelled,
+so every stream still ends with a final chunk and `data: [DONE]`. The store is only ever written
+atomically, so stopping at any point leaves it intact.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-import uuid
+import signal
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
-from app.api import openai, ops
+from app.api import openai, ops, prompts, tasks
 from app.api.errors import install_error_handlers
+from app.api.middleware import RequestMiddleware, kv
 from app.config import Settings
+from app.metrics import Metrics
 from app.services import Services, load_services
 
 log = logging.getLogger("softserve")
 
+OPENAPI_TAGS = [
+    {"name": "openai", "description": "OpenAI-compatible completions; `model` names a generate prompt or `base`."},
+    {"name": "tasks", "description": "Batched task endpoints: generate, tag (NER) and classify."},
+    {"name": "prompts", "description": "Register, inspect, download and delete task prompts (hot, no restart)."},
+    {"name": "ops", "description": "Health and Prometheus metrics."},
+]
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    if not logging.getLogger().handlers:  # run as `uvicorn --factory app.server:create_app`: still log ours
+        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         async def load():
             try:
                 services = await asyncio.to_thread(load_services, settings)
+                if app.state.draining:  # a stop came while loading: do not start serving
+                    services.registry.stop_watching()
+                    return
+                services.engine.on_step = app.state.metrics.observe_step
                 services.engine.start()
                 app.state.services = services
-                log.info("ready: %s", services.model_name)
+                log.info(kv(event="ready", model=services.model_name, prompts=len(services.engine.prompts)))
             except Exception as e:  # shown on /health and in the log; the process stays up to say why
                 log.exception("loading failed")
                 app.state.load_error = str(e)
 
-        loading = asyncio.create_task(load())
+        app.state.loading = asyncio.create_task(load())
+        _chain_stop_signals(app, asyncio.get_running_loop())
         yield
-        loading.cancel()
-        services: Services | None = getattr(app.state, "services", None)
-        if services is not None:
-            services.registry.stop_watching()
-            await services.engine.shutdown(settings.shutdown_grace_s)
+        drain(app)
+        await app.state.drained
 
-    app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan,
-                  description="Many tasks from one frozen LLM through learned soft prompts, continuously batched.")
+    app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan, openapi_tags=OPENAPI_TAGS,
+                  description="Many tasks from one frozen LLM through learned soft prompts, continuously batched. "
+                              "Errors are `{\"error\": {\"message\", \"type\", \"code\"}}`; every response carries "
+                              "`x-request-id`.")
     app.state.settings = settings
     app.state.services = None
     app.state.load_error = None
+    app.state.draining = False
+    app.state.drained = None
+    app.state.metrics = Metrics(lambda: app.state.services)
     install_error_handlers(app)
-
-    @app.middleware("http")
-    async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        start = time.perf_counter()
-        response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        log.info("request_id=%s method=%s path=%s status=%d duration_ms=%.1f", rid, request.method,
-                 request.url.path, response.status_code, (time.perf_counter() - start) * 1000)
-        return response
+    app.add_middleware(RequestMiddleware, settings=settings, metrics=app.state.metrics,
+                       get_services=lambda: app.state.services)
 
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(tasks.router)
+    app.include_router(prompts.router)
     return app
+
+
+def drain(app: FastAPI) -> None:
+    """Start the graceful stop once: refuse new requests, let in-flight ones finish, then cancel them."""
+    if app.state.drained is not None:
+        return
+    app.state.draining = True
+    settings: Settings = app.state.settings
+
+    async def stop():
+        loading = getattr(app.state, "loading", None)
+        if loading is not None and not loading.done():
+            loading.cancel()
+        services: Services | None = app.state.services
+        if services is None:
+            return
+        stats = services.engine.stats()
+        log.info(kv(event="draining", running=stats.running, waiting=stats.waiting, grace_s=settings.shutdown_grace_s))
+        services.registry.stop_watching()
+        await services.engine.shutdown(settings.shutdown_grace_s)
+        log.info(kv(event="stopped"))
+
+    app.state.drained = asyncio.ensure_future(stop())
+
+
+def _chain_stop_signals(app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
+    """Start draining as soon as SIGTERM/SIGINT arrives, then hand the signal on (to uvicorn's handler)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous = signal.getsignal(sig)
+        except ValueError:
+            return
+        if not callable(previous):
+            continue  # nobody to hand on to (default/ignored): the server runner handles stopping
+
+        def handler(signum, frame, previous=previous):
+            loop.call_soon_threadsafe(drain, app)
+            previous(signum, frame)
+
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. a test client): the lifespan end still drains
+            return

@@ -9,16 +9,17 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.api.common import admit, check_output, check_tokens, record, timing_headers
 from app.api.deps import get_services, require_api_key
-from app.api.errors import error_response
-from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.api.schemas import ChatCompletionRequest, CompletionRequest, error_responses
 from app.engine.sequence import Mode, Output
 from app.services import Services
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 
 BASE = "base"
 
@@ -44,8 +45,9 @@ def _logprobs(out: Output, services: Services, chat: bool) -> dict | None:
             "top_logprobs": [{text(i): lp for i, lp in (c.top or [])} for c in out.tokens]}
 
 
-@router.get("/models")
+@router.get("/models", summary="List models: the base and every registered prompt")
 async def list_models(services: Services = Depends(get_services)):
+    """`base` (the bare model) and one entry per served prompt, with its task; pass an id as `model`."""
     created = int(time.time())
     models = [{"id": BASE, "object": "model", "created": created, "owned_by": "softserve",
                "root": services.model_name, "task": "generate"}]
@@ -56,23 +58,30 @@ async def list_models(services: Services = Depends(get_services)):
     return {"object": "list", "data": models}
 
 
-@router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, services: Services = Depends(get_services)):
-    ids = services.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
+async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
+    """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
+    admit(request, body.model)
+    ids = services.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _complete(body, ids, logprobs, services, chat=True)
+    return await _complete(body, ids, logprobs, request, services, chat=True)
 
 
-@router.post("/completions")
-async def completions(body: CompletionRequest, services: Services = Depends(get_services)):
+@router.post("/completions", summary="Text completion (OpenAI-compatible)")
+async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
+    """`prompt` is continued as raw text; `model` is `base` or a generate prompt."""
+    admit(request, body.model)
     ids = services.tokenizer.encode(body.prompt)
-    return await _complete(body, ids, body.logprobs, services, chat=False)
+    return await _complete(body, ids, body.logprobs, request, services, chat=False)
 
 
-async def _complete(body, ids: list[int], logprobs: int | None, services: Services, chat: bool):
+async def _complete(body, ids: list[int], logprobs: int | None, request: Request, services: Services, chat: bool):
     engine = services.engine
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    metrics = request.app.state.metrics
     seq = engine.make_sequence(_prompt_name(body.model, services), ids, Mode.GENERATE,
                                body.sampling_params(logprobs), services.settings.request_timeout_s)
+    check_tokens(services, [seq])
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     kind = "chat.completion" if chat else "text_completion"
     created = int(time.time())
@@ -90,10 +99,12 @@ async def _complete(body, ids: list[int], logprobs: int | None, services: Servic
 
     if not body.stream:
         out = await engine.run_to_end(seq)
-        if out.finish_reason in ("timeout", "error"):
-            return _error_for(out)
-        return {"id": rid, "object": kind, "created": created, "model": body.model,
-                "choices": [choice(out, True)], "usage": _usage(out)}
+        end = time.monotonic()
+        check_output(out)
+        record(metrics, route, seq, out, end)
+        return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
+                             "choices": [choice(out, True)], "usage": _usage(out)},
+                            headers=timing_headers([seq], [out], [end]))
 
     updates = engine.stream(seq)
     first = await anext(updates)  # before the 200 goes out, so an overload is still a 429
@@ -111,13 +122,9 @@ async def _complete(body, ids: list[int], logprobs: int | None, services: Servic
             if out.finished:
                 break
             out = await anext(updates)
+        record(metrics, route, seq, out, time.monotonic())
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _error_for(out: Output):
-    status = 504 if out.finish_reason == "timeout" else 500
-    return error_response(status, out.error or out.finish_reason, out.finish_reason)
 

@@ -1,7 +1,7 @@
 """Request bodies. Field limits live here, so a bad request is a 422 that names the field."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,11 +12,11 @@ class SamplingFields(BaseModel):
     """The engine's sampling fields, shared by every generating route."""
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0, le=5, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with this mass")
     top_k: int = Field(0, ge=0, description="0: no top-k cut")
     seed: int | None = Field(None, description="same seed, same output, whatever shares the batch")
     stop: str | list[str] | None = Field(None, description="stop strings (up to 4)")
-    ignore_eos: bool = False
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
 
     def sampling_params(self, logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -25,27 +25,190 @@ class SamplingFields(BaseModel):
                               ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[ContentPart] = Field(description="text, or a list of text parts (joined)")
+
+    def as_template_input(self) -> dict:
+        data = self.model_dump()
+        if isinstance(self.content, list):
+            data["content"] = "".join(part.text for part in self.content)
+        return data
 
 
 class ChatCompletionRequest(SamplingFields):
     model: str = Field("base", description="'base' or the name of a generate prompt")
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the model's chat template")
+    stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
+    logprobs: bool = Field(False, description="return the chosen tokens' log-probabilities")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many alternatives per token")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = None
 
 
 class CompletionRequest(SamplingFields):
     model: str = Field("base", description="'base' or the name of a generate prompt")
-    prompt: str = Field(min_length=1)
-    stream: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: str = Field(min_length=1, description="the text to continue")
+    stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of the chosen token and this many alternatives")
     echo: bool = Field(False, description="only false is supported")
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = None
+
+
+# ---- task endpoints ---------------------------------------------------------------------------------
+
+Text = Annotated[str, Field(min_length=1, description="one input text")]
+
+
+class TaskRequest(BaseModel):
+    prompt: str = Field(description="name of a registered task prompt (GET /v1/prompts)")
+    inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
+        description="one text or a list of texts (SOFTSERVE_MAX_INPUTS_PER_REQUEST at most); all are submitted "
+                    "at once, so the engine batches them")
+
+    @property
+    def input_list(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+
+
+class GenerateRequest(SamplingFields, TaskRequest):
+    prompt: str = Field("base", description="name of a generate prompt, or 'base' for the bare model")
+    chat: bool = Field(False, description="render each input as one user message with the chat template")
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "base", "inputs": ["Hello", "Paris is"],
+                                                             "max_tokens": 8, "temperature": 0}})
+
+
+class TagRequest(TaskRequest):
+    return_probs: bool = Field(False, description="also return every label's probability for each token")
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "ner", "inputs": "Ada Lovelace lived in London."}})
+
+
+class ClassifyRequest(TaskRequest):
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "spam", "inputs": ["Win a free cruise now!"]}})
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResult(BaseModel):
+    index: int
+    text: str = Field(description="the generated text")
+    finish_reason: str = Field(description="'stop' (end of sequence or a stop string) or 'length' (max_tokens)")
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    prompt: str
+    results: list[GenerateResult] = Field(description="one per input, in input order")
+    usage: Usage
+
+
+class TaggedToken(BaseModel):
+    text: str = Field(description="the characters of the input this token covers")
+    start: int = Field(description="character offset where the token starts")
+    end: int = Field(description="character offset where the token ends (exclusive)")
+    label: str = Field(description="the most probable label")
+    score: float = Field(description="its probability")
+    probs: dict[str, float] | None = Field(None, description="every label's probability (return_probs)")
+
+
+class Entity(BaseModel):
+    text: str
+    label: str = Field(description="entity type: the tag without its B-/I- prefix")
+    start: int
+    end: int
+    score: float = Field(description="mean of the entity's token scores")
+
+
+class TagResult(BaseModel):
+    index: int
+    tokens: list[TaggedToken]
+    entities: list[Entity] = Field(description="consecutive tokens merged by their BIO/IOB tags")
+
+
+class TagResponse(BaseModel):
+    prompt: str
+    labels: list[str]
+    results: list[TagResult]
+    usage: Usage
+
+
+class ClassifyResult(BaseModel):
+    index: int
+    label: str = Field(description="the most probable label")
+    score: float = Field(description="its probability")
+    probs: dict[str, float] = Field(description="every label's probability")
+
+
+class ClassifyResponse(BaseModel):
+    prompt: str
+    labels: list[str]
+    results: list[ClassifyResult]
+    usage: Usage
+
+
+# ---- prompts -----------------------------------------------------------------------------------------
+
+class PromptVersion(BaseModel):
+    version: int
+    created_at: str
+    size_bytes: int
+
+
+class PromptInfo(BaseModel):
+    name: str
+    kind: str = Field(description="'prompt' (shallow: prompt tuning) or 'prefix' (deep: prefix tuning / P-Tuning v2)")
+    task: str = Field(description="'generate', 'tag' or 'classify'")
+    labels: list[str]
+    num_virtual_tokens: int
+    description: str
+    source: str = Field(description="where it came from, e.g. 'softserve-train' or 'peft:PROMPT_TUNING'")
+    version: int = Field(description="the current (newest) version")
+    versions: list[int] = Field(description="every stored version")
+    size_bytes: int
+    created_at: str
+    serving: bool = Field(description="whether this replica's engine serves the current version")
+    history: list[PromptVersion] | None = Field(None, description="each stored version (GET /v1/prompts/{name})")
+
+
+class PromptList(BaseModel):
+    object: Literal["list"] = "list"
+    base: dict = Field(description="the base model identity prompts must match (architecture, sizes, fingerprint)")
+    data: list[PromptInfo]
+
+
+class DeletedPrompt(BaseModel):
+    id: str
+    object: Literal["prompt"] = "prompt"
+    deleted: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI documentation of a route's error responses."""
+    what = {400: "malformed request (e.g. not JSON, too long for the context)", 401: "missing or invalid token",
+            403: "not allowed", 404: "unknown prompt, model or version", 413: "body over SOFTSERVE_MAX_UPLOAD_MB",
+            422: "invalid fields, wrong task type, too many inputs or tokens, invalid prompt file",
+            429: "the queue is full; retry", 503: "loading or shutting down", 504: "the request timed out"}
+    return {s: {"model": ErrorResponse, "description": what.get(s, "error")} for s in statuses}

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -96,6 +96,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False  # no new requests
         self._thread_stop = False  # the loop thread ends
+        self.on_step: Callable[[int, int], None] | None = None  # (sequences, tokens) after each forward
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
 
     # ---- prompts -------------------------------------------------------------------------------------
@@ -235,6 +236,8 @@ class AsyncEngine:
         result = self.runner.run(step)
         self._counters["steps_total"] += 1
         self._counters["last_batch_tokens"] = result.num_tokens
+        if self.on_step is not None:
+            self.on_step(len(step.decode) + len(step.prefill), result.num_tokens)
         for seq, n in step.prefill:
             seq.num_cached += n
             self._counters["prompt_tokens_total"] += n

@@ -7,6 +7,7 @@ and chunked prefill keeps it from stalling the decoders behind it.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Scheduler:
         while self.waiting and budget > 0 and self.cache.num_free:
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.cache.allocate(), Status.RUNNING
+            seq.scheduled_time = time.monotonic()
             self.running.append(seq)
             step.admitted.append(seq)
             n = min(len(seq.prompt_ids), budget)

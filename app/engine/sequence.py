@@ -49,6 +49,7 @@ class Sequence:
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # when it left the waiting queue
     status: Status = Status.WAITING
     slot: int | None = None
     num_cached: int = 0  # text tokens whose K,V are in the slot

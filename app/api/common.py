@@ -1,0 +1,108 @@
+"""What the inference routes share: admission checks, running many sequences at once, output checks,
+TGI-style timing headers and the per-request metrics."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import Request
+
+from app.api.errors import APIError
+from app.engine.sequence import Output, Sequence
+from app.metrics import Metrics
+from app.services import Services
+
+
+def admit(request: Request, prompt: str | None) -> None:
+    """Refuse new work while draining; note the prompt for the access log and metrics."""
+    request.state.prompt = prompt or "base"
+    if request.app.state.draining:
+        raise APIError(503, "the server is shutting down", "shutting_down")
+
+
+def check_inputs(services: Services, inputs: list[str]) -> None:
+    limit = services.settings.max_inputs_per_request
+    if len(inputs) > limit:
+        raise APIError(422, f"{len(inputs)} inputs exceed the limit of {limit} per request "
+                            f"(SOFTSERVE_MAX_INPUTS_PER_REQUEST)", "too_many_inputs")
+
+
+def check_tokens(services: Services, seqs: list[Sequence]) -> None:
+    """Tokens per request: every input's tokens plus the tokens each may generate."""
+    limit = services.settings.max_tokens_per_request
+    total = sum(seq.total_len - seq.prefix_len for seq in seqs)
+    if total > limit:
+        raise APIError(422, f"the request needs {total} tokens (inputs + max_tokens), over the limit of {limit} "
+                            f"per request (SOFTSERVE_MAX_TOKENS_PER_REQUEST)", "too_many_tokens")
+
+
+async def run_all(services: Services, seqs: list[Sequence]) -> tuple[list[Output], list[float]]:
+    """Submit every sequence at once (one batch for the engine); the first failure cancels the rest."""
+    engine = services.engine
+
+    async def one(seq: Sequence) -> tuple[Output, float]:
+        out = await engine.run_to_end(seq)
+        return out, time.monotonic()
+
+    tasks = [asyncio.ensure_future(one(seq)) for seq in seqs]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for out, _ in results:
+        check_output(out)
+    return [out for out, _ in results], [end for _, end in results]
+
+
+def check_output(out: Output) -> None:
+    """A request that ended without a result is an error response, never a half answer."""
+    if out.finish_reason == "timeout":
+        raise APIError(504, out.error or "the request timed out (SOFTSERVE_REQUEST_TIMEOUT_S)", "timeout")
+    if out.finish_reason == "cancelled":
+        raise APIError(503, "the request was cancelled: the server is shutting down", "cancelled")
+    if out.finish_reason == "error":
+        raise APIError(500, out.error or "internal error in the engine", "engine_error")
+
+
+def admitted_at(seq: Sequence) -> float | None:
+    """When the request left the waiting queue (None if it never did)."""
+    return seq.scheduled_time
+
+
+def timing_headers(seqs: list[Sequence], outs: list[Output], ends: list[float]) -> dict[str, str]:
+    """TGI's headers, in milliseconds; for a batch, queue time is the longest wait and inference time runs
+    from the first admission to the last result."""
+    arrival, end = min(s.arrival for s in seqs), max(ends)
+    generated = sum(o.completion_tokens for o in outs)
+    headers = {"x-total-time": _ms(end - arrival), "x-generated-tokens": str(generated),
+               "x-prompt-tokens": str(sum(o.prompt_tokens for o in outs))}
+    admitted = [admitted_at(s) for s in seqs]
+    if all(a is not None for a in admitted):
+        headers["x-queue-time"] = _ms(max(a - s.arrival for a, s in zip(admitted, seqs)))
+        inference = end - min(admitted)
+    else:
+        inference = end - arrival
+    headers["x-inference-time"] = _ms(inference)
+    if generated:
+        headers["x-time-per-token"] = _ms(inference / generated)
+    return headers
+
+
+def _ms(seconds: float) -> str:
+    return str(max(0, round(seconds * 1000)))
+
+
+def record(metrics: Metrics, route: str, seq: Sequence, out: Output, end: float) -> None:
+    prompt = seq.prompt.name if seq.prompt is not None else "base"
+    metrics.prompt_tokens.labels(route, prompt).inc(out.prompt_tokens)
+    if out.completion_tokens:
+        metrics.generated_tokens.labels(route, prompt).inc(out.completion_tokens)
+        metrics.tokens_per_request.labels(route).observe(out.completion_tokens)
+    if seq.first_token_time is not None:
+        metrics.time_to_first_token.labels(prompt).observe(seq.first_token_time - seq.arrival)
+    admitted = admitted_at(seq)
+    if admitted is not None:
+        metrics.queue_time.labels(route).observe(admitted - seq.arrival)
+        metrics.inference_time.labels(route).observe(end - admitted)

@@ -1,0 +1,116 @@
+"""One pure-ASGI middleware for every request: request id, body size limit, access log, request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so that streaming responses pass straight through and a cancelled
+stream is not wrapped in extra tasks. The access log is one key=value line per request, written when the
+last byte has gone out, so a stream's line carries its whole duration.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+
+from app.api.errors import BodyTooLarge, error_body
+from app.metrics import Metrics
+
+log = logging.getLogger("softserve.access")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def kv(**fields) -> str:
+    """key=value pairs; values with spaces, quotes or '=' are JSON-quoted, so each line splits unambiguously."""
+    parts = []
+    for key, value in fields.items():
+        text = "-" if value is None else str(value)
+        if not text or re.search(r'[\s"=\\]', text):
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class RequestMiddleware:
+    def __init__(self, app, settings, metrics: Metrics, get_services):
+        self.app, self.settings, self.metrics, self.get_services = app, settings, metrics, get_services
+
+    @property
+    def max_body(self) -> int:
+        return int(self.settings.max_upload_mb * (1 << 20))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status = 500
+        limit = self.max_body
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        try:
+            length = headers.get(b"content-length")
+            refusal = None
+            if length is not None:
+                if not length.isdigit():
+                    refusal = (400, "invalid Content-Length header", "invalid_content_length")
+                elif int(length) > limit:
+                    refusal = (413, f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes "
+                                    f"(SOFTSERVE_MAX_UPLOAD_MB)", "payload_too_large")
+            if refusal is not None:
+                await self._refuse(send_with_id, *refusal)
+            else:
+                await self.app(scope, counting_receive, send_with_id)
+        finally:
+            duration = time.perf_counter() - start
+            route = scope.get("route")
+            route_path = getattr(route, "path", None) or "unmatched"
+            prompt = self._prompt_label(scope)
+            self.metrics.requests.labels(route_path, str(status), prompt).inc()
+            self.metrics.request_duration.labels(route_path).observe(duration)
+            client = scope.get("client")
+            log.info(kv(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
+                        status=status, duration_ms=f"{duration * 1000:.1f}", prompt=prompt or None,
+                        client=client[0] if client else None))
+            request_id_var.reset(token)
+
+    def _prompt_label(self, scope) -> str:
+        """The prompt a request named, if it is served (bounded label values: no client-chosen strings)."""
+        name = (scope.get("state") or {}).get("prompt")
+        if name is None:
+            return ""
+        if name == "base":
+            return name
+        services = self.get_services()
+        return name if services is not None and name in services.engine.prompts else "unknown"
+
+    @staticmethod
+    async def _refuse(send, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(status, message, code)).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,179 @@
+"""Batched task routes: /v1/generate, /v1/tag (NER), /v1/classify.
+
+Every input of a request becomes one engine sequence, all submitted at once, so they share forward passes
+(with whatever other requests are running). A prompt of another task type is a 422 that names its type.
+"""
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from app.api.common import admit, check_inputs, check_tokens, record, run_all, timing_headers
+from app.api.deps import get_services, require_api_key
+from app.api.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TagRequest,
+    TagResponse,
+    error_responses,
+)
+from app.engine.sampling import SamplingParams
+from app.engine.sequence import Mode
+from app.services import Services
+
+router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
+
+BASE = "base"
+HEAD_ONLY = SamplingParams(max_tokens=1)  # tag/classify generate nothing; the engine ignores max_tokens for them
+
+
+def _prompt_name(prompt: str, services: Services) -> str | None:
+    return None if prompt in (BASE, services.model_name) else prompt
+
+
+def _usage(outs) -> dict:
+    prompt = sum(o.prompt_tokens for o in outs)
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _run(request: Request, services: Services, route: str, seqs):
+    check_tokens(services, seqs)
+    outs, ends = await run_all(services, seqs)
+    for seq, out, end in zip(seqs, outs, ends):
+        record(request.app.state.metrics, route, seq, out, end)
+    return outs, timing_headers(seqs, outs, ends)
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate text for one or many inputs")
+async def generate(body: GenerateRequest, request: Request, services: Services = Depends(get_services)):
+    """Continue each input with the named generate prompt (or `base`). Inputs are raw text, or, with
+    `chat: true`, one user message each rendered with the chat template."""
+    admit(request, body.prompt)
+    inputs = body.input_list
+    check_inputs(services, inputs)
+    name = _prompt_name(body.prompt, services)
+    tok = services.tokenizer
+    ids = [tok.apply_chat_template([{"role": "user", "content": text}]) if body.chat else tok.encode(text)
+           for text in inputs]
+    params = body.sampling_params()
+    seqs = [services.engine.make_sequence(name, i, Mode.GENERATE, params, services.settings.request_timeout_s)
+            for i in ids]
+    outs, headers = await _run(request, services, "/v1/generate", seqs)
+    results = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
+                "completion_tokens": o.completion_tokens} for i, o in enumerate(outs)]
+    return JSONResponse({"prompt": body.prompt, "results": results, "usage": _usage(outs)}, headers=headers)
+
+
+@router.post("/tag", response_model=TagResponse, summary="Tag tokens (NER) and merge them into entities")
+async def tag(body: TagRequest, request: Request, services: Services = Depends(get_services)):
+    """Per input: every token with its character offsets, label and score, and the entities merged from
+    BIO/IOB tags (`B-X` starts an entity, `I-X` continues one of type X, `O` is outside; a tag without a
+    prefix counts as `I-`). An entity's score is the mean of its tokens' scores."""
+    admit(request, body.prompt)
+    inputs = body.input_list
+    check_inputs(services, inputs)
+    name = _prompt_name(body.prompt, services)
+    services.engine.get_prompt(name)  # 404 before tokenizing
+    encoded = [services.tokenizer.encode_with_offsets(text) for text in inputs]
+    seqs = [services.engine.make_sequence(name, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
+            for ids, _ in encoded]
+    labels = seqs[0].prompt.labels  # the version each request runs with
+    outs, headers = await _run(request, services, "/v1/tag", seqs)
+    results = []
+    for i, (text, (_, offsets), out) in enumerate(zip(inputs, encoded, outs)):
+        tokens = tagged_tokens(text, offsets, out.probs.float().cpu(), labels, body.return_probs)
+        results.append({"index": i, "tokens": tokens, "entities": merge_entities(text, tokens)})
+    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": _usage(outs)},
+                        headers=headers)
+
+
+@router.post("/classify", response_model=ClassifyResponse, summary="Classify texts")
+async def classify(body: ClassifyRequest, request: Request, services: Services = Depends(get_services)):
+    """Per input: the most probable label, its probability, and every label's probability."""
+    admit(request, body.prompt)
+    inputs = body.input_list
+    check_inputs(services, inputs)
+    name = _prompt_name(body.prompt, services)
+    services.engine.get_prompt(name)  # 404 before tokenizing
+    seqs = [services.engine.make_sequence(name, services.tokenizer.encode(text), Mode.CLASSIFY, HEAD_ONLY,
+                                          services.settings.request_timeout_s) for text in inputs]
+    labels = seqs[0].prompt.labels
+    outs, headers = await _run(request, services, "/v1/classify", seqs)
+    results = []
+    for i, out in enumerate(outs):
+        probs = out.probs.float().cpu().tolist()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        results.append({"index": i, "label": labels[best], "score": probs[best],
+                        "probs": dict(zip(labels, probs))})
+    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": _usage(outs)},
+                        headers=headers)
+
+
+def tagged_tokens(text: str, offsets, probs, labels: list[str], with_probs: bool) -> list[dict]:
+    """probs (text tokens, labels): row i belongs to the token at offsets[i]."""
+    scores, best = probs.max(-1)
+    tokens = []
+    for i, (start, end) in enumerate(offsets):
+        token = {"text": text[start:end], "start": start, "end": end, "label": labels[best[i]],
+                 "score": float(scores[i])}
+        if with_probs:
+            token["probs"] = dict(zip(labels, probs[i].tolist()))
+        tokens.append(token)
+    return tokens
+
+
+BIO = re.compile(r"^(?P<tag>[BIESLU])[-_](?P<type>.+)$")
+
+
+def split_tag(label: str) -> tuple[str, str | None]:
+    """'B-PER' -> ('B', 'PER'); 'O' -> ('O', None); a bare 'PER' continues like 'I-PER' (IO scheme)."""
+    if label.upper() == "O":
+        return "O", None
+    match = BIO.match(label)
+    return (match["tag"], match["type"]) if match else ("I", label)
+
+
+def merge_entities(text: str, tokens: list[dict]) -> list[dict]:
+    """Merge consecutive tagged tokens into entities (BIO, IOB1, and the E-/S- tags of BIOES)."""
+    entities: list[dict] = []
+    current: dict | None = None
+
+    def close():
+        nonlocal current
+        if current is not None:
+            entities.append(_entity(text, current))
+            current = None
+
+    for token in tokens:
+        if token["end"] <= token["start"]:
+            continue
+        tag, kind = split_tag(token["label"])
+        if tag == "O":
+            close()
+            continue
+        continues = current is not None and current["label"] == kind and tag in ("I", "E", "L")
+        if not continues:
+            close()
+            current = {"label": kind, "start": token["start"], "end": token["end"], "scores": []}
+        current["end"] = token["end"]
+        current["scores"].append(token["score"])
+        if tag in ("E", "L", "S", "U"):
+            close()
+    close()
+    return entities
+
+
+def _entity(text: str, span: dict) -> dict:
+    start, end = span["start"], span["end"]
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return {"text": text[start:end], "label": span["label"], "start": start, "end": end,
+            "score": sum(span["scores"]) / len(span["scores"])}

@@ -1,0 +1,424 @@
+"""Every HTTP endpoint against one live server: success paths, error paths (status and body), and that the
+server keeps serving after each bad request."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import httpx
+import pytest
+import torch
+
+from app.api.tasks import merge_entities
+from prompt_store.format import load_prompt_bytes
+from tests.live_server import LiveServer, make_prompt_bytes, sse_events, upload
+
+MAX_SEQ_LEN = 1024
+SETTINGS = {"SOFTSERVE_MAX_UPLOAD_MB": "1", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
+            "SOFTSERVE_MAX_TOKENS_PER_REQUEST": "600", "SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN)}
+TAG_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+CLASS_LABELS = ["ham", "spam", "other"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    with LiveServer(root / "store", SETTINGS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base(client):
+    return client.get("/v1/prompts").json()["base"]
+
+
+@pytest.fixture(scope="module")
+def prompts(client, base):
+    """A generate, a tag and a classify prompt, uploaded once for the module."""
+    made = {"gen": make_prompt_bytes(base, "gen", "generate", seed=1),
+            "ner": make_prompt_bytes(base, "ner", "tag", labels=TAG_LABELS, seed=2),
+            "cls": make_prompt_bytes(base, "cls", "classify", kind="prefix", labels=CLASS_LABELS, seed=3)}
+    for name, data in made.items():
+        r = upload(client, name, data)
+        assert r.status_code == 201, r.text
+    return made
+
+
+def error_of(r: httpx.Response, status: int, code: str | None = None) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+def still_serving(client: httpx.Client) -> None:
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def complete(client, prompt: str, model: str = "base", max_tokens: int = 8, **kw) -> dict:
+    r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                             "temperature": 0, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---- ops -------------------------------------------------------------------------------------------
+
+def test_health_and_request_ids(client):
+    r = client.get("/health", headers={"x-request-id": "abc-123"})
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"]
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = client.get("/health", headers={"x-request-id": "bad id\twith spaces"}).headers["x-request-id"]
+    assert len(generated) == 32 and " " not in generated
+
+
+def test_docs_and_openapi_describe_every_endpoint(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    for path in ["/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/generate", "/v1/tag", "/v1/classify",
+                 "/v1/prompts", "/v1/prompts/{name}", "/v1/prompts/{name}/file", "/health", "/metrics"]:
+        assert path in spec["paths"], path
+    assert "multipart/form-data" in spec["paths"]["/v1/prompts/{name}"]["put"]["requestBody"]["content"]
+    schemas = spec["components"]["schemas"]
+    assert schemas["TaggedToken"]["properties"]["start"]["description"]
+    assert schemas["GenerateRequest"]["properties"]["inputs"]["description"]
+    assert "ErrorResponse" in schemas
+
+
+# ---- OpenAI routes ---------------------------------------------------------------------------------
+
+def test_models_list_base_and_prompts(client, prompts):
+    data = client.get("/v1/models").json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert by_id["base"]["task"] == "generate"
+    assert (by_id["gen"]["task"], by_id["ner"]["task"], by_id["cls"]["task"]) == ("generate", "tag", "classify")
+
+
+def test_completion_usage_and_timing_headers(client):
+    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert int(r.headers["x-generated-tokens"]) == usage["completion_tokens"]
+    for h in ("x-queue-time", "x-inference-time", "x-total-time"):
+        assert int(r.headers[h]) >= 0, h
+    assert int(r.headers["x-total-time"]) >= int(r.headers["x-inference-time"])
+
+
+def test_chat_completion_with_text_parts(client):
+    plain = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say hi"}],
+                                                      "max_tokens": 6, "temperature": 0}).json()
+    parts = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]}],
+        "max_tokens": 6, "temperature": 0}).json()
+    assert plain["object"] == "chat.completion"
+    assert plain["choices"][0]["message"]["role"] == "assistant"
+    assert plain["choices"][0]["message"]["content"] == parts["choices"][0]["message"]["content"]
+
+
+def test_streaming_equals_non_streaming(client, prompts):
+    for model in ("base", "gen"):
+        whole = complete(client, "Once upon a time", model, max_tokens=12)
+        with client.stream("POST", "/v1/completions", json={"model": model, "prompt": "Once upon a time",
+                                                            "max_tokens": 12, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_chat_streaming(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Count to three"}], "max_tokens": 8, "temperature": 0,
+            "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None
+
+
+# ---- task routes -----------------------------------------------------------------------------------
+
+def test_generate_batch_matches_single_requests(client, prompts):
+    inputs = ["Hello, my name is", "The sky is", "1, 2, 3,"]
+    r = client.post("/v1/generate", json={"prompt": "gen", "inputs": inputs, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["index"] for x in body["results"]] == [0, 1, 2]
+    for text, result in zip(inputs, body["results"]):
+        single = complete(client, text, "gen", max_tokens=6)
+        assert result["text"] == single["choices"][0]["text"]
+        assert result["completion_tokens"] == single["usage"]["completion_tokens"]
+        assert result["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert body["usage"]["completion_tokens"] == sum(x["completion_tokens"] for x in body["results"])
+    assert int(r.headers["x-generated-tokens"]) == body["usage"]["completion_tokens"]
+    one = client.post("/v1/generate", json={"inputs": "Hi", "max_tokens": 2, "chat": True}).json()
+    assert one["prompt"] == "base" and len(one["results"]) == 1
+
+
+def test_tag_tokens_offsets_and_entities(client, prompts):
+    text = "Ada Lovelace lived in London."
+    r = client.post("/v1/tag", json={"prompt": "ner", "inputs": [text, "Hi"], "return_probs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["labels"] == TAG_LABELS and len(body["results"]) == 2
+    tokens = body["results"][0]["tokens"]
+    assert "".join(t["text"] for t in tokens) == text  # offsets cover the text (byte-level BPE)
+    for t in tokens:
+        assert text[t["start"]:t["end"]] == t["text"]
+        assert t["label"] in TAG_LABELS
+        assert math.isclose(sum(t["probs"].values()), 1, abs_tol=1e-4)
+        assert t["score"] == max(t["probs"].values()) and t["probs"][t["label"]] == t["score"]
+    assert body["results"][0]["entities"] == merge_entities(text, tokens)
+    assert body["usage"]["prompt_tokens"] == len(tokens) + len(body["results"][1]["tokens"])
+
+
+def test_merge_entities_bio():
+    text = "Ada Lovelace met Bob in Paris"
+    spans = [(0, 3, "B-PER", 0.9), (3, 12, "I-PER", 0.7), (12, 16, "O", 0.8), (16, 20, "B-PER", 0.6),
+             (20, 23, "O", 0.9), (23, 29, "I-LOC", 0.5)]
+    tokens = [{"text": text[s:e], "start": s, "end": e, "label": lab, "score": p} for s, e, lab, p in spans]
+    assert merge_entities(text, tokens) == [
+        {"text": "Ada Lovelace", "label": "PER", "start": 0, "end": 12, "score": pytest.approx(0.8)},
+        {"text": "Bob", "label": "PER", "start": 17, "end": 20, "score": 0.6},
+        {"text": "Paris", "label": "LOC", "start": 24, "end": 29, "score": 0.5},  # IOB1: I- may start one
+    ]
+    tokens[1]["label"] = "B-PER"  # B always starts a new entity
+    assert [e["text"] for e in merge_entities(text, tokens)][:2] == ["Ada", "Lovelace"]
+    tokens[1]["label"] = "I-LOC"  # another type never continues
+    assert [e["label"] for e in merge_entities(text, tokens)][:2] == ["PER", "LOC"]
+
+
+def test_classify(client, prompts):
+    r = client.post("/v1/classify", json={"prompt": "cls", "inputs": ["Win a free cruise now!", "See you at noon"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["labels"] == CLASS_LABELS
+    for result in body["results"]:
+        probs = result["probs"]
+        assert list(probs) == CLASS_LABELS and math.isclose(sum(probs.values()), 1, abs_tol=1e-4)
+        assert result["label"] == max(probs, key=probs.get) and result["score"] == probs[result["label"]]
+    single = client.post("/v1/classify", json={"prompt": "cls", "inputs": "See you at noon"}).json()
+    assert single["results"][0]["probs"] == pytest.approx(body["results"][1]["probs"], abs=1e-5)
+
+
+@pytest.mark.parametrize("route,prompt,actual", [
+    ("/v1/tag", "cls", "classify"), ("/v1/classify", "ner", "tag"), ("/v1/tag", "gen", "generate"),
+    ("/v1/classify", "gen", "generate"), ("/v1/generate", "ner", "tag"), ("/v1/completions", "cls", "classify"),
+    ("/v1/chat/completions", "ner", "tag"), ("/v1/tag", "base", None)])
+def test_wrong_task_type_is_422_naming_the_type(client, prompts, route, prompt, actual):
+    body = {"prompt": prompt, "inputs": "hello"}
+    if route.endswith("completions"):
+        body = {"model": prompt, "prompt": "hello", "messages": [{"role": "user", "content": "hi"}]}
+    message = error_of(client.post(route, json=body), 422, "wrong_task_type")
+    if actual:
+        assert repr(actual) in message
+
+
+# ---- error paths of the inference routes ----------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"prompt": "Hello"', 400, "invalid_json"),
+    ("/v1/chat/completions", b"not json at all", 400, "invalid_json"),
+    ("/v1/completions", [1, 2], 422, "validation_error"),
+    ("/v1/chat/completions", {"messages": []}, 422, "validation_error"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "validation_error"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 422, "validation_error"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 422, "validation_error"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_SEQ_LEN + 1}, 400, "invalid_request"),
+    ("/v1/completions", {"prompt": "x " * 1200, "max_tokens": 1}, 400, "invalid_request"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 700}, 422, "too_many_tokens"),
+    ("/v1/completions", {"prompt": ""}, 422, "validation_error"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 422, "validation_error"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, 422, "validation_error"),
+    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "prompt_not_found"),
+    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "prompt_not_found"),
+    ("/v1/generate", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found"),
+    ("/v1/tag", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found"),
+    ("/v1/classify", {"prompt": "nope", "inputs": ["x"]}, 404, "prompt_not_found"),
+    ("/v1/classify", {"prompt": "cls", "inputs": ["a", "b", "c", "d", "e"]}, 422, "too_many_inputs"),
+    ("/v1/generate", {"inputs": ["a", "b", "c", "d"], "max_tokens": 200}, 422, "too_many_tokens"),
+    ("/v1/tag", {"prompt": "ner", "inputs": []}, 422, "validation_error"),
+    ("/v1/tag", {"prompt": "ner", "inputs": [""]}, 422, "validation_error"),
+    ("/v1/tag", {"prompt": "ner"}, 422, "validation_error"),
+    ("/v1/classify", {"prompt": "cls", "inputs": [1]}, 422, "validation_error"),
+]
+
+
+@pytest.mark.parametrize("route,body,status,code", BAD_REQUESTS)
+def test_bad_requests(client, prompts, route, body, status, code):
+    if isinstance(body, bytes):
+        r = client.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(route, json=body)
+    assert error_of(r, status, code)
+    still_serving(client)
+
+
+def test_unknown_route_and_method(client):
+    error_of(client.get("/v1/nothing"), 404, "not_found")
+    error_of(client.get("/v1/completions"), 405, "method_not_allowed")
+
+
+# ---- prompt management -----------------------------------------------------------------------------
+
+def test_upload_versions_download_delete(client, base):
+    first = make_prompt_bytes(base, "whatever-name-in-file", seed=10)
+    r = upload(client, "versioned", first)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert (info["name"], info["version"], info["task"], info["serving"]) == ("versioned", 1, "generate", True)
+    complete(client, "Hello", "versioned")  # serves as soon as the upload returned
+    second = make_prompt_bytes(base, "versioned", seed=11)
+    r = upload(client, "versioned", second, data={"description": "second try"})
+    assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["description"] == "second try"
+    shown = client.get("/v1/prompts/versioned").json()
+    assert shown["versions"] == [1, 2] and [h["version"] for h in shown["history"]] == [1, 2]
+    assert any(p["name"] == "versioned" for p in client.get("/v1/prompts").json()["data"])
+
+    v1 = client.get("/v1/prompts/versioned/file", params={"version": 1})
+    assert v1.status_code == 200 and v1.headers["content-type"] == "application/octet-stream"
+    pf = load_prompt_bytes(v1.content)
+    assert (pf.name, pf.version) == ("versioned", 1)
+    assert torch.equal(pf.prompt_embeddings, load_prompt_bytes(first).prompt_embeddings)
+    assert load_prompt_bytes(client.get("/v1/prompts/versioned/file").content).version == 2
+    error_of(client.get("/v1/prompts/versioned/file", params={"version": 7}), 404, "prompt_not_found")
+    error_of(client.get("/v1/prompts/versioned/file", params={"version": 0}), 422)
+
+    r = client.delete("/v1/prompts/versioned")
+    assert r.status_code == 200 and r.json() == {"id": "versioned", "object": "prompt", "deleted": True}
+    error_of(client.get("/v1/prompts/versioned"), 404, "prompt_not_found")
+    error_of(client.post("/v1/completions", json={"model": "versioned", "prompt": "x"}), 404, "prompt_not_found")
+    error_of(client.delete("/v1/prompts/versioned"), 404, "prompt_not_found")
+
+
+def test_octet_stream_upload(client, base):
+    r = client.put("/v1/prompts/raw-upload", content=make_prompt_bytes(base, "x", seed=5),
+                   headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    assert client.delete("/v1/prompts/raw-upload").status_code == 200
+
+
+def _pickle_bytes() -> bytes:
+    buf = io.BytesIO()
+    torch.save({"prompt_embeddings": torch.zeros(2, 2)}, buf)
+    return buf.getvalue()
+
+
+def test_bad_uploads_refused_and_store_unchanged(client, base, server, prompts):
+    good = make_prompt_bytes(base, "x", seed=4)
+    other_base = dict(base, fingerprint="0000000000000000")
+    cases = [
+        ({"files": {"file": ("p.pt", _pickle_bytes())}}, 422, "pickle"),
+        ({"files": {"file": ("p.safetensors", good[: len(good) // 2])}}, 422, "safetensors"),
+        ({"files": {"file": ("p.safetensors", b"\x00" * 100)}}, 422, None),
+        ({"files": {"file": ("p.safetensors", make_prompt_bytes(other_base, "x"))}}, 422, "another base"),
+        ({"files": {"file": ("p.safetensors", make_prompt_bytes(base, "x", "classify", labels=["yes", "yes"]))}},
+         422, "unique"),
+        ({"files": {"file": ("p.safetensors", good), "adapter_config": ("c.json", b"{}")}}, 422, "either"),
+        ({"files": {"file": ("p.safetensors", good)}, "data": {"labels": "a,b"}}, 422, "labels"),
+        ({"files": {"other": ("p.safetensors", good)}}, 422, "unknown form field"),
+        ({"data": {"description": "no file"}}, 422, "needs a 'file'"),
+        ({"data": {"file": "not a file part"}}, 422, "file part"),
+        ({"files": {"adapter_config": ("c.json", b"{not json"), "adapter_model": ("m.safetensors", good)}}, 422, "JSON"),
+        ({"files": {"adapter_config": ("c.json", b'{"peft_type": "LORA", "task_type": "CAUSAL_LM"}'),
+                    "adapter_model": ("m.safetensors", good)}}, 422, "LORA"),
+        ({"json": {"file": "x"}}, 400, "multipart"),
+        ({"content": b"garbage", "headers": {"content-type": "multipart/form-data"}}, 400, None),
+    ]
+    before = sorted(p.relative_to(server.store) for p in server.store.rglob("*"))
+    for kwargs, status, words in cases:
+        message = error_of(client.put("/v1/prompts/refused", **kwargs), status)
+        if words:
+            assert words.lower() in message.lower(), (kwargs.keys(), message)
+    assert sorted(p.relative_to(server.store) for p in server.store.rglob("*")) == before
+    error_of(client.get("/v1/prompts/refused"), 404)
+    still_serving(client)
+
+
+@pytest.mark.parametrize("name", [".hidden", "base", "a" * 65, "-dash", "semi;colon", "sp ace", "..", "ü"])
+def test_hostile_prompt_names_refused(client, base, server, name):
+    r = upload(client, name, make_prompt_bytes(base, "x"))
+    assert r.status_code in (404, 405, 422), r.text  # 404/405: the name never even reached the route
+    if r.status_code == 422:
+        assert "name" in r.json()["error"]["message"]
+    for path in server.store.parent.rglob("*"):
+        assert path.is_relative_to(server.store) or path.name.startswith("server-") or path == server.store
+    assert not any(p.name.startswith(".") or p.name in ("base",) for p in server.store.iterdir())
+
+
+def test_path_traversal_names_never_touch_the_disk(client, base, server):
+    for raw in ["/v1/prompts/..%2F..%2Fescape", "/v1/prompts/a%2Fb", "/v1/prompts/%2E%2E"]:
+        r = client.put(raw, files={"file": ("p", make_prompt_bytes(base, "x"))})
+        assert r.status_code in (404, 405, 422)
+        assert client.delete(raw).status_code in (404, 405, 422)
+        assert client.get(raw + "/file").status_code in (404, 422)
+    assert not (server.store.parent / "escape").exists()
+    still_serving(client)
+
+
+def test_oversize_upload_is_413(client, base):
+    limit = 1 << 20
+    big = b"\x00" * (limit + 1)
+    error_of(client.put("/v1/prompts/big", files={"file": ("p.safetensors", big)}), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the server counts while reading
+        yield (b'--x\r\nContent-Disposition: form-data; name="file"; filename="p.safetensors"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(11):
+            yield b"\x00" * (100 << 10)
+
+    r = client.put("/v1/prompts/big", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    error_of(r, 413, "payload_too_large")
+    error_of(client.post("/v1/completions", content=b"{" + b" " * (limit + 10) + b"}",
+                         headers={"content-type": "application/json"}), 413)
+    error_of(client.get("/v1/prompts/big"), 404)
+    still_serving(client)
+
+
+def test_prompt_changes_only_from_loopback_without_admin_token(client, base):
+    remote = {"x-forwarded-for": "203.0.113.7"}  # uvicorn trusts this header from 127.0.0.1
+    error_of(upload(client, "remote", make_prompt_bytes(base, "x"), headers=remote), 403, "admin_only")
+    error_of(client.delete("/v1/prompts/gen", headers=remote), 403, "admin_only")
+    assert client.get("/v1/prompts", headers=remote).status_code == 200
+    assert client.get("/v1/prompts/gen").status_code == 200
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+def test_metrics(client, prompts):
+    complete(client, "Hello", "gen", max_tokens=3)
+    client.post("/v1/classify", json={"prompt": "cls", "inputs": "x"})
+    text = client.get("/metrics").text
+    assert 'softserve_requests_total{prompt="gen",route="/v1/completions",status="200"}' in text
+    assert 'softserve_requests_total{prompt="cls",route="/v1/classify",status="200"}' in text
+    assert 'route="/v1/prompts/{name}"' in text  # templates, not raw paths
+    for name in ["softserve_queue_depth", "softserve_running_requests", "softserve_batch_tokens",
+                 "softserve_kv_tokens_used", "softserve_kv_tokens_total", "softserve_kv_usage_ratio",
+                 "softserve_time_to_first_token_seconds_bucket", "softserve_request_duration_seconds_bucket",
+                 "softserve_queue_time_seconds_bucket", 'softserve_prompt_tokens_total{prompt="gen"',
+                 'softserve_generated_tokens_total{prompt="gen"', "softserve_ready 1.0"]:
+        assert name in text, name
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["softserve_kv_tokens_total"] > 0
+    assert samples['softserve_time_to_first_token_seconds_count{prompt="gen"}'] >= 1
+    assert samples['softserve_generated_tokens_total{prompt="gen",route="/v1/completions"}'] >= 3

@@ -1,0 +1,55 @@
+"""Graceful shutdown: SIGTERM during a long stream ends the stream cleanly (a final chunk with a finish
+reason, then [DONE]), the process exits within the grace period, and the prompt store is intact."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+
+from prompt_store.format import load_prompt_file
+from tests.live_server import LiveServer, make_prompt_bytes, upload
+
+GRACE_S = 2
+
+
+def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
+    server = LiveServer(tmp_path / "store", {"SOFTSERVE_SHUTDOWN_GRACE_S": str(GRACE_S),
+                                              "SOFTSERVE_MAX_SEQ_LEN": "2048"}, cli=True)
+    with server, httpx.Client(base_url=server.url, timeout=60) as client:
+        base = client.get("/v1/prompts").json()["base"]
+        assert upload(client, "keeper", make_prompt_bytes(base, "keeper")).status_code == 201
+        events, first_chunk = [], threading.Event()
+
+        def stream():
+            body = {"model": "keeper", "prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True,
+                    "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first_chunk.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first_chunk.wait(60), server.output()
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        reader.join(GRACE_S + 30)
+        assert not reader.is_alive()
+        server.proc.wait(GRACE_S + 30)
+        elapsed = time.monotonic() - start
+        assert server.proc.returncode in (0, -signal.SIGTERM), server.output()
+        assert elapsed < GRACE_S + 10, elapsed
+
+    assert events[-1] == "[DONE]", events[-3:]
+    last = json.loads(events[-2])
+    assert last["choices"][0]["finish_reason"] in ("cancelled", "length", "stop")
+    assert last["usage"]["completion_tokens"] < 2000  # it was cut at the deadline, not run to the end
+    files = sorted((tmp_path / "store").rglob("*.safetensors"))
+    assert [f.relative_to(tmp_path / "store").as_posix() for f in files] == ["keeper/v1.safetensors"]
+    assert load_prompt_file(files[0]).name == "keeper"
+    assert not [p for p in (tmp_path / "store").rglob(".*")]  # no temp files left behind
