@@ -46,10 +46,9 @@ class ModelRunner:
             tokens += seq.prompt_ids[seq.num_cached:seq.num_cached + n]
             positions += range(start, start + n)
             slots += [seq.slot] * n
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        positions_t, slots_t = as_tensor(positions), as_tensor(slots)
-        attention = CachedAttention(self.cache, slots_t, positions_t, len(step.decode), chunks)
-        hidden = self.model(positions_t[None], attention, tokens=as_tensor(tokens)[None])[0]  # (N, hidden)
+        attention = CachedAttention(self.cache, slots, positions, len(step.decode), chunks)
+        tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)
 
         result = StepResult(num_tokens=len(tokens))
         to_sample: list[tuple[Sequence, int]] = [(seq, i) for i, seq in enumerate(step.decode)]

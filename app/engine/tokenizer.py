@@ -38,19 +38,26 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Text of a growing token list, released only once it is stable (no half UTF-8 character)."""
+    """Text of a growing token list, released only once it is stable (no half UTF-8 character).
+
+    Decodes a short window, not the whole list, per token (as TGI and vLLM do): the text of
+    ids[prefix:] minus the text of ids[prefix:read] is what the newest tokens added.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""  # the text released so far
+        self._prefix = self._read = 0
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly stable text (may be empty)."""
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing yet, or a half character
             return ""
-        delta = full[len(self.text):]
-        self.text = full
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
         return delta
