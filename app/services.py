@@ -84,7 +84,9 @@ def load_services(settings: Settings) -> Services:
     tokenizer = Tokenizer(loaded.directory)
     max_seq_len = min(settings.max_seq_len, loaded.args.max_position_embeddings)
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
-                          max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting)
+                          max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
+                          prompt_memory_bytes=None if settings.prompt_memory_gb is None
+                          else int(settings.prompt_memory_gb * (1 << 30)))
     engine = AsyncEngine(loaded.model, tokenizer, config)
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:

@@ -256,3 +256,28 @@ def test_bad_requests_are_refused_with_reasons(tiny_llama, tokenizer, prompts):
             engine.make_sequence(None, [], Mode.GENERATE, greedy())
     finally:
         asyncio.run(engine.shutdown(1))
+
+
+def test_prompts_past_the_memory_budget_wait_off_device_and_come_back_on_use(tiny_llama, tokenizer, prompts):
+    """At most the budget's worth of prompt K,V stays on the model's device, least recently used out; an
+    offloaded prompt serves again on its next use with the same outputs. (This CPU-only machine checks the
+    bookkeeping and the outputs; on a GPU the offloaded K,V sit in CPU memory.)"""
+    _, loaded = tiny_llama
+    tasks = [dataclasses.replace(prompts[i % 2], name=f"task{i}") for i in range(4)]
+    unlimited = new_engine(loaded, tokenizer, tasks)
+    limited = new_engine(loaded, tokenizer, [], prompt_memory_bytes=2 * unlimited.prompts.get("task0").kv_bytes)
+    try:
+        for pf in tasks:
+            limited.load_prompt(pf)
+        table = limited.prompts
+        assert [table.is_resident(f"task{i}") for i in range(4)] == [False, False, True, True]
+        request = lambda i: (f"task{i}", ids(7, i), Mode.GENERATE, greedy(5))  # noqa: E731
+        want = run(unlimited, [request(0), request(3)])
+        got = run(limited, [request(0), request(3)])  # task0 comes back; task2 is now least recently used
+        assert [table.is_resident(f"task{i}") for i in range(4)] == [True, False, False, True]
+        assert table.resident_bytes <= table.budget_bytes
+    finally:
+        asyncio.run(unlimited.shutdown(1))
+        asyncio.run(limited.shutdown(1))
+    for a, b in zip(want, got):
+        assert_same(a, b)

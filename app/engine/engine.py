@@ -17,6 +17,7 @@ import torch
 
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
+from app.engine.prompt_table import PromptTable
 from app.engine.runner import ModelRunner, StepResult
 from app.engine.scheduler import Overloaded, Scheduler
 from app.engine.sequence import Mode, Output, Sequence, Status
@@ -48,6 +49,7 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30
     max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
     max_waiting: int = 256
+    prompt_memory_bytes: int | None = None  # device memory for prompts' K,V; beyond it LRU prompts go to CPU
 
 
 @dataclass
@@ -87,7 +89,7 @@ class AsyncEngine:
         self.cache = KVCache(model.args, slots, config.max_seq_len, weight.device, weight.dtype)
         self.scheduler = Scheduler(self.cache, config.max_waiting, config.max_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
-        self.prompts: dict[str, TaskPrompt] = {}
+        self.prompts = PromptTable(weight.device, config.prompt_memory_bytes)
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
         self._incoming: list[Sequence] = []
@@ -111,18 +113,19 @@ class AsyncEngine:
         if current is not None and prompt_file.version and current.version == prompt_file.version:
             return current
         task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
-        self.prompts[task_prompt.name] = task_prompt
+        self.prompts.put(task_prompt)
         return task_prompt
 
     def remove_prompt(self, name: str) -> None:
-        self.prompts.pop(name, None)
+        self.prompts.remove(name)
 
     def get_prompt(self, name: str | None) -> TaskPrompt | None:
         if name is None:
             return None
-        if name not in self.prompts:
-            raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them")
-        return self.prompts[name]
+        try:
+            return self.prompts.use(name)
+        except KeyError:
+            raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them") from None
 
     # ---- requests ------------------------------------------------------------------------------------
     def make_sequence(self, prompt_name: str | None, token_ids: list[int], mode: Mode, sampling,
