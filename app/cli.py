@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(fetch, ("--model", "--cache-dir"))
     fetch.set_defaults(func=cmd_fetch_model)
 
+    from app.bench.cli import add_bench_command
+
+    add_bench_command(sub)
+
+    from app.train.cli import add_train_command
+
+    add_train_command(sub)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", None) and args.log_level.upper() or logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -1,0 +1,161 @@
+"""`softserve train DATA.jsonl --name NAME ...`: train a prompt, write the prompt file, optionally push it."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_train_command(sub) -> None:
+    from app.cli import add_model_flags
+
+    p = sub.add_parser("train", help="learn a task prompt (and head) on a JSONL file; see docs/TRAINING.md")
+    p.add_argument("data", type=Path, help="training data, JSON Lines")
+    p.add_argument("--name", required=True, help="the prompt's name (the API's model id)")
+    p.add_argument("--task", choices=("generate", "tag", "classify"), help="default: inferred from the first line")
+    p.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
+                   help="prompt: shallow [P, hidden] embeddings; prefix: deep per-layer K,V (default: prompt)")
+    p.add_argument("--virtual-tokens", type=int, default=20, help="P, the number of virtual tokens (default: 20)")
+    p.add_argument("--out", type=Path, help="the prompt file to write (default: NAME.safetensors)")
+    p.add_argument("--metrics-out", type=Path,
+                   help="JSON of the final held-out metrics (default: OUT with suffix .metrics.json)")
+    p.add_argument("--description", default="", help="stored in the prompt file")
+    p.add_argument("--labels", help="comma-separated labels (classify) or entity types (tag); "
+                                    "default: those in the training data")
+    held = p.add_mutually_exclusive_group()
+    held.add_argument("--heldout", type=Path, help="held-out JSONL evaluated each epoch")
+    held.add_argument("--heldout-fraction", type=float, default=0.1,
+                      help="fraction of DATA held out when --heldout is not given (default: 0.1)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, help="prompt learning rate (default: 3e-2 for prompt, 1e-2 for prefix)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: 1e-3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256, help="text tokens per example; longer ones are cut")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup, as a fraction of the steps (default: 0.1)")
+    p.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="decay after warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: 1.0)")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N training examples (after shuffling)")
+    p.add_argument("--heldout-limit", type=int, help="evaluate on only the first N held-out examples")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--push", metavar="URL", help="upload to a running server: PUT URL/v1/prompts/NAME "
+                                                 "(Authorization from SOFTSERVE_ADMIN_TOKEN)")
+    add_model_flags(p, ("--model", "--dtype", "--device", "--cache-dir"))
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from app.train.data import DataError
+    from prompt_store.format import PromptFormatError
+
+    try:
+        return run_train(args)
+    except (DataError, PromptFormatError) as e:
+        print(f"softserve train: {e}", file=sys.stderr)
+        return 2
+
+
+def run_train(args) -> int:
+    import torch
+
+    from app.cli import settings_from
+    from app.engine.tokenizer import Tokenizer
+    from app.engine.weights import load_model, resolve_dtype
+    from app.train.data import DataError, bio_labels, infer_labels, load_examples, read_jsonl
+    from app.train.trainer import TrainConfig, to_prompt_file, train
+    from prompt_store.format import dump_prompt, validate_name
+
+    validate_name(args.name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = read_jsonl(args.data)
+    task = args.task or infer_task(rows[0][1], args.data, rows[0][0])
+    heldout_rows = read_jsonl(args.heldout) if args.heldout else None
+    random.Random(args.seed).shuffle(rows)
+    if heldout_rows is None:
+        if not 0 < args.heldout_fraction < 1:
+            raise DataError("--heldout-fraction must be between 0 and 1 (or give --heldout FILE)")
+        cut = max(1, round(len(rows) * args.heldout_fraction))
+        if cut >= len(rows):
+            raise DataError(f"{args.data}: too few examples ({len(rows)}) to hold out a fraction")
+        heldout_rows, rows = rows[:cut], rows[cut:]
+    if args.labels:
+        given = [x.strip() for x in args.labels.split(",") if x.strip()]
+        labels = bio_labels(given) if task == "tag" else sorted(set(given))
+    else:
+        labels = infer_labels(task, rows, args.data)  # from every training line, before --limit
+    rows = rows[:args.limit]
+    heldout_rows = heldout_rows[:args.heldout_limit]
+
+    settings = settings_from(args)
+    device = settings.resolved_device()
+    dtype = resolve_dtype("float32" if settings.dtype == "auto" and device == "cpu"
+                          else "bfloat16" if settings.dtype == "auto" else settings.dtype)
+    loaded = load_model(settings.model, dtype, device, settings.cache_dir)
+    tokenizer = Tokenizer(loaded.directory)
+    train_set = load_examples(args.data, task, tokenizer, labels, args.max_length, rows=rows)
+    heldout_path = args.heldout or args.data
+    heldout = load_examples(heldout_path, task, tokenizer, labels, args.max_length, rows=heldout_rows)
+    log.info("training a %s prompt (%s, P=%d) on %d examples, %d held out, labels %s", task, args.kind,
+             args.virtual_tokens, len(train_set), len(heldout), labels)
+    config = TrainConfig(task=task, kind=args.kind, virtual_tokens=args.virtual_tokens, epochs=args.epochs,
+                         lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                         weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
+                         clip=args.clip, patience=args.patience, seed=args.seed, max_steps=args.max_steps)
+    result = train(loaded, config, labels, train_set, heldout)
+    pf = to_prompt_file(loaded, result.prompt, args.name, labels, args.description)
+    data = dump_prompt(pf)
+    out = args.out or Path(f"{args.name}.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    metrics_out = args.metrics_out or out.with_suffix(".metrics.json")
+    summary = {"name": args.name, "task": task, "kind": args.kind, "virtual_tokens": args.virtual_tokens,
+               "train_examples": len(train_set), "steps": result.steps, "heldout": result.metrics,
+               "history": result.history}
+    metrics_out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out} ({len(data)} bytes); held-out: "
+          + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
+    if args.push:
+        return push(args.push, args.name, data)
+    return 0
+
+
+def infer_task(row: dict, path: Path, line: int) -> str:
+    from app.train.data import DataError
+
+    if "messages" in row or "prompt" in row or "completion" in row:
+        return "generate"
+    if "entities" in row:
+        return "tag"
+    if "label" in row:
+        return "classify"
+    raise DataError(f"{path}:{line}: cannot tell the task from this line (expected messages, prompt/completion, "
+                    f"text+entities or text+label); pass --task")
+
+
+def push(url: str, name: str, data: bytes) -> int:
+    import httpx
+
+    headers = {}
+    if token := os.environ.get("SOFTSERVE_ADMIN_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    target = f"{url.rstrip('/')}/v1/prompts/{name}"
+    try:
+        response = httpx.put(target, files={"file": (f"{name}.safetensors", data, "application/octet-stream")},
+                             headers=headers, timeout=60)
+    except httpx.HTTPError as e:
+        print(f"softserve train: could not push to {target}: {e}", file=sys.stderr)
+        return 1
+    if response.is_error:
+        print(f"softserve train: {target} answered {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    print(f"pushed {name} to {target}: {response.status_code} {response.text}")
+    return 0
