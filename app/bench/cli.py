@@ -1,0 +1,75 @@
+"""`softserve bench`: flags, then either the in-process comparison (engine vs peer) or the HTTP sweep."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+log = logging.getLogger("softserve.bench")
+
+
+def add_bench_command(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="softserve's engine vs HF generate() per task (or an HTTP sweep): one table + JSON",
+                       description="Runs one mixed-task workload through softserve's engine and through the peer "
+                                   "(HF transformers generate() per task group) in this process, and prints one "
+                                   "table; --http/--http-spawn sweeps client concurrency against a live server.")
+    p.add_argument("--shape", default="default",
+                   help="default (the real default model) or random weights: smollm2-135m | llama3-8b | tiny")
+    p.add_argument("--n", type=int, default=24, help="requests")
+    p.add_argument("--new", type=int, default=32, help="tokens generated per request (exactly)")
+    p.add_argument("--batch", type=int, default=64, help="the peer's generate() batch per task group")
+    p.add_argument("--lo", type=int, default=32, help="shortest prompt (tokens)")
+    p.add_argument("--hi", type=int, default=256, help="longest prompt (tokens)")
+    p.add_argument("--virtual", type=int, default=20, help="virtual tokens per task prompt")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=1, help="seed of the request stream")
+    p.add_argument("--max-batched-tokens", type=int, default=2048, help="the engine's tokens per forward")
+    p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench_results/<time>.json)")
+    p.add_argument("--skip-peer", action="store_true", help="run only softserve's side")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the default model lives (env SOFTSERVE_CACHE_DIR, else ~/.cache/softserve)")
+    http = p.add_mutually_exclusive_group()
+    http.add_argument("--http", metavar="URL", help="sweep a running server on a loopback address")
+    http.add_argument("--http-spawn", action="store_true", help="start `softserve serve` on a free loopback port, "
+                                                                "sweep it, stop it")
+    p.add_argument("--concurrency", default="1,4,16,64", help="HTTP mode: concurrent clients per sweep point")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def default_cache_dir() -> Path:
+    from app.config import Settings
+
+    return Settings().cache_dir
+
+
+def cmd_bench(args) -> int:
+    from app.bench.run import BenchConfig, format_table, write_json
+
+    cache_dir = args.cache_dir or (Path(os.environ["SOFTSERVE_CACHE_DIR"]).expanduser()
+                                   if os.environ.get("SOFTSERVE_CACHE_DIR") else default_cache_dir())
+    path = args.json or Path("bench_results") / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.http or args.http_spawn:
+        from app.bench.http import format_sweep, run_sweep
+
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        result = run_sweep(url=args.http, spawn=args.http_spawn, levels=levels, n=args.n, new=args.new,
+                           lo=args.lo, hi=args.hi, seed=args.seed, cache_dir=cache_dir,
+                           device=args.device, dtype=args.dtype)
+        print(format_sweep(result))
+    else:
+        cfg = BenchConfig(shape=args.shape, n=args.n, new=args.new, batch=args.batch, lo=args.lo, hi=args.hi,
+                          virtual=args.virtual, device=args.device, dtype=args.dtype, seed=args.seed,
+                          skip_peer=args.skip_peer, max_batched_tokens=args.max_batched_tokens,
+                          cache_dir=cache_dir, progress=not args.no_progress)
+        from app.bench.run import run_bench
+
+        result = run_bench(cfg)
+        print(format_table(result))
+    print(f"\nwritten to {write_json(result, path)}")
+    return 0

@@ -1,0 +1,99 @@
+"""softserve's side: every request submitted at once to one AsyncEngine, any task mix per batch."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from app.bench.peer import RequestResult, sync
+from app.bench.workload import Request
+from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.kv_cache import KVCache
+from app.engine.model import Transformer
+from app.engine.sampling import SamplingParams
+from app.engine.sequence import Mode
+from app.engine.task_prompt import TaskPrompt
+
+
+def engine_config(model: Transformer, num_slots: int, max_seq_len: int, max_batched_tokens: int) -> EngineConfig:
+    """A KV cache of exactly num_slots sequences of max_seq_len positions."""
+    per_slot = KVCache.bytes_per_token(model.args, model.embed_tokens.weight.dtype) * max_seq_len
+    return EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=per_slot * num_slots,
+                        max_batched_tokens=max_batched_tokens, max_waiting=max(256, num_slots))
+
+
+def make_engine(model: Transformer, tokenizer, prompt_files, config: EngineConfig
+                ) -> tuple[AsyncEngine, dict[str, TaskPrompt]]:
+    engine = AsyncEngine(model, tokenizer, config)
+    prompts = {pf.name: engine.load_prompt(pf) for pf in prompt_files}
+    return engine, prompts
+
+
+async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    seqs = [engine.make_sequence(r.task, r.token_ids, Mode.GENERATE, params) for r in reqs]
+    sync(engine.runner.device)
+    t0 = time.perf_counter()
+
+    async def one(seq) -> RequestResult:
+        tokens, times, first = [], [], None
+        async for out in engine.stream(seq):
+            if out.error:
+                raise RuntimeError(f"request {seq.request_id} failed: {out.error}")
+            now = time.perf_counter() - t0
+            if out.tokens and first is None:
+                first = now
+            tokens += [c.token_id for c in out.tokens]
+            times += [now] * len(out.tokens)
+        if progress is not None:
+            progress(1)
+        return RequestResult(tokens, first if first is not None else time.perf_counter() - t0,
+                             time.perf_counter() - t0, times)
+
+    results = await asyncio.gather(*(one(s) for s in seqs))
+    return list(results), time.perf_counter() - t0
+
+
+def run_ours(engine: AsyncEngine, phases: list[tuple[list[Request], int]], progress=None, before_phase=None
+             ) -> list[tuple[list[RequestResult], float]]:
+    """Starts the engine loop, runs each phase (requests, new tokens) in turn, e.g. a warm-up then the
+    workload, and stops the loop; per phase: per-request results and the wall time. progress is fed by
+    the last phase only; before_phase(i) runs before phase i."""
+    async def main():
+        engine.start()
+        try:
+            out = []
+            for i, (reqs, new) in enumerate(phases):
+                if before_phase is not None:
+                    before_phase(i)
+                out.append(await _run(engine, reqs, new, progress if i == len(phases) - 1 else None))
+            return out
+        finally:
+            await engine.shutdown(grace_s=0)
+
+    return asyncio.run(main())
+
+
+class StepTimer:
+    """Wraps engine.runner.run (the engine is not modified) to split the engine's time into steps that
+    carry prefill tokens and decode-only steps. run() ends in a host sync (sampling's .tolist())."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.stats = dict(prefill_steps=0, prefill_s=0.0, prefill_tokens=0, decode_steps=0, decode_s=0.0,
+                          decode_tokens=0)
+        inner = engine.runner.run
+
+        def timed(step):
+            t = time.perf_counter()
+            result = inner(step)
+            dt = time.perf_counter() - t
+            key = "prefill" if step.prefill else "decode"
+            self.stats[f"{key}_steps"] += 1
+            self.stats[f"{key}_s"] += dt
+            self.stats[f"{key}_tokens"] += result.num_tokens
+            return result
+
+        engine.runner.run = timed
+
+    def reset(self) -> None:
+        for k in self.stats:
+            self.stats[k] = 0 if isinstance(self.stats[k], int) else 0.0
