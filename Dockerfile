@@ -17,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SOFTSERVE_MODEL=default \
     SOFTSERVE_CACHE_DIR=/models \
     SOFTSERVE_PROMPT_STORE=/data/prompts \
+    SOFTSERVE_EXAMPLE_PROMPTS_DIR=/app/examples/prompts \
     SOFTSERVE_HOST=0.0.0.0 \
     SOFTSERVE_PORT=8000 \
     HF_HOME=/models/hf

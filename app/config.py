@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # prompts
     prompt_store: Path = Field(Path("~/.local/share/softserve/prompts"), description="the prompt registry's folder")
-    example_prompts: bool = Field(True, description="add the shipped chat, ner and spam prompts to an empty store at start-up")
+    example_prompts: bool = Field(True, description="add the shipped chat, ner and spam prompts when their names are free")
+    example_prompts_dir: Path = Field(Path(__file__).resolve().parents[1] / "examples" / "prompts",
+                                      description="where the shipped example prompt files are")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
     max_virtual_tokens: int = Field(512, ge=1)
     # the engine

@@ -17,7 +17,6 @@ from prompt_store.registry import PromptRegistry
 log = logging.getLogger(__name__)
 
 CPU_KV_CACHE_BYTES = 2 << 30
-EXAMPLE_PROMPTS = Path(__file__).resolve().parents[1] / "prompt_store" / "examples"  # chat, ner, spam
 
 
 @dataclass
@@ -66,9 +65,9 @@ def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: 
     registry.start_watching(interval_s)
 
 
-def add_example_prompts(registry: PromptRegistry) -> None:
+def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
     """The shipped example prompts, each added once when its name is free and it fits this base model."""
-    for path in sorted(EXAMPLE_PROMPTS.glob("*.safetensors")):
+    for path in sorted(directory.glob("*.safetensors")):
         example: PromptFile = load_prompt_file(path)
         if example.name in registry:
             continue
@@ -90,7 +89,7 @@ def load_services(settings: Settings) -> Services:
     engine = AsyncEngine(loaded.model, tokenizer, config)
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:
-        add_example_prompts(registry)
+        add_example_prompts(registry, settings.example_prompts_dir)
     connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d slots of %d positions", loaded.name, device,
              settings.resolved_dtype(), engine.cache.num_slots, max_seq_len)
