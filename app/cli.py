@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+from pydantic import ValidationError
 
 from app.config import Settings
+from app.engine.weights import DEFAULT_MODEL, ModelLoadError
 
 SERVE_FLAGS = {  # flag -> (Settings field, type, help)
     "--model": ("model", str, "'default', an HF model directory, or a .gguf file"),
@@ -39,7 +43,10 @@ def cmd_serve(args) -> int:
 
     from app.server import create_app
 
-    settings = settings_from(args, example_prompts=not args.no_examples) if args.no_examples else settings_from(args)
+    settings = settings_from(args, example_prompts=False) if args.no_examples else settings_from(args)
+    if settings.model != DEFAULT_MODEL and not Path(settings.model).expanduser().exists():
+        raise ModelLoadError(f"model path {settings.model!r} does not exist (give an HF model directory, "
+                             f"a .gguf file, or 'default')")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
     return 0
@@ -78,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", None) and args.log_level.upper() or logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from app.engine.weights import ModelLoadError
-
     try:
         return args.func(args)
-    except ModelLoadError as e:
+    except (ModelLoadError, ValidationError) as e:
         print(f"softserve: {e}", file=sys.stderr)
         return 2
 
