@@ -61,6 +61,21 @@ def cmd_fetch_model(args) -> int:
     return 0
 
 
+def cmd_prompts(args) -> int:
+    """The base identity (for import-peft) is the one of SOFTSERVE_MODEL, as the server would load it."""
+    import torch
+
+    from app.engine.weights import load_model
+    from app.services import base_identity
+    from prompt_store.cli import run_prompts_command
+
+    def base_loader():
+        settings = Settings()
+        return base_identity(load_model(settings.model, torch.float32, "cpu", settings.cache_dir))
+
+    return run_prompts_command(args, base_loader)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="softserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch = sub.add_parser("fetch-model", help="download and convert the model once (for images, offline use)")
     add_model_flags(fetch, ("--model", "--cache-dir"))
     fetch.set_defaults(func=cmd_fetch_model)
+
+    from prompt_store.cli import add_prompt_commands
+
+    add_prompt_commands(sub, default_store=str(Settings().prompt_store)).set_defaults(func=cmd_prompts)
 
     from app.bench.cli import add_bench_command
 

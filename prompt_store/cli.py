@@ -22,14 +22,13 @@ DEFAULT_STORE = "prompt_store_data"
 STORE_ENV = "SOFTSERVE_PROMPT_STORE"
 
 
-def add_prompt_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_prompt_commands(subparsers: argparse._SubParsersAction, default_store: str | None = None
+                        ) -> argparse.ArgumentParser:
     # --store on every subcommand, so it may be given after the subcommand name as users expect
+    default_store = default_store or os.environ.get(STORE_ENV, DEFAULT_STORE)
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument(
-        "--store",
-        default=os.environ.get(STORE_ENV, DEFAULT_STORE),
-        help=f"prompt store folder (default: ${STORE_ENV} or {DEFAULT_STORE})",
-    )
+    store.add_argument("--store", default=default_store,
+                       help=f"prompt store folder (default: ${STORE_ENV}, else {default_store})")
 
     prompts = subparsers.add_parser("prompts", help="manage the task prompts in a prompt store")
     actions = prompts.add_subparsers(dest="prompts_action", required=True)

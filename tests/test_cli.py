@@ -15,3 +15,12 @@ def test_a_bad_setting_is_named(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "dtype" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_prompts_commands_are_wired_and_list_an_empty_store(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "prompts", "list", "--store", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "prompts", "rm", "ghost", "--store", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no prompt named 'ghost'" in proc.stderr
