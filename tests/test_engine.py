@@ -281,3 +281,26 @@ def test_prompts_past_the_memory_budget_wait_off_device_and_come_back_on_use(tin
         asyncio.run(limited.shutdown(1))
     for a, b in zip(want, got):
         assert_same(a, b)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_llama, tokenizer, prompts,
+                                                                        monkeypatch):
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts)
+    real_run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(step):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device fell over")
+        return real_run(step)
+
+    monkeypatch.setattr(engine.runner, "run", flaky)
+    try:
+        failed = run(engine, [("deep", ids(6, 1), Mode.GENERATE, greedy(10))])[0]
+        after = run(engine, [("deep", ids(6, 1), Mode.GENERATE, greedy(3))])[0]
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert failed.finish_reason == "error" and "device fell over" in failed.error
+    assert len(after.tokens) == 3 and engine.stats().kv_slots_used == 0
