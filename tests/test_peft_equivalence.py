@@ -15,8 +15,10 @@ from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTunin
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
+from app.engine.task_prompt import build_task_prompt
 from app.engine.weights import load_hf_directory
 from app.services import base_identity
 from prompt_store.peft_import import import_peft_dir
@@ -92,6 +94,15 @@ def test_causal_lm_adapters_give_peft_tokens_and_logprobs(kind, base, tokenizer,
         want_tokens, want_logprobs = peft_greedy(peft_model, ids, NEW)
         assert [t.token_id for t in out.tokens] == want_tokens
         assert max(abs(t.logprob - w) for t, w in zip(out.tokens, want_logprobs)) < 1e-4
+    # every logit of every text position, read through the K,V prefix the engine serves from
+    served = build_task_prompt(loaded.model, prompt, tokenizer.encode)
+    prefix = [(served.k[layer][None], served.v[layer][None]) for layer in range(loaded.args.num_layers)]
+    ids = torch.tensor([inputs[2]])
+    positions = P + torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        got = loaded.model.logits(loaded.model(positions, DenseAttention(prefix=prefix), tokens=ids))
+        want = peft_model(input_ids=ids).logits[:, -ids.shape[1]:]
+    assert (got - want).abs().max() < 1e-4
 
 
 def _head_model(cls, directory, peft_config):
