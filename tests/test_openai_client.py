@@ -27,6 +27,9 @@ def client(server):
 def test_models(client):
     ids = {m.id for m in client.models.list()}
     assert {"base", "helper", "tagger"} <= ids
+    assert client.models.retrieve("tagger").id == "tagger"
+    with pytest.raises(openai.NotFoundError, match="no model named 'ghost'"):
+        client.models.retrieve("ghost")
 
 
 @pytest.mark.parametrize("model", ["base", "helper"])

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.common import admit, check_output, check_tokens, record, timing_headers
 from app.api.deps import get_services, require_api_key
+from app.api.errors import APIError
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, error_responses
 from app.engine.sequence import Mode, Output
 from app.services import Services
@@ -45,17 +46,29 @@ def _logprobs(out: Output, services: Services, chat: bool) -> dict | None:
             "top_logprobs": [{text(i): lp for i, lp in (c.top or [])} for c in out.tokens]}
 
 
+def _model_cards(services: Services) -> list[dict]:
+    created = int(time.time())
+    cards = [{"id": BASE, "object": "model", "created": created, "owned_by": "softserve",
+              "root": services.model_name, "task": "generate"}]
+    for name, prompt in sorted(services.engine.prompts.items()):
+        cards.append({"id": name, "object": "model", "created": created, "owned_by": "softserve",
+                      "root": services.model_name, "parent": BASE, "task": prompt.task, "kind": prompt.kind,
+                      "version": prompt.version})
+    return cards
+
+
 @router.get("/models", summary="List models: the base and every registered prompt")
 async def list_models(services: Services = Depends(get_services)):
     """`base` (the bare model) and one entry per served prompt, with its task; pass an id as `model`."""
-    created = int(time.time())
-    models = [{"id": BASE, "object": "model", "created": created, "owned_by": "softserve",
-               "root": services.model_name, "task": "generate"}]
-    for name, prompt in sorted(services.engine.prompts.items()):
-        models.append({"id": name, "object": "model", "created": created, "owned_by": "softserve",
-                       "root": services.model_name, "parent": BASE, "task": prompt.task, "kind": prompt.kind,
-                       "version": prompt.version})
-    return {"object": "list", "data": models}
+    return {"object": "list", "data": _model_cards(services)}
+
+
+@router.get("/models/{model_id}", summary="One model: the base or a registered prompt")
+async def get_model(model_id: str, services: Services = Depends(get_services)):
+    for card in _model_cards(services):
+        if card["id"] == model_id:
+            return card
+    raise APIError(404, f"no model named {model_id!r}; GET /v1/models lists them", "model_not_found")
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
