@@ -81,7 +81,7 @@ def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
     loaded = load_model(settings.model, resolve_dtype(settings.resolved_dtype()), device, settings.cache_dir)
     tokenizer = Tokenizer(loaded.directory)
-    max_seq_len = min(settings.max_seq_len, loaded.args.max_position_embeddings)
+    max_seq_len = min(settings.max_seq_len, loaded.args.max_context)
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
                           max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
                           prompt_memory_bytes=None if settings.prompt_memory_gb is None

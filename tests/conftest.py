@@ -33,9 +33,11 @@ def tokenizer(default_model) -> Tokenizer:
 
 def make_tiny_hf(arch: str, directory: Path, tokenizer: Tokenizer | None = None, seed: int = 0, **overrides):
     """A tiny random HF checkpoint (GQA: 4 heads, 2 KV heads) saved as an HF directory; returns the HF model."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     torch.manual_seed(seed)
     config = config_cls(**(TINY | overrides), tie_word_embeddings=arch == "qwen2", pad_token_id=2,
                         eos_token_id=2, bos_token_id=1)

@@ -15,6 +15,7 @@ CASES = {
     "llama": ("llama", {}),
     "llama3-rope-scaling": ("llama", LLAMA3_ROPE),
     "llama-attention-bias": ("llama", dict(attention_bias=True)),
+    "mistral": ("mistral", dict(sliding_window=None)),
     "qwen2": ("qwen2", {}),
 }
 
@@ -99,3 +100,9 @@ def test_bfloat16_load_keeps_the_fingerprint(pair, tmp_path):
     bf16 = load_hf_directory(tmp_path, torch.bfloat16, "cpu", "bf16")
     assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
     assert bf16.fingerprint == ours.fingerprint
+
+
+def test_serving_context_stops_at_a_sliding_window(tmp_path):
+    """Attention here is always full, which equals sliding-window attention only up to the window."""
+    make_tiny_hf("mistral", tmp_path, vocab_size=64, sliding_window=64)
+    assert load_hf_directory(tmp_path, torch.float32, "cpu", "m").args.max_context == 64

@@ -39,6 +39,7 @@ class ModelArgs:
     attention_bias: bool = False  # Qwen2 has biases on q, k, v
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None  # attention is full up to this many positions; serving stops there
 
     @classmethod
     def from_hf_config(cls, cfg) -> "ModelArgs":
@@ -67,12 +68,24 @@ class ModelArgs:
             attention_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             max_position_embeddings=getattr(cfg, "max_position_embeddings", 4096),
+            sliding_window=_sliding_window(cfg),
         )
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence this model computes exactly (it has no sliding-window attention)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @property
     def kv_width(self) -> int:
         """Width of one layer's K (or V) for one token: PEFT's token_dim under GQA."""
         return self.num_kv_heads * self.head_dim
+
+
+def _sliding_window(cfg) -> int | None:
+    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        return None
+    return getattr(cfg, "sliding_window", None)
 
 
 class Attention(Protocol):
