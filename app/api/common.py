@@ -106,3 +106,11 @@ def record(metrics: Metrics, route: str, seq: Sequence, out: Output, end: float)
     if admitted is not None:
         metrics.queue_time.labels(route).observe(admitted - seq.arrival)
         metrics.inference_time.labels(route).observe(end - admitted)
+
+
+BASE = "base"  # the `model`/`prompt` name of the bare base model
+
+
+def prompt_name(name: str, services) -> str | None:
+    """A route's model/prompt field -> the engine's prompt name (None: the bare base model)."""
+    return None if name in (BASE, services.model_name) else name

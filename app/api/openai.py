@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.common import admit, check_output, check_tokens, record, timing_headers
+from app.api.common import BASE, admit, check_output, check_tokens, prompt_name, record, timing_headers
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, error_responses
@@ -22,11 +22,7 @@ from app.services import Services
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 
-BASE = "base"
 
-
-def _prompt_name(model: str, services: Services) -> str | None:
-    return None if model in (BASE, services.model_name) else model
 
 
 def _usage(out: Output) -> dict:
@@ -92,7 +88,7 @@ async def _complete(body, ids: list[int], logprobs: int | None, request: Request
     engine = services.engine
     route = "/v1/chat/completions" if chat else "/v1/completions"
     metrics = request.app.state.metrics
-    seq = engine.make_sequence(_prompt_name(body.model, services), ids, Mode.GENERATE,
+    seq = engine.make_sequence(prompt_name(body.model, services), ids, Mode.GENERATE,
                                body.sampling_params(logprobs), services.settings.request_timeout_s)
     check_tokens(services, [seq])
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

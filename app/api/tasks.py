@@ -10,7 +10,7 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.common import admit, check_inputs, check_tokens, record, run_all, timing_headers
+from app.api.common import admit, check_inputs, check_tokens, prompt_name, record, run_all, timing_headers
 from app.api.deps import get_services, require_api_key
 from app.api.schemas import (
     ClassifyRequest,
@@ -28,12 +28,8 @@ from app.services import Services
 router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 
-BASE = "base"
 HEAD_ONLY = SamplingParams(max_tokens=1)  # tag/classify generate nothing; the engine ignores max_tokens for them
 
-
-def _prompt_name(prompt: str, services: Services) -> str | None:
-    return None if prompt in (BASE, services.model_name) else prompt
 
 
 def _usage(outs) -> dict:
@@ -57,7 +53,7 @@ async def generate(body: GenerateRequest, request: Request, services: Services =
     admit(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    name = _prompt_name(body.prompt, services)
+    name = prompt_name(body.prompt, services)
     tok = services.tokenizer
     ids = [tok.apply_chat_template([{"role": "user", "content": text}]) if body.chat else tok.encode(text)
            for text in inputs]
@@ -78,7 +74,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     admit(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    name = _prompt_name(body.prompt, services)
+    name = prompt_name(body.prompt, services)
     services.engine.get_prompt(name)  # 404 before tokenizing
     encoded = [services.tokenizer.encode_with_offsets(text) for text in inputs]
     seqs = [services.engine.make_sequence(name, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
@@ -99,7 +95,7 @@ async def classify(body: ClassifyRequest, request: Request, services: Services =
     admit(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    name = _prompt_name(body.prompt, services)
+    name = prompt_name(body.prompt, services)
     services.engine.get_prompt(name)  # 404 before tokenizing
     seqs = [services.engine.make_sequence(name, services.tokenizer.encode(text), Mode.CLASSIFY, HEAD_ONLY,
                                           services.settings.request_timeout_s) for text in inputs]
