@@ -79,10 +79,11 @@ def assert_same(a, b):
         assert (a.probs - b.probs).abs().max() < 1e-5
 
 
-def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, tokenizer, prompts):
+@pytest.mark.parametrize("static_decode", [False, True], ids=["dynamic", "static"])
+def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, tokenizer, prompts, static_decode):
     _, loaded = tiny_llama
     requests = [(name, ids(n, i), mode, greedy(6 + i)) for i, (name, n, mode) in enumerate(REQUESTS)]
-    engine = new_engine(loaded, tokenizer, prompts)
+    engine = new_engine(loaded, tokenizer, prompts, static_decode=static_decode)
     try:
         alone = [run(engine, [r])[0] for r in requests]
 
@@ -101,6 +102,31 @@ def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, to
     for a, b in zip(alone, together):
         assert_same(a, b)
     assert together[3].probs.shape == (7, 3) and together[4].probs.shape == (2,)
+
+
+def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokenizer, prompts):
+    """Static-shape decode (row = slot, padded key length; what CUDA graphs replay on a GPU) against the
+    exact path, with requests finishing at different times so idle rows sit between live ones."""
+    _, loaded = tiny_llama
+    gen = [(name, n) for name, n, mode in REQUESTS if mode == Mode.GENERATE]
+    requests = [(name, ids(n, 50 + i), Mode.GENERATE, greedy(4 + 5 * (i % 3), logprobs=3))
+                for i, (name, n) in enumerate(gen * 2)]
+    outputs, static_steps = {}, []
+    for static in (False, True):
+        engine = new_engine(loaded, tokenizer, prompts, static_decode=static)
+        if static:
+            inner = engine.runner.static.run
+            engine.runner.static.run = lambda *a: static_steps.append(max(a[2])) or inner(*a)
+        try:
+            outputs[static] = run(engine, requests)
+        finally:
+            asyncio.run(engine.shutdown(1))
+    assert len(static_steps) >= 10 and max(static_steps) >= 8  # decode steps ran static, over many slots
+    for dynamic, static in zip(outputs[False], outputs[True]):
+        assert [t.token_id for t in dynamic.tokens] == [t.token_id for t in static.tokens]
+        for a, b in zip(dynamic.tokens, static.tokens):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            assert [i for i, _ in a.top] == [i for i, _ in b.top]
 
 
 def test_seeded_sampling_is_the_same_whatever_shares_the_batch(tiny_llama, tokenizer, prompts):

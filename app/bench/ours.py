@@ -11,21 +11,15 @@ from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
-from app.engine.task_prompt import TaskPrompt
 
 
-def engine_config(model: Transformer, num_slots: int, max_seq_len: int, max_batched_tokens: int) -> EngineConfig:
+def engine_config(model: Transformer, num_slots: int, max_seq_len: int, max_batched_tokens: int,
+                  cuda_graphs: bool = True) -> EngineConfig:
     """A KV cache of exactly num_slots sequences of max_seq_len positions."""
-    per_slot = KVCache.bytes_per_token(model.args, model.embed_tokens.weight.dtype) * max_seq_len
+    per_slot = KVCache.bytes_per_slot(model.args, max_seq_len, model.embed_tokens.weight.dtype)
     return EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=per_slot * num_slots,
-                        max_batched_tokens=max_batched_tokens, max_waiting=max(256, num_slots))
-
-
-def make_engine(model: Transformer, tokenizer, prompt_files, config: EngineConfig
-                ) -> tuple[AsyncEngine, dict[str, TaskPrompt]]:
-    engine = AsyncEngine(model, tokenizer, config)
-    prompts = {pf.name: engine.load_prompt(pf) for pf in prompt_files}
-    return engine, prompts
+                        max_batched_tokens=max_batched_tokens, max_waiting=max(256, num_slots),
+                        static_decode=None if cuda_graphs else False)
 
 
 async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:

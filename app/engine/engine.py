@@ -15,6 +15,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.prompt_table import PromptTable
@@ -50,6 +51,9 @@ class EngineConfig:
     max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
     max_waiting: int = 256
     prompt_memory_bytes: int | None = None  # device memory for prompts' K,V; beyond it LRU prompts go to CPU
+    # Decode-only steps at static shapes (app/engine/decode_graphs.py). None: on CUDA, replayed as CUDA
+    # graphs; off on CPU. True on CPU runs the static steps eagerly (tests); False: always the dynamic path.
+    static_decode: bool | None = None
 
 
 @dataclass
@@ -74,8 +78,6 @@ class _Stream:
         self.decoder = IncrementalDecoder(tokenizer)
         self.sent = 0  # characters of text already released
 
-    def put(self, output: Output) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
 
 
 class AsyncEngine:
@@ -88,7 +90,7 @@ class AsyncEngine:
                              f"{config.max_seq_len} positions; raise the budget or lower max_seq_len")
         self.cache = KVCache(model.args, slots, config.max_seq_len, weight.device, weight.dtype)
         self.scheduler = Scheduler(self.cache, config.max_waiting, config.max_batched_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config))
         self.prompts = PromptTable(weight.device, config.prompt_memory_bytes)
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -100,6 +102,15 @@ class AsyncEngine:
         self._thread_stop = False  # the loop thread ends
         self.on_step: Callable[[int, int], None] | None = None  # (sequences, tokens) after each forward
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
+
+    def _static_decoder(self, model: Transformer, config: EngineConfig) -> StaticDecoder | None:
+        on_cuda = self.cache.k.device.type == "cuda"
+        if config.static_decode is False or (config.static_decode is None and not on_cuda):
+            return None
+        static = StaticDecoder(model, self.cache, use_graphs=on_cuda)
+        if on_cuda:
+            static.capture_all()
+        return static
 
     # ---- prompts -------------------------------------------------------------------------------------
     def check_prompt(self, prompt_file) -> None:
@@ -226,8 +237,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 outputs = [self._finish(seq, "error", error=f"internal error in the engine: {e}")
                            for seq in list(self.scheduler.running)]
-            for output in outputs:
-                self._deliver(output)
+            self._deliver(outputs)
 
     def step(self) -> list[Output]:
         outputs = self._reap()
@@ -308,12 +318,19 @@ class AsyncEngine:
         return Output(seq.request_id, text, finished=True, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
                       completion_tokens=len(seq.output_ids), probs=probs, error=error)
 
-    def _deliver(self, output: Output) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is not None:
-            stream.put(output)
+    def _deliver(self, outputs: list[Output]) -> None:
+        """One hand-over per event loop per step (not one per output: a step of 200 rows would otherwise wake
+        the loop 200 times and fight it for the GIL)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Output]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream.queue, output))
             if output.finished:
                 del self._streams[output.request_id]
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def stats(self) -> EngineStats:
         running = list(self.scheduler.running)
@@ -326,3 +343,8 @@ class AsyncEngine:
             kv_tokens_total=self.cache.num_slots * self.cache.max_seq_len,
             **self._counters,
         )
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:
+    for queue, output in items:
+        queue.put_nowait(output)

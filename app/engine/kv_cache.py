@@ -1,8 +1,9 @@
 """KV memory for serving: one slot per running sequence, and the attention that reads and writes it.
 
-Layout: k, v of shape (layers, slots, kv_heads, max_seq_len, head_dim). A sequence owns one slot; its
+Layout: k, v of shape (layers, slots, kv_heads, max_seq_len + 1, head_dim). A sequence owns one slot; its
 positions 0..P-1 hold its task prefix (copied in at admission from the task's pinned K,V, never
-recomputed), its text follows from position P. Decode cost depends on the batch size and the longest
+recomputed), its text follows from position P. The last position (`scratch`) is never read: the rows of
+a static-shape decode step that belong to no decoding sequence write their K,V there. Decode cost depends on the batch size and the longest
 sequence, never on how many distinct tasks are in the batch: a row is a row whatever its prefix.
 
 A step's tokens are one flat list (prefill chunks and decode tokens of any sequences, B=1, T=N), so the
@@ -22,10 +23,11 @@ from app.engine.model import ModelArgs
 
 class KVCache:
     def __init__(self, args: ModelArgs, num_slots: int, max_seq_len: int, device: str, dtype: torch.dtype):
-        shape = (args.num_layers, num_slots, args.num_kv_heads, max_seq_len, args.head_dim)
+        shape = (args.num_layers, num_slots, args.num_kv_heads, max_seq_len + 1, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
+        self.scratch = max_seq_len  # a position no sequence reaches
         self._free = list(range(num_slots))  # a heap: the lowest free slot first keeps the live ones dense
 
     @staticmethod
@@ -33,8 +35,12 @@ class KVCache:
         return 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @classmethod
+    def bytes_per_slot(cls, args: ModelArgs, max_seq_len: int, dtype: torch.dtype) -> int:
+        return cls.bytes_per_token(args, dtype) * (max_seq_len + 1)  # + the scratch position
+
+    @classmethod
     def slots_for_budget(cls, args: ModelArgs, max_seq_len: int, budget_bytes: int, dtype: torch.dtype) -> int:
-        return int(budget_bytes // (cls.bytes_per_token(args, dtype) * max_seq_len))
+        return int(budget_bytes // cls.bytes_per_slot(args, max_seq_len, dtype))
 
     @property
     def num_free(self) -> int:
@@ -117,3 +123,32 @@ class CachedAttention:
                                                  enable_gqa=True)
             parts.append(out[0].transpose(0, 1))  # (n, H, hd)
         return torch.cat(parts, 0)[None]
+
+
+class SlotDecodeAttention:
+    """attend() for a static-shape decode step: row r of the batch is slot r of the cache, one token each.
+
+    Shapes depend only on (rows, length), never on which slots are live, so the step can be captured
+    once as a CUDA graph and replayed. positions (rows,) is a device tensor read at run time: a decoding
+    slot's position, or `cache.scratch` for a row with no decoding sequence (its output is dropped).
+    Each row reads the first `length` positions of its slot, masked past its own position.
+    """
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, length: int):
+        rows = positions.shape[0]
+        self.cache, self.length = cache, length
+        self.rows = torch.arange(rows, device=positions.device)
+        self.positions = positions
+        limit = torch.where(positions == cache.scratch, 0, positions)  # an idle row attends position 0
+        self.mask = (torch.arange(length, device=positions.device)[None, :] <= limit[:, None])[:, None, None]
+
+    def attend(self, layer, q, k, v):
+        """q (rows, 1, H, hd), k/v (rows, 1, KVH, hd) -> (rows, 1, H, hd)."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc[self.rows, :, self.positions] = k[:, 0]
+        vc[self.rows, :, self.positions] = v[:, 0]
+        rows, kv_heads = q.shape[0], k.shape[2]
+        keys, values = kc[:rows, :, :self.length], vc[:rows, :, :self.length]
+        qd = q.reshape(rows, kv_heads, -1, q.shape[-1])  # query heads grouped per KV head, as CachedAttention
+        out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self.mask)
+        return out.reshape(rows, 1, -1, q.shape[-1])

@@ -243,6 +243,9 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attention)
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (..., hidden) -> logits (..., vocab); into `out` when given (2-D hidden only)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if out is not None:
+            return torch.mm(hidden, weight.t(), out=out)
         return F.linear(hidden, weight)

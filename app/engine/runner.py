@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import CachedAttention, KVCache, PrefillChunk
 from app.engine.model import Transformer
 from app.engine.sampling import TokenChoice, sample
@@ -24,8 +25,9 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Transformer, cache: KVCache, static: StaticDecoder | None = None):
+        """static: runs the decode-only steps (CUDA graphs); steps with prefill always run eagerly."""
+        self.model, self.cache, self.static = model, cache, static
         self.device = model.embed_tokens.weight.device
 
     def write_prefix(self, seq: Sequence) -> None:
@@ -39,6 +41,10 @@ class ModelRunner:
             tokens.append(seq.output_ids[-1])
             positions.append(seq.prefix_len + len(seq.prompt_ids) + len(seq.output_ids) - 1)
             slots.append(seq.slot)
+        if self.static is not None and not step.prefill:
+            logits = self.static.run(tokens, positions, slots)
+            choices = sample(logits, [s.sampling for s in step.decode], [s.generator for s in step.decode])
+            return StepResult(tokens={s.request_id: c for s, c in zip(step.decode, choices)}, num_tokens=len(tokens))
         chunks = []
         for seq, n in step.prefill:
             start = seq.prefix_len + seq.num_cached

@@ -62,6 +62,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
            ) -> list[TokenChoice]:
     """logits (R, V), one row per request -> one TokenChoice per row."""
+    if all(p.greedy and p.logprobs is None for p in params):  # the common case: one argmax, one sync
+        return [TokenChoice(t) for t in logits.argmax(-1).tolist()]
     logits = logits.float()
     chosen = logits.argmax(-1)
     for i, p in enumerate(params):
