@@ -3,12 +3,13 @@
 Layout: k, v of shape (layers, slots, kv_heads, max_seq_len + 1, head_dim). A sequence owns one slot; its
 positions 0..P-1 hold its task prefix (copied in at admission from the task's pinned K,V, never
 recomputed), its text follows from position P. The last position (`scratch`) is never read: the rows of
-a static-shape decode step that belong to no decoding sequence write their K,V there. Decode cost depends on the batch size and the longest
-sequence, never on how many distinct tasks are in the batch: a row is a row whatever its prefix.
+a static-shape decode step that belong to no decoding sequence write their K,V there. Decode cost depends
+on the batch size and the longest sequence, never on how many distinct tasks are in the batch: a row is
+a row whatever its prefix.
 
 A step's tokens are one flat list (prefill chunks and decode tokens of any sequences, B=1, T=N), so the
 projections and MLPs run once over exactly the real tokens, with no padding. Attention then splits:
-all decode tokens together in one SDPA call over their slots, each prefill chunk in its own call.
+all decode tokens together in one SDPA call over their slots, all prefill chunks in another (padded).
 """
 from __future__ import annotations
 
@@ -90,12 +91,21 @@ class CachedAttention:
             self.dec_len = max(positions[:num_decode]) + 1
             dec_pos = self.positions[:num_decode]
             self.dec_mask = (torch.arange(self.dec_len, device=device)[None, :] <= dec_pos[:, None])[:, None, None]
-        self.chunk_masks = [
-            None if c.start_pos == 0 else
-            torch.arange(c.start_pos + c.length, device=device)[None, :]
-            <= torch.arange(c.start_pos, c.start_pos + c.length, device=device)[:, None]
-            for c in chunks
-        ]
+        if chunks:
+            # All prefill chunks attend in one call, padded to the longest chunk: padded row i*T + t is
+            # token t of chunk i (past a chunk's end it repeats its last token; those rows are dropped).
+            # Per-chunk calls would cost ~10 kernel launches per chunk per layer.
+            T = max(c.length for c in chunks)
+            self.chunk_len, self.chunk_keys = T, max(c.start_pos + c.length for c in chunks)
+            self.chunk_slots = torch.tensor([c.slot for c in chunks], device=device)
+            self.pad_index = torch.tensor([c.offset + min(t, c.length - 1) for c in chunks for t in range(T)],
+                                          device=device)
+            self.unpad_index = torch.tensor([i * T + t for i, c in enumerate(chunks) for t in range(c.length)],
+                                            device=device)
+            query_pos = torch.tensor([c.start_pos for c in chunks], device=device)[:, None] + \
+                torch.arange(T, device=device)
+            self.chunk_mask = torch.arange(self.chunk_keys, device=device) <= query_pos[..., None]  # (C, T, keys)
+            self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
 
     def attend(self, layer, q, k, v):
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # (slots, KVH, S, D)
@@ -115,14 +125,25 @@ class CachedAttention:
             qd = q[0, :D].reshape(D, kv_heads, -1, q.shape[-1])
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self.dec_mask)
             parts.append(out.reshape(D, -1, q.shape[-1]))  # (D, H, hd)
-        for c, mask in zip(self.chunks, self.chunk_masks):
-            end = c.start_pos + c.length
-            qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
-            keys, values = kc[c.slot:c.slot + 1, :, :end], vc[c.slot:c.slot + 1, :, :end]
-            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=True)
-            parts.append(out[0].transpose(0, 1))  # (n, H, hd)
+        if self.chunks:
+            parts.append(self._attend_chunks(kc, vc, q[0]))
         return torch.cat(parts, 0)[None]
+
+    def _attend_chunks(self, kc, vc, q):
+        """q (N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+        C, T, keys_len = len(self.chunks), self.chunk_len, self.chunk_keys
+        kv_heads, hd = kc.shape[1], q.shape[-1]
+        groups = q.shape[1] // kv_heads
+        # As in decode, the query heads sharing a KV head become one longer query sequence of that head:
+        # (C, KVH, G*T, hd). SDPA then needs no GQA expansion and its memory-efficient kernel takes the mask.
+        qp = q[self.pad_index].view(C, T, kv_heads, groups, hd).permute(0, 2, 3, 1, 4).reshape(C, kv_heads, -1, hd)
+        if self._grouped_mask is None:
+            self._grouped_mask = self.chunk_mask[:, None, None].expand(C, 1, groups, T, keys_len) \
+                .reshape(C, 1, groups * T, keys_len)
+        keys, values = kc[self.chunk_slots, :, :keys_len], vc[self.chunk_slots, :, :keys_len]
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=self._grouped_mask)
+        out = out.view(C, kv_heads, groups, T, hd).permute(0, 3, 1, 2, 4).reshape(C * T, -1, hd)
+        return out[self.unpad_index]
 
 
 class SlotDecodeAttention:

@@ -48,7 +48,7 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in ("embed_tokens.weight", "norm.weight"):
         t = state[key]
-        h.update(t[:64].detach().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(t[:64].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
