@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     prompt_memory_gb: float | None = Field(None, gt=0, description="device memory for prompts' K,V prefixes; beyond it the least recently used wait in CPU memory")
     max_waiting: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
+    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
+        "auto", description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API

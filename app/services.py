@@ -85,6 +85,7 @@ def load_services(settings: Settings) -> Services:
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
                           max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
                           static_decode=None if settings.cuda_graphs else False,
+                          decode_attention=settings.decode_attention,
                           prompt_memory_bytes=None if settings.prompt_memory_gb is None
                           else int(settings.prompt_memory_gb * (1 << 30)))
     engine = AsyncEngine(loaded.model, tokenizer, config)

@@ -9,12 +9,13 @@ shapes only. Run from the repository root:
 "graphs" engine runs its static-shape decode eagerly.
 
 1. Correctness on CUDA, each printed as PASS/FAIL and kept in OUT_DIR/checks.json:
-   our logits against transformers' (fp32); the engine with CUDA graphs against the engine without
-   (fp32: the same tokens, logprobs within 1e-4; bf16: reported); a seeded request alone and in a crowd;
+   our logits against transformers' (fp32); the engine with CUDA graphs (and the Triton decode kernel)
+   against the engine without (fp32: the same tokens, logprobs within 1e-4; bf16: reported); a seeded request alone and in a crowd;
    the tiny benchmark's greedy agreement with HF generate().
 2. Benchmarks (`softserve bench` in-process): llama3-8b and smollm2-135m shapes, bf16, 192 requests,
-   128 new tokens, with CUDA graphs (and the peer) and variants of softserve alone: without graphs,
-   8192 tokens per step, a 0.5 ms GIL switch interval (bench_plan names them). One JSON each.
+   128 new tokens, 8192 tokens per step, with CUDA graphs and the decode kernel (and the peer), and
+   variants of softserve alone, each changing one thing: SDPA decode attention, no CUDA graphs,
+   2048 tokens per step (bench_plan names them). One JSON each.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def graphs_match_eager(dtype: torch.dtype) -> None:
         for pf in files:
             engine.load_prompt(pf)
         if graphs:
+            kernel = engine.runner.static.kernel
             inner = engine.runner.static.run
             engine.runner.static.run = lambda *a: replays.append(1) or inner(*a)
         outputs[graphs] = run_engine(engine, requests)
@@ -91,7 +93,7 @@ def graphs_match_eager(dtype: torch.dtype) -> None:
              for x, y in zip(a.tokens, b.tokens) if x.token_id == y.token_id]
     name = f"engine with CUDA graphs vs eager ({str(dtype).split('.')[-1]}, tiny, {DEVICE})"
     detail = (f"{same}/{len(requests)} requests identical, max logprob diff {max(diffs):.2e}, "
-              f"{len(replays)} graph steps")
+              f"{len(replays)} graph steps, decode attention {'triton kernel' if kernel else 'sdpa'}")
     if dtype == torch.float32:
         check(name, same == len(requests) and max(diffs) < 1e-4 and len(replays) > 10, detail)
     else:  # bf16: different GEMM shapes round differently; reported, not asserted
@@ -122,18 +124,14 @@ def tiny_bench_agrees() -> None:
           f"{a['agree_all']}/{a['requests']} requests identical over all 16 tokens")
 
 
-def bench(out: Path, name: str, switch_interval: float | None = None, **kw) -> dict | None:
+def bench(out: Path, name: str, **kw) -> dict | None:
     t = time.perf_counter()
-    default = sys.getswitchinterval()
     try:
-        sys.setswitchinterval(switch_interval or default)
         result = run_bench(BenchConfig(device=DEVICE, dtype="bfloat16", progress=False, **kw))
     except Exception:
         traceback.print_exc()
         print(f"bench {name} failed", flush=True)
         return None
-    finally:
-        sys.setswitchinterval(default)
     write_json(result, out / f"{name}.json")
     print(f"\n=== {name} ({time.perf_counter() - t:.0f} s) ===\n{format_table(result)}\n", flush=True)
     return result
@@ -145,11 +143,10 @@ def bench_plan(quick: bool) -> dict[str, dict]:
     plan = {}
     for shape in ("tiny",) if quick else ("llama3-8b", "smollm2-135m"):
         same = dict(shape=shape, n=n, new=new)
-        plan[f"{shape}-graphs"] = same
-        plan[f"{shape}-graphs-nopeer"] = dict(skip_peer=True, **same)
-        plan[f"{shape}-eager"] = dict(skip_peer=True, cuda_graphs=False, **same)
-        plan[f"{shape}-graphs-8192"] = dict(skip_peer=True, max_batched_tokens=8192, **same)
-        plan[f"{shape}-graphs-gil0.5ms"] = dict(skip_peer=True, switch_interval=0.0005, **same)
+        plan[shape] = dict(max_batched_tokens=8192, **same)
+        plan[f"{shape}-sdpa"] = dict(skip_peer=True, max_batched_tokens=8192, decode_attention="sdpa", **same)
+        plan[f"{shape}-eager"] = dict(skip_peer=True, max_batched_tokens=8192, cuda_graphs=False, **same)
+        plan[f"{shape}-2048"] = dict(skip_peer=True, max_batched_tokens=2048, **same)
     return plan
 
 

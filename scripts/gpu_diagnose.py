@@ -4,8 +4,8 @@
 
 1. Host cost of one kernel launch, alone and with a second Python thread busy (the engine thread shares
    the GIL with the event loop), at the default and a 0.5 ms GIL switch interval.
-2. One decode step of 192 rows: the captured graph (GPU time by CUDA events, and host time of the whole
-   static step) against the same step run eagerly.
+2. One decode step of 192 rows: the captured graph with the Triton decode kernel and with SDPA (GPU
+   time by CUDA events, and host time of the whole static step), and the same step run eagerly.
 3. One prefill step of the benchmark's shape under torch.profiler: kernel launches, host and GPU time.
 Without a GPU it is a dry run of the script on the tiny shape.
 """
@@ -21,6 +21,7 @@ import torch
 
 from app.bench.ours import engine_config
 from app.bench.workload import NullTokenizer, build_models, prompt_files, prompt_tensors, workload
+from app.engine.decode_graphs import StaticDecoder
 from app.engine.engine import AsyncEngine
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
@@ -96,32 +97,36 @@ def host_ms(fn, repeats: int = 10) -> float:
 def steps(shape: str, out: Path) -> None:
     models = build_models(shape, DEVICE, torch.bfloat16, Path("."))
     n, lo, hi, virtual, new = 192, 32, 256, 20, 128
-    config = engine_config(models.ours, n, virtual + hi + new, 2048)
+    config = engine_config(models.ours, n, virtual + hi + new, 8192)
     config.static_decode = True  # on CPU: the static step, eagerly
     engine = AsyncEngine(models.ours, NullTokenizer(), config)
     for pf in prompt_files(models, prompt_tensors(models.args, virtual)):
         engine.load_prompt(pf)
-    static = engine.runner.static
-    rows, length = static.row_buckets[-1], static.length_buckets[-1]
+    rows = engine.cache.num_slots
     tokens = torch.randint(3, models.args.vocab_size, (rows,)).tolist()
-    positions = torch.randint(20, length - 1, (rows,)).tolist()
+    positions = torch.randint(20, engine.cache.max_seq_len - 1, (rows,)).tolist()  # uniform, as the workload's
     slots = list(range(rows))
-    step_host = host_ms(lambda: static.run(tokens, positions, slots))
-    graph_gpu = cuda_ms(lambda: static.graphs[(rows, length)].replay()) if static.use_graphs else step_host
-    static.use_graphs = False
-    eager_host = host_ms(lambda: static.run(tokens, positions, slots))
-    eager_gpu = cuda_ms(lambda: static.run(tokens, positions, slots))
-    static.use_graphs = DEVICE == "cuda"
     weights = sum(p.numel() * p.element_size() for p in models.ours.parameters())
-    kv = rows * length * engine.cache.bytes_per_token(models.args, torch.bfloat16)
-    print(f"decode step, {rows} rows x {length} keys ({shape}): graph replay {graph_gpu:.2f} ms on the GPU "
-          f"({(weights + kv) / graph_gpu / 1e6:,.0f} GB/s over weights + padded KV, {(weights + kv) / 1e9:.1f} GB); "
-          f"whole static step {step_host:.2f} ms; eager {eager_host:.2f} ms wall ({eager_gpu:.2f} ms by events)",
-          flush=True)
+    live_kv = (sum(positions) + rows) * engine.cache.bytes_per_token(models.args, torch.bfloat16)
+    kernel_static = engine.runner.static
+    sdpa_static = StaticDecoder(models.ours, engine.cache, use_graphs=DEVICE == "cuda", kernel=False)
+    for name, static in (("triton kernel" if kernel_static.kernel else "sdpa (kernel unavailable)", kernel_static),
+                         ("sdpa", sdpa_static)):
+        step_host = host_ms(lambda: static.run(tokens, positions, slots))  # captures its bucket on first use
+        length = max(b for b in static.length_buckets if b >= max(positions) + 1)
+        graph_gpu = cuda_ms(lambda: static.graphs[(rows, length)].replay()) if static.use_graphs else step_host
+        static.use_graphs = False
+        eager_host = host_ms(lambda: static.run(tokens, positions, slots))
+        eager_gpu = cuda_ms(lambda: static.run(tokens, positions, slots))
+        static.use_graphs = DEVICE == "cuda"
+        print(f"decode step, {rows} rows, mean context {sum(positions) / rows + 1:.0f} ({shape}), attention {name}: "
+              f"graph replay {graph_gpu:.2f} ms on the GPU ({(weights + live_kv) / graph_gpu / 1e6:,.0f} GB/s over "
+              f"weights + live KV, {(weights + live_kv) / 1e9:.1f} GB); whole static step {step_host:.2f} ms; "
+              f"eager {eager_host:.2f} ms wall ({eager_gpu:.2f} ms by events)", flush=True)
 
-    # one prefill step, as the benchmark's first step: 2048 tokens over several requests
+    # one prefill step, as the benchmark's first step: 8192 tokens over several requests
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    for r in workload(24, models.args.vocab_size, lo, hi, seed=5):
+    for r in workload(64, models.args.vocab_size, lo, hi, seed=5):
         engine.scheduler.waiting.append(engine.make_sequence(r.task, r.token_ids, Mode.GENERATE, params))
     step = engine.scheduler.schedule()
     for seq in step.admitted:

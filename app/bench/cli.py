@@ -31,6 +31,8 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench_results/<time>.json)")
     p.add_argument("--skip-peer", action="store_true", help="run only softserve's side")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every engine step eagerly (to measure the graphs)")
+    p.add_argument("--decode-attention", default="auto", choices=("auto", "triton", "sdpa"),
+                   help="decode attention in the CUDA graphs (auto: the Triton kernel where it works)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the default model lives (env SOFTSERVE_CACHE_DIR, else ~/.cache/softserve)")
     http = p.add_mutually_exclusive_group()
@@ -67,7 +69,7 @@ def cmd_bench(args) -> int:
         cfg = BenchConfig(shape=args.shape, n=args.n, new=args.new, batch=args.batch, lo=args.lo, hi=args.hi,
                           virtual=args.virtual, device=args.device, dtype=args.dtype, seed=args.seed,
                           skip_peer=args.skip_peer, max_batched_tokens=args.max_batched_tokens,
-                          cuda_graphs=not args.no_cuda_graphs,
+                          cuda_graphs=not args.no_cuda_graphs, decode_attention=args.decode_attention,
                           cache_dir=cache_dir, progress=not args.no_progress)
         from app.bench.run import run_bench
 

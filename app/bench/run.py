@@ -44,6 +44,7 @@ class BenchConfig:
     skip_peer: bool = False
     max_batched_tokens: int = 2048
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
+    decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
     cache_dir: Path = Path(".cache")
     progress: bool = True
     warmup: bool = True
@@ -124,7 +125,8 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     tokenizer = Tokenizer(models.directory) if models.directory is not None else NullTokenizer()
     max_seq_len = cfg.virtual + cfg.hi + cfg.new
-    econf = engine_config(models.ours, cfg.n, max_seq_len, cfg.max_batched_tokens, cfg.cuda_graphs)
+    econf = engine_config(models.ours, cfg.n, max_seq_len, cfg.max_batched_tokens, cfg.cuda_graphs,
+                          cfg.decode_attention)
     t = time.perf_counter()
     engine = AsyncEngine(models.ours, tokenizer, econf)
     engine_setup_s = time.perf_counter() - t  # the KV cache, and on CUDA the decode graphs' capture
@@ -152,7 +154,9 @@ def run_bench(cfg: BenchConfig) -> dict:
     ours["kv_cache_slots"] = engine.cache.num_slots
     ours["kv_cache_bytes"] = engine.cache.k.numel() * engine.cache.k.element_size() * 2
     ours["engine_setup_s"] = engine_setup_s
-    ours["decode_graphs"] = len(engine.runner.static.graphs) if engine.runner.static is not None else 0
+    static = engine.runner.static
+    ours["decode_graphs"] = len(static.graphs) if static is not None else 0
+    ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
     slots = engine.cache.num_slots
     del engine, task_prompts, timer  # the peer runs without our KV cache beside it
@@ -259,7 +263,7 @@ def format_table(r: dict) -> str:
                      f"{a['mean_common_prefix']:.1f}")
     if ours["decode_graphs"]:
         lines.append(f"softserve decode steps replay {ours['decode_graphs']} CUDA graphs captured at engine start "
-                     f"({ours['engine_setup_s']:.1f} s)")
+                     f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
     elif r["config"]["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
     s = ours["steps"]

@@ -7,7 +7,8 @@ replays the whole step, logits included, as one launch.
 A graph needs fixed shapes and fixed addresses, so a step is padded into a bucket (rows, length):
 row r is cache slot r for r < rows (rows is a bucket above the highest live slot; the allocator hands out
 the lowest free slot, so live slots stay low), and every row attends the first `length` positions of its
-slot, masked past its own position (SlotDecodeAttention). Rows with no decoding sequence write their K,V
+slot, masked past its own position (SlotDecodeAttention with SDPA). With the Triton decode kernel each row
+reads only its own keys, so there is one length bucket. Rows with no decoding sequence write their K,V
 to the cache's scratch position and their logits are dropped. Tokens and positions live in one static
 buffer that each step fills before the replay; logits land in one static buffer shared by every graph.
 
@@ -42,11 +43,12 @@ def _pick(buckets: list[int], need: int) -> int:
 
 
 class StaticDecoder:
-    def __init__(self, model: Transformer, cache: KVCache, use_graphs: bool):
+    def __init__(self, model: Transformer, cache: KVCache, use_graphs: bool, kernel: bool):
+        """kernel: decode attention through the Triton kernel (CUDA), else SDPA."""
         device = cache.k.device
-        self.model, self.cache, self.use_graphs = model, cache, use_graphs
+        self.model, self.cache, self.use_graphs, self.kernel = model, cache, use_graphs, kernel
         self.row_buckets = bucket_sizes(cache.num_slots, 1)
-        self.length_buckets = bucket_sizes(cache.max_seq_len, 64)
+        self.length_buckets = [cache.max_seq_len] if kernel else bucket_sizes(cache.max_seq_len, 64)
         self.inputs = torch.zeros(2, cache.num_slots, dtype=torch.long, device=device)  # tokens; positions
         self.logits = torch.empty(cache.num_slots, model.args.vocab_size, dtype=cache.k.dtype, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -72,7 +74,7 @@ class StaticDecoder:
 
     def _forward(self, rows: int, length: int) -> None:
         tokens, positions = self.inputs[0, :rows], self.inputs[1, :rows]
-        attention = SlotDecodeAttention(self.cache, positions, length)
+        attention = SlotDecodeAttention(self.cache, positions, length, self.kernel)
         hidden = self.model(positions[:, None], attention, tokens=tokens[:, None])
         self.model.logits(hidden[:, 0], out=self.logits[:rows])
 

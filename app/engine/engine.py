@@ -15,6 +15,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from app.engine.decode_attention import use_kernel
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
@@ -54,6 +55,9 @@ class EngineConfig:
     # Decode-only steps at static shapes (app/engine/decode_graphs.py). None: on CUDA, replayed as CUDA
     # graphs; off on CPU. True on CPU runs the static steps eagerly (tests); False: always the dynamic path.
     static_decode: bool | None = None
+    # Decode attention of the static steps: "auto" (the Triton kernel on CUDA when it is importable and
+    # passes its start-up check, else SDPA), "triton" (required) or "sdpa".
+    decode_attention: str = "auto"
 
 
 @dataclass
@@ -107,7 +111,8 @@ class AsyncEngine:
         on_cuda = self.cache.k.device.type == "cuda"
         if config.static_decode is False or (config.static_decode is None and not on_cuda):
             return None
-        static = StaticDecoder(model, self.cache, use_graphs=on_cuda)
+        kernel = use_kernel(config.decode_attention, self.cache.k.device, self.cache.k.dtype, model.args)
+        static = StaticDecoder(model, self.cache, use_graphs=on_cuda, kernel=kernel)
         if on_cuda:
             static.capture_all()
         return static

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from app.engine.decode_attention import decode_attention
 from app.engine.model import ModelArgs
 
 
@@ -152,22 +153,28 @@ class SlotDecodeAttention:
     Shapes depend only on (rows, length), never on which slots are live, so the step can be captured
     once as a CUDA graph and replayed. positions (rows,) is a device tensor read at run time: a decoding
     slot's position, or `cache.scratch` for a row with no decoding sequence (its output is dropped).
-    Each row reads the first `length` positions of its slot, masked past its own position.
+    With `kernel` (CUDA) each row reads only its own keys (app/engine/decode_attention.py); with SDPA
+    every row reads the first `length` positions of its slot, masked past its own position.
     """
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor, length: int):
+    def __init__(self, cache: KVCache, positions: torch.Tensor, length: int, kernel: bool):
         rows = positions.shape[0]
-        self.cache, self.length = cache, length
+        self.cache, self.length, self.kernel = cache, length, kernel
         self.rows = torch.arange(rows, device=positions.device)
         self.positions = positions
         limit = torch.where(positions == cache.scratch, 0, positions)  # an idle row attends position 0
-        self.mask = (torch.arange(length, device=positions.device)[None, :] <= limit[:, None])[:, None, None]
+        if kernel:
+            self.lengths = (limit + 1).to(torch.int32)
+        else:
+            self.mask = (torch.arange(length, device=positions.device)[None, :] <= limit[:, None])[:, None, None]
 
     def attend(self, layer, q, k, v):
         """q (rows, 1, H, hd), k/v (rows, 1, KVH, hd) -> (rows, 1, H, hd)."""
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         kc[self.rows, :, self.positions] = k[:, 0]
         vc[self.rows, :, self.positions] = v[:, 0]
+        if self.kernel:
+            return decode_attention(q[:, 0], kc, vc, self.rows, self.lengths)[:, None]
         rows, kv_heads = q.shape[0], k.shape[2]
         keys, values = kc[:rows, :, :self.length], vc[:rows, :, :self.length]
         qd = q.reshape(rows, kv_heads, -1, q.shape[-1])  # query heads grouped per KV head, as CachedAttention
