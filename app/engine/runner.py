@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import CachedAttention, KVCache, PrefillChunk
@@ -15,6 +16,11 @@ from app.engine.model import Transformer
 from app.engine.sampling import TokenChoice, sample
 from app.engine.scheduler import ScheduledStep
 from app.engine.sequence import Mode, Sequence
+
+
+# Not cuDNN: it builds an execution plan for every new shape (~0.4 s each on an H200), and the padded
+# shapes of prefill steps are new almost every step. The memory-efficient kernel needs no plan.
+EAGER_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -54,7 +60,8 @@ class ModelRunner:
             slots += [seq.slot] * n
         attention = CachedAttention(self.cache, slots, positions, len(step.decode), chunks)
         tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)
+        with sdpa_kernel(EAGER_ATTENTION_BACKENDS):
+            hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)
 
         result = StepResult(num_tokens=len(tokens))
         to_sample: list[tuple[Sequence, int]] = [(seq, i) for i, seq in enumerate(step.decode)]
