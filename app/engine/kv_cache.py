@@ -9,7 +9,8 @@ a row whatever its prefix.
 
 A step's tokens are one flat list (prefill chunks and decode tokens of any sequences, B=1, T=N), so the
 projections and MLPs run once over exactly the real tokens, with no padding. Attention then splits:
-all decode tokens together in one SDPA call over their slots, all prefill chunks in another (padded).
+all decode tokens together in one SDPA call over their slots, all prefill chunks in another (padded; on
+CUDA) or one call per chunk (CPU).
 """
 from __future__ import annotations
 
@@ -77,8 +78,11 @@ class CachedAttention:
     """attend() for one step over the cache: decode tokens first in the flat list, then prefill chunks."""
 
     def __init__(self, cache: KVCache, slots: list[int], positions: list[int], num_decode: int,
-                 chunks: list[PrefillChunk]):
-        """slots, positions: per token of the step, as host lists (read here without a device sync)."""
+                 chunks: list[PrefillChunk], batch_chunks: bool | None = None):
+        """slots, positions: per token of the step, as host lists (read here without a device sync).
+        batch_chunks: all prefill chunks in one padded attention call (None: on CUDA, where each call costs
+        ~10 kernel launches a layer) or one call per chunk (CPU, where padding costs more than calls:
+        the padded call measured 2-3x slower per layer there)."""
         device = cache.k.device
         self.cache, self.num_decode, self.chunks = cache, num_decode, chunks
         self.slots = torch.tensor(slots, dtype=torch.long, device=device)
@@ -92,10 +96,10 @@ class CachedAttention:
             self.dec_len = max(positions[:num_decode]) + 1
             dec_pos = self.positions[:num_decode]
             self.dec_mask = (torch.arange(self.dec_len, device=device)[None, :] <= dec_pos[:, None])[:, None, None]
-        if chunks:
-            # All prefill chunks attend in one call, padded to the longest chunk: padded row i*T + t is
-            # token t of chunk i (past a chunk's end it repeats its last token; those rows are dropped).
-            # Per-chunk calls would cost ~10 kernel launches per chunk per layer.
+        self.batch_chunks = device.type == "cuda" if batch_chunks is None else batch_chunks
+        if chunks and self.batch_chunks:
+            # Padded to the longest chunk: padded row i*T + t is token t of chunk i (past a chunk's end it
+            # repeats its last token; those rows are dropped).
             T = max(c.length for c in chunks)
             self.chunk_len, self.chunk_keys = T, max(c.start_pos + c.length for c in chunks)
             self.chunk_slots = torch.tensor([c.slot for c in chunks], device=device)
@@ -107,6 +111,13 @@ class CachedAttention:
                 torch.arange(T, device=device)
             self.chunk_mask = torch.arange(self.chunk_keys, device=device) <= query_pos[..., None]  # (C, T, keys)
             self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
+        elif chunks:
+            self.chunk_masks = [  # None: causal from position 0, no prefix
+                None if c.start_pos == 0 else
+                torch.arange(c.start_pos + c.length, device=device)[None, :]
+                <= torch.arange(c.start_pos, c.start_pos + c.length, device=device)[:, None]
+                for c in chunks
+            ]
 
     def attend(self, layer, q, k, v):
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # (slots, KVH, S, D)
@@ -127,11 +138,25 @@ class CachedAttention:
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self.dec_mask)
             parts.append(out.reshape(D, -1, q.shape[-1]))  # (D, H, hd)
         if self.chunks:
-            parts.append(self._attend_chunks(kc, vc, q[0]))
+            attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
+            parts.append(attend_chunks(kc, vc, q))
         return torch.cat(parts, 0)[None]
 
-    def _attend_chunks(self, kc, vc, q):
-        """q (N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+    def _attend_each_chunk(self, kc, vc, q):
+        """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+        parts = []
+        for c, mask in zip(self.chunks, self.chunk_masks):
+            end = c.start_pos + c.length
+            qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
+            keys, values = kc[c.slot:c.slot + 1, :, :end], vc[c.slot:c.slot + 1, :, :end]
+            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
+            parts.append(out[0].transpose(0, 1))  # (n, H, hd)
+        return torch.cat(parts, 0)
+
+    def _attend_chunks_padded(self, kc, vc, q):
+        """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+        q = q[0]
         C, T, keys_len = len(self.chunks), self.chunk_len, self.chunk_keys
         kv_heads, hd = kc.shape[1], q.shape[-1]
         groups = q.shape[1] // kv_heads
