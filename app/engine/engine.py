@@ -83,7 +83,6 @@ class _Stream:
         self.sent = 0  # characters of text already released
 
 
-
 class AsyncEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
