@@ -9,6 +9,7 @@ Shapes follow PEFT so that an adapter imports without reshaping:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
@@ -22,7 +23,8 @@ FORMAT_VERSION = 1
 KINDS = ("prompt", "prefix")
 TASKS = ("generate", "tag", "classify")
 RESERVED_NAMES = ("base",)  # "base" addresses the bare model in the API
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Matched with fullmatch: `$` alone would accept a trailing newline ("evil\n" -> a folder named so).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 EMBEDDINGS_KEY = "prompt_embeddings"
 HEAD_WEIGHT_KEY = "head.weight"
@@ -66,7 +68,7 @@ class BaseIdentity:
                 **{size: int(data[size]) for size in sizes},
                 fingerprint=str(data["fingerprint"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(Infinity)
             raise PromptFormatError(f"invalid base identity {data!r}: {exc}") from exc
 
     def mismatch(self, other: BaseIdentity) -> str | None:
@@ -101,11 +103,14 @@ class PromptFile:
     source: str = "softserve-train"
     version: int = 0  # assigned by the registry
     created_at: str = ""
+    # sha256 of the stored file's bytes, set whenever a file is read or written: tells two uploads that got
+    # the same version number apart (a prompt deleted and re-created elsewhere).
+    digest: str = ""
 
 
 def validate_name(name: str) -> None:
     """Names become folder names and API model ids, so only a safe, short alphabet is accepted."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise PromptFormatError(
             f"invalid prompt name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
@@ -245,6 +250,10 @@ def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32).contiguous().clone()
 
 
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def load_prompt_bytes(data: bytes) -> PromptFile:
     """Parse a prompt file. Checks the format only; call validate_prompt for the base-dependent rules."""
     tensors, metadata = read_safetensors_bytes(data)
@@ -275,12 +284,13 @@ def load_prompt_bytes(data: bytes) -> PromptFile:
         labels=labels,
         description=metadata.get(META_PREFIX + "description", ""),
         base=BaseIdentity.from_dict(_meta_json(metadata, "base")),
-        prompt_embeddings=tensors[EMBEDDINGS_KEY].float(),
-        head_weight=_optional_float(tensors.get(HEAD_WEIGHT_KEY)),
-        head_bias=_optional_float(tensors.get(HEAD_BIAS_KEY)),
+        prompt_embeddings=_as_float(EMBEDDINGS_KEY, tensors[EMBEDDINGS_KEY]),
+        head_weight=_as_float(HEAD_WEIGHT_KEY, tensors.get(HEAD_WEIGHT_KEY)),
+        head_bias=_as_float(HEAD_BIAS_KEY, tensors.get(HEAD_BIAS_KEY)),
         source=metadata.get(META_PREFIX + "source", ""),
         version=_meta_int(metadata, "version"),
         created_at=metadata.get(META_PREFIX + "created_at", ""),
+        digest=file_digest(data),
     )
 
 
@@ -288,8 +298,13 @@ def load_prompt_file(path: str | Path) -> PromptFile:
     return load_prompt_bytes(Path(path).read_bytes())
 
 
-def _optional_float(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.float()
+def _as_float(key: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """float32, from any floating dtype; integer or bool tensors are refused, not silently converted."""
+    if tensor is None:
+        return None
+    if not tensor.is_floating_point():
+        raise PromptFormatError(f"tensor {key!r} must be floating-point, got {tensor.dtype}")
+    return tensor.float()
 
 
 def _meta(metadata: dict[str, str], key: str) -> str:

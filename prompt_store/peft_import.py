@@ -38,8 +38,8 @@ PICKLED_WEIGHTS_FILE = "adapter_model.bin"
 
 # A classification head saved through modules_to_save, under any of the prefixes PEFT versions use.
 HEAD_KEY = re.compile(
-    r"^(?:base_model\.)?(?:model\.)?(?P<module>score|classifier)"
-    r"(?:\.modules_to_save\.[^.]+)?\.(?P<param>weight|bias)$"
+    r"(?:base_model\.)?(?:model\.)?(?P<module>score|classifier)"
+    r"(?:\.modules_to_save\.[^.]+)?\.(?P<param>weight|bias)"
 )
 
 
@@ -77,11 +77,16 @@ def import_peft_files(
     description: str = "",
 ) -> PromptFile:
     """The upload path: adapter_config.json already parsed, adapter_model.safetensors as bytes."""
+    if not isinstance(config, dict):
+        raise PromptFormatError(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
     kind, task = _kind_and_task(config)
     tensors, _ = read_safetensors_bytes(weights)
     embeddings = tensors.pop(EMBEDDINGS_KEY, None)
     if embeddings is None:
         raise PromptFormatError(f"adapter weights have no {EMBEDDINGS_KEY!r} tensor")
+    for key, tensor in [(EMBEDDINGS_KEY, embeddings), *tensors.items()]:
+        if not tensor.is_floating_point():
+            raise PromptFormatError(f"adapter tensor {key!r} must be floating-point, got {tensor.dtype}")
     num_virtual_tokens = config.get("num_virtual_tokens")
     if embeddings.dim() != 2 or embeddings.shape[0] != num_virtual_tokens:
         raise PromptFormatError(
@@ -93,6 +98,10 @@ def import_peft_files(
 
     head_weight, head_bias = _find_head(tensors)
     if head_weight is not None:
+        if head_weight.dim() != 2 or (head_bias is not None and head_bias.dim() != 1):
+            bias_shape = None if head_bias is None else list(head_bias.shape)
+            raise PromptFormatError(f"adapter head must be a 2-D weight [num_labels, hidden] and a 1-D bias, got "
+                                    f"weight {list(head_weight.shape)}, bias {bias_shape}")
         rows = head_weight.shape[0]
         if labels is None:
             labels = [f"LABEL_{i}" for i in range(rows)]
@@ -123,11 +132,12 @@ def import_peft_files(
 
 def _kind_and_task(config: dict[str, Any]) -> tuple[str, str]:
     peft_type, task_type = config.get("peft_type"), config.get("task_type")
-    if peft_type not in PEFT_TYPE_TO_KIND:
+    # isinstance first: a list or dict is unhashable, and `in` on a dict would raise instead of refusing
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_KIND:
         raise PromptFormatError(
             f"PEFT type {peft_type!r} is not supported; supported: {', '.join(PEFT_TYPE_TO_KIND)}"
         )
-    if task_type not in TASK_TYPE_TO_TASK:
+    if not isinstance(task_type, str) or task_type not in TASK_TYPE_TO_TASK:
         raise PromptFormatError(
             f"PEFT task type {task_type!r} is not supported; supported: {', '.join(TASK_TYPE_TO_TASK)}"
         )
@@ -157,7 +167,7 @@ def _find_head(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, t
     """Head weight and bias from the non-prompt tensors; any tensor that is not a head is refused."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = HEAD_KEY.match(key)
+        match = HEAD_KEY.fullmatch(key)
         if match is None:
             raise PromptFormatError(f"unexpected tensor {key!r} in a prompt-learning adapter")
         found.setdefault(match["module"], {})[match["param"]] = tensor

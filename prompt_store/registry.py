@@ -1,11 +1,15 @@
 """The prompt registry: versioned prompt files in a folder that several replicas may share.
 
 Layout: <directory>/<name>/v<N>.safetensors; the highest N is the current version. Files are only ever
-written whole (temp file + fsync + os.replace), so a reader never sees a partial file, and a replica
-picks up another replica's changes by polling the folder (refresh / start_watching).
+written whole (temp file + fsync + hard link under the final name), so a reader never sees a partial
+file, and a replica picks up another replica's changes by polling the folder (refresh / start_watching).
+A version is identified by its number and its content digest: a prompt deleted and re-created as v1 by
+another replica is a change, even though its number is the same.
 
-Concurrency: one writer per prompt name at a time. Two replicas adding the same name at the same
-instant can both pick the same version number, and the later os.replace wins.
+Concurrency: the final name is created exclusively (os.link fails if it exists), so when two replicas
+store the same name at the same instant and pick the same version number, one wins and the other gets
+VersionConflict (HTTP 409: retry); no upload is silently lost. Files follow the process umask
+(umask 027: mode 0640, readable by the group of a replica running as another user).
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +32,7 @@ from prompt_store.format import (
     PromptFile,
     PromptFormatError,
     dump_prompt,
+    file_digest,
     load_prompt_file,
     validate_name,
     validate_prompt,
@@ -35,8 +40,9 @@ from prompt_store.format import (
 
 log = logging.getLogger(__name__)
 
-VERSION_FILE = re.compile(r"^v([1-9][0-9]*)\.safetensors$")
+VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.safetensors")
 TEMP_PREFIX = "."  # temp files and folders being deleted are hidden, so scans skip them
+STALE_TEMP_S = 300  # a hidden temp file or doomed folder this old was left by a killed writer
 
 # fn(event, name, version): "added" means `version` is now the name's current version (new or replaced);
 # "removed" means the name is gone, `version` being the one that was current.
@@ -51,6 +57,10 @@ class PromptNotFound(KeyError):
 
 class PromptExists(ValueError):
     pass
+
+
+class VersionConflict(PromptExists):
+    """Another writer stored the same version of this name first; the upload was not stored (retry)."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +78,13 @@ class PromptInfo:
     versions: list[int]
     size_bytes: int  # of the current version's file
     created_at: str
+    digest: str  # sha256 of the current version's file
 
 
 @dataclass(frozen=True)
 class _StoredVersion:
     path: Path
-    stat: tuple[int, int]  # (mtime_ns, size): a changed file is re-read on the next refresh
+    stat: tuple[int, ...]  # (inode, size, mtime_ns, ctime_ns): a changed or replaced file is re-read
     prompt: PromptFile
 
 
@@ -102,6 +113,8 @@ class PromptRegistry:
         self._subscribers: list[Subscriber] = []
         self._watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
+        if base is not None:  # a writer; a read-only registry (e.g. `softserve prompts list`) changes nothing
+            remove_stale_temp_files(self.directory)
         self.refresh()
 
     # --- reading -----------------------------------------------------------------------------------
@@ -161,6 +174,7 @@ class PromptRegistry:
             versions=sorted(versions),
             size_bytes=current.stat[1],
             created_at=pf.created_at,
+            digest=pf.digest,
         )
 
     # --- writing -----------------------------------------------------------------------------------
@@ -180,8 +194,14 @@ class PromptRegistry:
                 version=max(on_disk, default=0) + 1,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             )
+            data = dump_prompt(stored)
+            stored = dataclasses.replace(stored, digest=file_digest(data))
             path = folder / f"v{stored.version}.safetensors"
-            _write_atomically(path, dump_prompt(stored))
+            if not _create_exclusively(path, data):
+                raise VersionConflict(
+                    f"another writer stored version {stored.version} of prompt {pf.name!r} at the same moment; "
+                    "this upload was not stored: retry it"
+                )
             versions = self._index.setdefault(pf.name, {})
             versions[stored.version] = _StoredVersion(path, _stat(path), stored)
             self._prune(pf.name, folder)
@@ -218,9 +238,9 @@ class PromptRegistry:
     def refresh(self) -> tuple[set[str], set[str]]:
         """Rescan the folder. Returns (names whose current version is new or changed, names removed)."""
         with self._lock:
-            before = {name: self._current_stat(versions) for name, versions in self._index.items()}
+            before = {name: self._current(versions) for name, versions in self._index.items()}
             self._index = self._scan()
-            after = {name: self._current_stat(versions) for name, versions in self._index.items()}
+            after = {name: self._current(versions) for name, versions in self._index.items()}
             changed = {name for name, stat in after.items() if before.get(name) != stat}
             removed = set(before) - set(after)
             events = [("added", name, max(self._index[name])) for name in sorted(changed)]
@@ -230,9 +250,10 @@ class PromptRegistry:
         return changed, removed
 
     @staticmethod
-    def _current_stat(versions: dict[int, _StoredVersion]) -> tuple[int, tuple[int, int]]:
+    def _current(versions: dict[int, _StoredVersion]) -> tuple[int, str]:
+        """(version, digest) of the current version: a re-created v1 with other content is a change."""
         current = max(versions)
-        return current, versions[current].stat
+        return current, versions[current].prompt.digest
 
     def _scan(self) -> dict[str, dict[int, _StoredVersion]]:
         index: dict[str, dict[int, _StoredVersion]] = {}
@@ -308,35 +329,71 @@ def _version_files(folder: Path) -> dict[int, Path]:
         return {}
     found = {}
     for entry in folder.iterdir():
-        match = VERSION_FILE.match(entry.name)
+        match = VERSION_FILE.fullmatch(entry.name)
         if match:
             found[int(match.group(1))] = entry
     return found
 
 
-def _stat(path: Path) -> tuple[int, int]:
+def _stat(path: Path) -> tuple[int, ...]:
     st = path.stat()
-    return st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Either the whole file appears under its final name, or nothing changes."""
+def _create_exclusively(path: Path, data: bytes) -> bool:
+    """Write `path` whole or not at all; False (nothing written) if it already exists.
+
+    The bytes go to a hidden temp file first (fsynced), which is then hard-linked under the final name:
+    os.link fails when the name exists, so of two writers racing for one version only one succeeds, and
+    a reader never sees a partial file. The temp file is created with mode 0666 minus the umask.
+    """
     folder = path.parent
-    created_folder = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp")
+    temp = folder / f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}.tmp"
+    linked = False
     try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temp_name, path)
-        _fsync_dir(folder)  # makes the rename itself durable
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        if created_folder:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        linked = True
+        _fsync_dir(folder)  # makes the new name itself durable
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+        if not linked:
+            _remove_if_empty(folder)  # a failed first write leaves no empty prompt folder behind
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (the usual case), or gone
+        pass
+
+
+def remove_stale_temp_files(directory: Path, older_than_s: float = STALE_TEMP_S) -> None:
+    """Remove what killed writers left: hidden temp files in prompt folders, half-deleted folders."""
+    cutoff = time.time() - older_than_s
+    for entry in directory.iterdir():
+        if not entry.is_dir():
+            continue
+        stale = [entry] if entry.name.startswith(TEMP_PREFIX) else list(entry.glob(f"{TEMP_PREFIX}*.tmp"))
+        for path in stale:
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink()
+            except FileNotFoundError:  # another replica cleaned it meanwhile
+                pass
 
 
 def _fsync_dir(folder: Path) -> None:

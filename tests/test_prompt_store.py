@@ -1,12 +1,14 @@
 """prompt_store: the file format, validation and the on-disk registry (no PEFT needed here)."""
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
 import pickle
 import threading
+import time
 
 import pytest
 import safetensors.torch
@@ -21,11 +23,14 @@ from prompt_store import (
     PromptNotFound,
     PromptRegistry,
     dump_prompt,
+    import_peft_files,
     load_prompt_bytes,
     load_prompt_file,
     validate_name,
     validate_prompt,
 )
+from prompt_store import registry as registry_module
+from prompt_store.registry import VersionConflict
 
 # The tiny Llama of the PEFT tests: hidden 64, 2 layers, 2 KV heads of 16.
 BASE = BaseIdentity("llama", 64, 2, 2, 16, 128, "llama-tiny-fingerprint")
@@ -50,7 +55,10 @@ def make_prompt(name="task", kind="prompt", task="generate", P=4, labels=(), hea
 
 
 def assert_same_prompt(a: PromptFile, b: PromptFile):
+    """Same content; `digest` is left out (a PromptFile built in memory has none until it is written)."""
     for field in dataclasses.fields(PromptFile):
+        if field.name == "digest":
+            continue
         x, y = getattr(a, field.name), getattr(b, field.name)
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             assert x is not None and y is not None, field.name
@@ -81,8 +89,10 @@ def test_dump_load_round_trip(kwargs):
     pf = make_prompt(**kwargs)
     pf.version = 7
     validate_prompt(pf, BASE)
-    loaded = load_prompt_bytes(dump_prompt(pf))
+    data = dump_prompt(pf)
+    loaded = load_prompt_bytes(data)
     assert_same_prompt(pf, loaded)
+    assert loaded.digest == hashlib.sha256(data).hexdigest()
     validate_prompt(loaded, BASE)
 
 
@@ -152,7 +162,8 @@ def test_load_refuses_bad_files(make_bytes, message):
 
 
 @pytest.mark.parametrize(
-    "name", ["", "../x", "a/b", "base", ".hidden", "-dash", "x" * 65, "a b", "a\\b", "ü", "..", "a\x00b"]
+    "name", ["", "../x", "a/b", "base", ".hidden", "-dash", "x" * 65, "a b", "a\\b", "ü", "..", "a\x00b",
+             "evil\n", "evil\r", "a\tb", "x\x7f", None, 3, ["ner"]]
 )
 def test_hostile_names_are_refused(name):
     with pytest.raises(PromptFormatError, match="prompt name"):
@@ -319,7 +330,7 @@ def test_failed_write_leaves_no_file_and_no_temp_file(registry, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", broken_replace)
+    monkeypatch.setattr(os, "link", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         registry.add(make_prompt("new"))
     assert files_under(registry.directory) == []
@@ -327,7 +338,7 @@ def test_failed_write_leaves_no_file_and_no_temp_file(registry, monkeypatch):
 
     monkeypatch.undo()
     registry.add(make_prompt("new"))
-    monkeypatch.setattr(os, "replace", broken_replace)
+    monkeypatch.setattr(os, "link", broken_replace)
     with pytest.raises(OSError):
         registry.add(make_prompt("new"))
     assert files_under(registry.directory) == ["new", "new/v1.safetensors"]
@@ -422,3 +433,149 @@ def test_watcher_reports_another_writers_changes(registry):
         assert seen[-1] == (set(), {"gen"})
     finally:
         watcher.stop_watching()
+
+
+# --- replicas that agree ----------------------------------------------------------------------------
+
+
+def test_listing_shows_the_digest_of_the_stored_file(registry):
+    stored = registry.add(make_prompt("gen"))
+    [info] = registry.list()
+    assert info.digest == stored.digest == hashlib.sha256(registry.read_bytes("gen")).hexdigest()
+    assert registry.get("gen").digest == stored.digest
+
+
+def test_delete_and_recreate_as_the_same_version_reaches_a_replica(registry):
+    """F7: v1 deleted and re-created with other tensors must not leave a replica on the old ones."""
+    replica = PromptRegistry(registry.directory, BASE)
+    events = []
+    replica.subscribe(lambda *event: events.append(event))
+    old = registry.add(make_prompt("gen"))
+    replica.refresh()
+    registry.delete("gen")
+    new = registry.add(make_prompt("gen"))  # v1 again, other content, between two polls of the replica
+    assert (old.version, new.version) == (1, 1) and old.digest != new.digest
+    assert replica.refresh() == ({"gen"}, set())
+    assert replica.get("gen").digest == new.digest
+    assert torch.equal(replica.get("gen").prompt_embeddings, new.prompt_embeddings)
+    assert events == [("added", "gen", 1), ("added", "gen", 1)]
+
+
+def test_watching_replica_converges_after_delete_and_recreate(registry):
+    replica = PromptRegistry(registry.directory, BASE)
+    registry.add(make_prompt("gen"))
+    replica.refresh()
+    replica.start_watching(interval_s=0.05)
+    try:
+        registry.delete("gen")
+        new = registry.add(make_prompt("gen"))
+        deadline = time.monotonic() + 5
+        while replica.get("gen").digest != new.digest and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert replica.get("gen").digest == new.digest
+    finally:
+        replica.stop_watching()
+
+
+def test_two_writers_of_one_version_never_both_succeed(registry, monkeypatch):
+    """Two replicas that both saw no file pick v1; the second to link gets VersionConflict, not a silent
+    overwrite, and leaves nothing behind."""
+    replica = PromptRegistry(registry.directory, BASE)
+    first = registry.add(make_prompt("gen"))
+    monkeypatch.setattr(registry_module, "_version_files", lambda folder: {})  # it scanned before the write
+    with pytest.raises(VersionConflict, match="another writer stored version 1 of prompt 'gen'.*retry"):
+        replica.add(make_prompt("gen"))
+    monkeypatch.undo()
+    assert files_under(registry.directory) == ["gen", "gen/v1.safetensors"]
+    assert load_prompt_file(registry.path("gen")).digest == first.digest
+    assert replica.add(make_prompt("gen")).version == 2  # a retry succeeds
+
+
+def test_stale_temp_files_are_removed_at_start(registry):
+    registry.add(make_prompt("gen"))
+    folder = registry.directory / "gen"
+    old_temp, fresh_temp = folder / ".v2.safetensors.aaa.tmp", folder / ".v2.safetensors.bbb.tmp"
+    doomed = registry.directory / ".deleting-x-123"
+    for path in (old_temp, fresh_temp):
+        path.write_bytes(b"half")
+    doomed.mkdir()
+    (doomed / "v1.safetensors").write_bytes(b"x")
+    ten_minutes_ago = time.time() - 600
+    for path in (old_temp, doomed):
+        os.utime(path, (ten_minutes_ago, ten_minutes_ago))
+    PromptRegistry(registry.directory, base=None)  # read-only: changes nothing
+    assert old_temp.exists() and doomed.exists()
+    PromptRegistry(registry.directory, BASE)
+    assert files_under(registry.directory) == ["gen", "gen/.v2.safetensors.bbb.tmp", "gen/v1.safetensors"]
+
+
+def test_stored_files_follow_the_umask(registry):
+    previous = os.umask(0o027)
+    try:
+        registry.add(make_prompt("shared"))
+    finally:
+        os.umask(previous)
+    assert registry.path("shared").stat().st_mode & 0o777 == 0o640  # group-readable for another replica user
+
+
+# --- PEFT import: odd configs and tensors are refusals, never crashes -----------------------------------
+
+PEFT_CONFIG = {"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 4}
+
+
+def _adapter(embeddings=None, **extra):
+    tensors = {"prompt_embeddings": torch.randn(4, 64) if embeddings is None else embeddings, **extra}
+    return safetensors.torch.save(tensors)
+
+
+@pytest.mark.parametrize("field", ["peft_type", "task_type"])
+@pytest.mark.parametrize("value", [["PROMPT_TUNING"], {"PROMPT_TUNING": 1}, 3, 1.5, None, True, ""])
+def test_peft_config_with_odd_types_is_refused(field, value):
+    with pytest.raises(PromptFormatError, match="is not supported"):
+        import_peft_files({**PEFT_CONFIG, field: value}, _adapter(), "x", BASE, ["a", "b"])
+
+
+@pytest.mark.parametrize("config", [[], "PROMPT_TUNING", 3, None])
+def test_peft_config_that_is_not_an_object_is_refused(config):
+    with pytest.raises(PromptFormatError, match="must be a JSON object"):
+        import_peft_files(config, _adapter(), "x", BASE)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    (dict(**{"score.weight": torch.tensor(1.0)}), "2-D weight"),
+    (dict(**{"score.weight": torch.randn(2)}), "2-D weight"),
+    (dict(**{"score.weight": torch.randn(2, 64, 1)}), "2-D weight"),
+    (dict(**{"score.weight": torch.randn(2, 64), "score.bias": torch.tensor(0.5)}), "1-D bias"),
+    (dict(**{"score.weight": torch.randn(2, 64), "score.bias": torch.randn(2, 1)}), "1-D bias"),
+    (dict(**{"score.weight": torch.randn(0, 64)}), "labels"),
+    (dict(**{"score.weight": torch.ones(2, 64, dtype=torch.int32)}), "floating-point"),
+])
+def test_peft_heads_of_odd_shapes_are_refused(tensors, message):
+    with pytest.raises(PromptFormatError, match=message):
+        import_peft_files(PEFT_CONFIG, _adapter(**tensors), "x", BASE)
+
+
+@pytest.mark.parametrize("embeddings, message", [
+    (torch.tensor(1.0), "shape"), (torch.randn(4), "shape"), (torch.randn(4, 64, 1), "shape"),
+    (torch.ones(4, 64, dtype=torch.int64), "floating-point"), (torch.zeros(4, 64, dtype=torch.bool), "floating-point"),
+])
+def test_peft_embeddings_of_odd_shapes_are_refused(embeddings, message):
+    with pytest.raises(PromptFormatError, match=message):
+        import_peft_files(PEFT_CONFIG, _adapter(embeddings), "x", BASE, ["a", "b"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"softserve.base": json.dumps({**BASE.to_dict(), "hidden_size": float("inf")})}, "invalid base identity"),
+    ({"softserve.base": "[1, 2]"}, "invalid base identity"),
+    ({"softserve.base": '"text"'}, "invalid base identity"),
+    ({"softserve.labels": '{"a": 1}'}, "must be a JSON list"),
+    ({"softserve.num_virtual_tokens": "4.5"}, "must be an integer"),
+])
+def test_prompt_file_metadata_of_odd_types_is_refused(changes, message):
+    with pytest.raises(PromptFormatError, match=message):
+        load_prompt_bytes(_safetensors_with(GOOD_TENSORS, **changes))
+
+
+def test_prompt_file_with_integer_tensors_is_refused():
+    with pytest.raises(PromptFormatError, match="must be floating-point"):
+        load_prompt_bytes(_safetensors_with({"prompt_embeddings": torch.ones(4, 64, dtype=torch.int32)}))

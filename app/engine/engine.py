@@ -125,7 +125,7 @@ class AsyncEngine:
     def load_prompt(self, prompt_file) -> TaskPrompt:
         """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
         current = self.prompts.get(prompt_file.name)
-        if current is not None and prompt_file.version and current.version == prompt_file.version:
+        if current is not None and prompt_file.version and (current.version, getattr(current, "digest", None)) == (prompt_file.version, prompt_file.digest):
             return current
         task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
         self.prompts.put(task_prompt)
