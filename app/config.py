@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API
-    max_upload_mb: float = Field(64.0, gt=0, description="largest request body, prompt uploads included (413 above)")
+    max_request_mb: float = Field(4.0, gt=0, description="largest request body except prompt uploads (413 above)")
+    max_upload_mb: float = Field(64.0, gt=0, description="largest prompt upload body (PUT /v1/prompts/{name}; 413 above)")
+    tokenizer_threads: int = Field(2, ge=1, description="threads that tokenize and render chat templates, off the event loop")
     max_inputs_per_request: int = Field(64, ge=1, description="inputs in one /v1/generate, /v1/tag or /v1/classify call (422 above)")
     max_tokens_per_request: int = Field(65536, ge=1, description="input tokens plus max_tokens, summed over a request's inputs (422 above)")
     admin_token: str | None = Field(None, description="bearer token for prompt changes; unset: only loopback clients may change prompts")

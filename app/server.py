@@ -62,9 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         drain(app)
         await app.state.drained
 
+    # redirect_slashes=False: `PUT /v1/prompts/` (an empty name) is a JSON 404/405, not a redirect to another route
     app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan, openapi_tags=OPENAPI_TAGS,
+                  redirect_slashes=False,
                   description="Many tasks from one frozen LLM through learned soft prompts, continuously batched. "
-                              "Errors are `{\"error\": {\"message\", \"type\", \"code\"}}`; every response carries "
+                              "Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; every response carries "
                               "`x-request-id`.")
     app.state.settings = settings
     app.state.services = None
@@ -101,6 +103,7 @@ def drain(app: FastAPI) -> None:
         log.info(kv(event="draining", running=stats.running, waiting=stats.waiting, grace_s=settings.shutdown_grace_s))
         services.registry.stop_watching()
         await services.engine.shutdown(settings.shutdown_grace_s)
+        services.encoder.close()
         log.info(kv(event="stopped"))
 
     app.state.drained = asyncio.ensure_future(stop())

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from app.config import Settings
+from app.encoder import TextEncoder
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_model, resolve_dtype
@@ -26,6 +27,7 @@ class Services:
     tokenizer: Tokenizer
     engine: AsyncEngine
     registry: PromptRegistry
+    encoder: TextEncoder  # tokenizes off the event loop
 
     @property
     def model_name(self) -> str:
@@ -95,4 +97,5 @@ def load_services(settings: Settings) -> Services:
     connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d slots of %d positions", loaded.name, device,
              settings.resolved_dtype(), engine.cache.num_slots, max_seq_len)
-    return Services(settings, loaded, tokenizer, engine, registry)
+    return Services(settings, loaded, tokenizer, engine, registry,
+                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from prompt_store.format import load_prompt_bytes
 from tests.live_server import LiveServer, make_prompt_bytes, sse_events, upload
 
 MAX_SEQ_LEN = 1024
-SETTINGS = {"SOFTSERVE_MAX_UPLOAD_MB": "1", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
+SETTINGS = {"SOFTSERVE_MAX_UPLOAD_MB": "1", "SOFTSERVE_MAX_REQUEST_MB": "0.5", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
             "SOFTSERVE_MAX_TOKENS_PER_REQUEST": "600", "SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN)}
 TAG_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CLASS_LABELS = ["ham", "spam", "other"]
@@ -51,12 +52,13 @@ def prompts(client, base):
     return made
 
 
-def error_of(r: httpx.Response, status: int, code: str | None = None) -> str:
+def error_of(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code"}
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     if code is not None:
         assert body["error"]["code"] == code, body
+    assert body["error"]["param"] == param, body
     return body["error"]["message"]
 
 
@@ -235,41 +237,50 @@ def test_wrong_task_type_is_422_naming_the_type(client, prompts, route, prompt, 
 # ---- error paths of the inference routes ----------------------------------------------------------
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-BAD_REQUESTS = [
-    ("/v1/completions", b'{"prompt": "Hello"', 400, "invalid_json"),
-    ("/v1/chat/completions", b"not json at all", 400, "invalid_json"),
-    ("/v1/completions", [1, 2], 422, "validation_error"),
-    ("/v1/chat/completions", {"messages": []}, 422, "validation_error"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422, "validation_error"),
-    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 422, "validation_error"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 422, "validation_error"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_SEQ_LEN + 1}, 400, "invalid_request"),
-    ("/v1/completions", {"prompt": "x " * 1200, "max_tokens": 1}, 400, "invalid_request"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": 700}, 422, "too_many_tokens"),
-    ("/v1/completions", {"prompt": ""}, 422, "validation_error"),
-    ("/v1/completions", {"prompt": "x", "temperature": -1}, 422, "validation_error"),
-    ("/v1/completions", {"prompt": "x", "n": 3}, 422, "validation_error"),
-    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "prompt_not_found"),
-    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "prompt_not_found"),
-    ("/v1/generate", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found"),
-    ("/v1/tag", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found"),
-    ("/v1/classify", {"prompt": "nope", "inputs": ["x"]}, 404, "prompt_not_found"),
-    ("/v1/classify", {"prompt": "cls", "inputs": ["a", "b", "c", "d", "e"]}, 422, "too_many_inputs"),
-    ("/v1/generate", {"inputs": ["a", "b", "c", "d"], "max_tokens": 200}, 422, "too_many_tokens"),
-    ("/v1/tag", {"prompt": "ner", "inputs": []}, 422, "validation_error"),
-    ("/v1/tag", {"prompt": "ner", "inputs": [""]}, 422, "validation_error"),
-    ("/v1/tag", {"prompt": "ner"}, 422, "validation_error"),
-    ("/v1/classify", {"prompt": "cls", "inputs": [1]}, 422, "validation_error"),
+BAD_REQUESTS = [  # (route, body, status, code, param)
+    ("/v1/completions", b'{"prompt": "Hello"', 400, "invalid_json", None),
+    ("/v1/chat/completions", b"not json at all", 400, "invalid_json", None),
+    ("/v1/completions", [1, 2], 400, "validation_error", None),
+    ("/v1/chat/completions", {"messages": []}, 400, "validation_error", "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "validation_error",
+     "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, "validation_error", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "validation_error", "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_SEQ_LEN + 1}, 400, "invalid_request", None),
+    ("/v1/completions", {"prompt": "x " * 1200, "max_tokens": 1}, 400, "invalid_request", None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 700}, 400, "too_many_tokens", None),
+    ("/v1/completions", {"prompt": ""}, 400, "validation_error", "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "validation_error", "temperature"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "validation_error", "n"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "validation_error", "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": -2**63 - 1}, 400, "validation_error", "seed"),
+    ("/v1/generate", {"inputs": "x", "seed": 10**30}, 400, "validation_error", "seed"),
+    ("/v1/chat/completions", {**CHAT, "seed": 2**200}, 400, "validation_error", "seed"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "validation_error", "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "validation_error", "top_k"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "validation_error", "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 257}, 400, "validation_error", "stop"),
+    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "prompt_not_found", None),
+    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "prompt_not_found", None),
+    ("/v1/generate", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
+    ("/v1/tag", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
+    ("/v1/classify", {"prompt": "nope", "inputs": ["x"]}, 404, "prompt_not_found", None),
+    ("/v1/classify", {"prompt": "cls", "inputs": ["a", "b", "c", "d", "e"]}, 400, "too_many_inputs", "inputs"),
+    ("/v1/generate", {"inputs": ["a", "b", "c", "d"], "max_tokens": 200}, 400, "too_many_tokens", None),
+    ("/v1/tag", {"prompt": "ner", "inputs": []}, 400, "validation_error", "inputs"),
+    ("/v1/tag", {"prompt": "ner", "inputs": [""]}, 400, "validation_error", "inputs.0"),
+    ("/v1/tag", {"prompt": "ner"}, 400, "validation_error", "inputs"),
+    ("/v1/classify", {"prompt": "cls", "inputs": [1]}, 400, "validation_error", "inputs.0"),
 ]
 
 
-@pytest.mark.parametrize("route,body,status,code", BAD_REQUESTS)
-def test_bad_requests(client, prompts, route, body, status, code):
+@pytest.mark.parametrize("route,body,status,code,param", BAD_REQUESTS)
+def test_bad_requests(client, prompts, route, body, status, code, param):
     if isinstance(body, bytes):
         r = client.post(route, content=body, headers={"content-type": "application/json"})
     else:
         r = client.post(route, json=body)
-    assert error_of(r, status, code)
+    assert error_of(r, status, code, param)
     still_serving(client)
 
 
@@ -301,7 +312,7 @@ def test_upload_versions_download_delete(client, base):
     assert torch.equal(pf.prompt_embeddings, load_prompt_bytes(first).prompt_embeddings)
     assert load_prompt_bytes(client.get("/v1/prompts/versioned/file").content).version == 2
     error_of(client.get("/v1/prompts/versioned/file", params={"version": 7}), 404, "prompt_not_found")
-    error_of(client.get("/v1/prompts/versioned/file", params={"version": 0}), 422)
+    error_of(client.get("/v1/prompts/versioned/file", params={"version": 0}), 400, "validation_error", "version")
 
     r = client.delete("/v1/prompts/versioned")
     assert r.status_code == 200 and r.json() == {"id": "versioned", "object": "prompt", "deleted": True}
@@ -354,23 +365,35 @@ def test_bad_uploads_refused_and_store_unchanged(client, base, server, prompts):
     still_serving(client)
 
 
-@pytest.mark.parametrize("name", [".hidden", "base", "a" * 65, "-dash", "semi;colon", "sp ace", "..", "ü"])
+@pytest.mark.parametrize("name", [".hidden", "base", "a" * 65, "-dash", "semi;colon", "sp ace", "ü", "evil\n",
+                                  "evil\r", "tab\there", "nul\x00", "del\x7f"])
 def test_hostile_prompt_names_refused(client, base, server, name):
-    r = upload(client, name, make_prompt_bytes(base, "x"))
-    assert r.status_code in (404, 405, 422), r.text  # 404/405: the name never even reached the route
-    if r.status_code == 422:
-        assert "name" in r.json()["error"]["message"]
+    """F8: every such name reaches the route and is a 422 naming the problem; nothing is written."""
+    message = error_of(upload(client, quote(name, safe=""), make_prompt_bytes(base, "x")), 422, "invalid_name")
+    assert f"prompt name {name!r}" in message
     for path in server.store.parent.rglob("*"):
         assert path.is_relative_to(server.store) or path.name.startswith("server-") or path == server.store
-    assert not any(p.name.startswith(".") or p.name in ("base",) for p in server.store.iterdir())
+    assert not any(p.name.startswith(".") or p.name in ("base",) or "\n" in p.name for p in server.store.iterdir())
+
+
+def test_empty_names_are_json_errors_not_redirects(client, base):
+    r = upload(client, "", make_prompt_bytes(base, "x"))  # PUT /v1/prompts/
+    error_of(r, 404, "not_found")
+    error_of(client.get("/v1/prompts//file"), 404, "not_found")
+    error_of(client.delete("/v1/prompts/"), 404, "not_found")
+    error_of(client.get("/v1/models/"), 404, "not_found")
 
 
 def test_path_traversal_names_never_touch_the_disk(client, base, server):
-    for raw in ["/v1/prompts/..%2F..%2Fescape", "/v1/prompts/a%2Fb", "/v1/prompts/%2E%2E"]:
-        r = client.put(raw, files={"file": ("p", make_prompt_bytes(base, "x"))})
-        assert r.status_code in (404, 405, 422)
-        assert client.delete(raw).status_code in (404, 405, 422)
-        assert client.get(raw + "/file").status_code in (404, 422)
+    # an encoded slash splits the path (no route has a two-part name): 404; ".." is a name, refused
+    for raw in ["/v1/prompts/..%2F..%2Fescape", "/v1/prompts/a%2Fb"]:
+        error_of(client.put(raw, files={"file": ("p", make_prompt_bytes(base, "x"))}), 404, "not_found")
+        error_of(client.delete(raw), 404, "not_found")
+        error_of(client.get(raw + "/file"), 404, "not_found")
+    error_of(client.put("/v1/prompts/%2E%2E", files={"file": ("p", make_prompt_bytes(base, "x"))}), 422,
+             "invalid_name")
+    error_of(client.delete("/v1/prompts/%2E%2E"), 404, "prompt_not_found")
+    error_of(client.get("/v1/prompts/%2E%2E/file"), 404, "prompt_not_found")
     assert not (server.store.parent / "escape").exists()
     still_serving(client)
 
@@ -388,8 +411,12 @@ def test_oversize_upload_is_413(client, base):
 
     r = client.put("/v1/prompts/big", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     error_of(r, 413, "payload_too_large")
-    error_of(client.post("/v1/completions", content=b"{" + b" " * (limit + 10) + b"}",
-                         headers={"content-type": "application/json"}), 413)
+    # inference bodies have their own, smaller limit (0.5 MB here); an upload of that size is fine
+    message = error_of(client.post("/v1/completions", content=b"{" + b" " * (limit // 2 + 10) + b"}",
+                                   headers={"content-type": "application/json"}), 413, "payload_too_large")
+    assert "SOFTSERVE_MAX_REQUEST_MB" in message
+    error_of(client.put("/v1/prompts/big", files={"file": ("p.safetensors", b"\x00" * (limit * 3 // 4))}), 422,
+             "invalid_prompt")
     error_of(client.get("/v1/prompts/big"), 404)
     still_serving(client)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, TypeVar
 
 from fastapi import Request
 
@@ -11,6 +12,8 @@ from app.api.errors import APIError
 from app.engine.sequence import Output, Sequence
 from app.metrics import Metrics
 from app.services import Services
+
+T = TypeVar("T")
 
 
 def admit(request: Request, prompt: str | None) -> None:
@@ -23,8 +26,8 @@ def admit(request: Request, prompt: str | None) -> None:
 def check_inputs(services: Services, inputs: list[str]) -> None:
     limit = services.settings.max_inputs_per_request
     if len(inputs) > limit:
-        raise APIError(422, f"{len(inputs)} inputs exceed the limit of {limit} per request "
-                            f"(SOFTSERVE_MAX_INPUTS_PER_REQUEST)", "too_many_inputs")
+        raise APIError(400, f"{len(inputs)} inputs exceed the limit of {limit} per request "
+                            f"(SOFTSERVE_MAX_INPUTS_PER_REQUEST)", "too_many_inputs", "inputs")
 
 
 def check_tokens(services: Services, seqs: list[Sequence]) -> None:
@@ -32,28 +35,41 @@ def check_tokens(services: Services, seqs: list[Sequence]) -> None:
     limit = services.settings.max_tokens_per_request
     total = sum(seq.total_len - seq.prefix_len for seq in seqs)
     if total > limit:
-        raise APIError(422, f"the request needs {total} tokens (inputs + max_tokens), over the limit of {limit} "
+        raise APIError(400, f"the request needs {total} tokens (inputs + max_tokens), over the limit of {limit} "
                             f"per request (SOFTSERVE_MAX_TOKENS_PER_REQUEST)", "too_many_tokens")
 
 
-async def run_all(services: Services, seqs: list[Sequence]) -> tuple[list[Output], list[float]]:
-    """Submit every sequence at once (one batch for the engine); the first failure cancels the rest."""
-    engine = services.engine
-
-    async def one(seq: Sequence) -> tuple[Output, float]:
-        out = await engine.run_to_end(seq)
-        return out, time.monotonic()
-
-    tasks = [asyncio.ensure_future(one(seq)) for seq in seqs]
-    try:
-        results = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            if not task.done():
-                task.cancel()
-    for out, _ in results:
+async def run_all(request: Request, services: Services, seqs: list[Sequence]) -> tuple[list[Output], float]:
+    """Run one HTTP request's sequences as one engine request (admitted together, counted once against
+    the queue limit); (outputs, end time). A client that disconnects meanwhile cancels all of them."""
+    outs = await cancel_on_disconnect(request, services.engine.run_group(seqs))
+    end = time.monotonic()
+    for out in outs:
         check_output(out)
-    return [out for out, _ in results], [end for _, end in results]
+    return outs, end
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (which frees its engine sequences at the next
+    step) and end the request with 499. Streams get this from the streaming response itself; a
+    non-streaming request would otherwise keep its KV slot until it finished for nobody."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work_task.done():
+            raise APIError(499, "the client disconnected", "client_disconnected")
+        return work_task.result()
+    finally:
+        watcher.cancel()
+        work_task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body is already read, so the next ASGI message is the
+    disconnect (uvicorn sends it as soon as the connection closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def check_output(out: Output) -> None:
@@ -71,10 +87,10 @@ def admitted_at(seq: Sequence) -> float | None:
     return seq.scheduled_time
 
 
-def timing_headers(seqs: list[Sequence], outs: list[Output], ends: list[float]) -> dict[str, str]:
+def timing_headers(seqs: list[Sequence], outs: list[Output], end: float) -> dict[str, str]:
     """TGI's headers, in milliseconds; for a batch, queue time is the longest wait and inference time runs
-    from the first admission to the last result."""
-    arrival, end = min(s.arrival for s in seqs), max(ends)
+    from the first admission to the result."""
+    arrival = min(s.arrival for s in seqs)
     generated = sum(o.completion_tokens for o in outs)
     headers = {"x-total-time": _ms(end - arrival), "x-generated-tokens": str(generated),
                "x-prompt-tokens": str(sum(o.prompt_tokens for o in outs))}

@@ -33,6 +33,12 @@ def _is_loopback(request: Request) -> bool:
         return host == "localhost"
 
 
+def _same_token(sent: str, expected: str) -> bool:
+    """Constant-time comparison of bytes (compare_digest refuses non-ASCII str). HTTP headers arrive as
+    latin-1 text, so encoding with latin-1 gives back the bytes the client sent; settings are UTF-8."""
+    return hmac.compare_digest(sent.encode("latin-1"), expected.encode("utf-8"))
+
+
 def require_api_key(request: Request) -> None:
     """With SOFTSERVE_API_KEYS set, inference routes need one of them as a bearer token."""
     keys = request.app.state.settings.api_key_set
@@ -41,7 +47,7 @@ def require_api_key(request: Request) -> None:
     token = _bearer(request)
     if token is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
-    if not any(hmac.compare_digest(token, key) for key in keys):
+    if not any(_same_token(token, key) for key in keys):
         raise APIError(401, "invalid API key", "invalid_api_key")
 
 
@@ -56,5 +62,5 @@ def require_admin(request: Request) -> None:
     token = _bearer(request)
     if token is None:
         raise APIError(401, "prompt changes need 'Authorization: Bearer <admin token>'", "missing_admin_token")
-    if not hmac.compare_digest(token, admin):
+    if not _same_token(token, admin):
         raise APIError(403, "this token may not change prompts", "forbidden")

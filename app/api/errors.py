@@ -1,4 +1,5 @@
-"""One error shape for every route: {"error": {"message", "type", "code"}} (OpenAI's), with the right status.
+"""One error shape for every route: {"error": {"message", "type", "param", "code"}} (OpenAI's), with the right
+status; `param` names the request field at fault (`temperature`, `messages.0.role`), else null.
 
 Engine and store exceptions map to 4xx here, so no route needs its own try/except for them; anything a
 client can send ends as a 4xx, and a 500 means a bug.
@@ -12,10 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.encoder import TextTooLong
 from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
 from prompt_store.format import PromptFormatError
-from prompt_store.registry import PromptExists
+from prompt_store.registry import PromptExists, VersionConflict
 from prompt_store.registry import PromptNotFound as StoredPromptNotFound
 
 log = logging.getLogger(__name__)
@@ -23,51 +25,83 @@ log = logging.getLogger(__name__)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                413: "request_too_large", 415: "invalid_request_error", 422: "invalid_request_error",
-               429: "overloaded_error", 500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
+               429: "overloaded_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.param = status, message, code, param
 
 
 class BodyTooLarge(StarletteHTTPException):
     """Raised while a body is being read, past the size limit. An HTTPException, so that FastAPI's body
     reading passes it through instead of turning it into a 400."""
 
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body exceeds the limit of {limit} bytes (SOFTSERVE_MAX_UPLOAD_MB)")
+    def __init__(self, limit: int, setting: str):
+        super().__init__(413, f"the request body exceeds the limit of {limit} bytes ({setting})")
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "code": code or str(status)}}
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param,
+                      "code": code or str(status)}}
 
 
-def error_response(status: int, message: str, code: str | None = None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+def error_response(status: int, message: str, code: str | None = None, headers=None,
+                   param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
-    """(status, message, code): a body that is not JSON at all is a 400, a JSON body that breaks the schema a 422."""
-    parts = []
+LOCATIONS = {"body", "query", "path", "header", "cookie"}  # where a field sits; not part of its name
+TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic adds a union member's type to an error location (("inputs", "list[str]", 0)); not a field."""
+    return isinstance(part, str) and (not part.isidentifier() or part in TYPE_NAMES)
+
+
+def field_path(loc) -> str | None:
+    """pydantic's error location -> the client's field path: ("body", "messages", 0, "role") -> "messages.0.role"."""
+    loc = list(loc)
+    if loc and loc[0] in LOCATIONS:
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc if not _is_type_tag(p)) or None
+
+
+def describe_validation(exc: RequestValidationError) -> tuple[str, str, str | None]:
+    """(message, code, param) of a request that breaks the schema: always a 400 (the client's fault),
+    naming the first field at fault; a body that is not JSON at all is `invalid_json`. For a union field
+    pydantic reports every member; an error at a field that another error names a part of (`inputs` as a
+    string, when `inputs.0` of the list failed) is the member the client did not mean, so it is left out."""
+    errors = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         if err.get("type") == "json_invalid":
-            return 400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", "invalid_json"
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return 422, "; ".join(parts) or "invalid request", "validation_error"
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", "invalid_json", None
+        errors.append((field_path(err.get("loc", ())), str(err.get("msg"))))
+    paths = {path for path, _ in errors if path}
+    parts, first = [], None
+    for path, msg in errors:
+        if path and any(other.startswith(path + ".") for other in paths):
+            continue
+        first = first or path
+        message = f"{path}: {msg}" if path else msg
+        if message not in parts:
+            parts.append(message)
+    return "; ".join(parts) or "invalid request", "validation_error", first
 
 
 # (exception class, status, code); subclasses before their bases
 ENGINE_ERRORS = [
     (WrongTaskType, 422, "wrong_task_type"),
+    (TextTooLong, 400, "input_too_long"),
     (InvalidRequest, 400, "invalid_request"),
     (ChatTemplateError, 400, "chat_template"),
     (PromptNotFound, 404, "prompt_not_found"),
     (StoredPromptNotFound, 404, "prompt_not_found"),
     (PromptFormatError, 422, "invalid_prompt"),
+    (VersionConflict, 409, "version_conflict"),
     (PromptExists, 409, "prompt_exists"),
     (Overloaded, 429, "overloaded"),
 ]
@@ -77,11 +111,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return error_response(exc.status, exc.message, exc.code, headers)
+        return error_response(exc.status, exc.message, exc.code, headers, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return error_response(*_describe_validation(exc))
+        message, code, param = describe_validation(exc)
+        return error_response(400, message, code, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -91,7 +126,7 @@ def install_error_handlers(app: FastAPI) -> None:
     for cls, status, code in ENGINE_ERRORS:
         def handler(request: Request, exc: Exception, status=status, code=code):
             headers = {"Retry-After": "1"} if status == 429 else None
-            return error_response(status, str(exc), code, headers)
+            return error_response(status, str(exc), code, headers, getattr(exc, "param", None))
         app.add_exception_handler(cls, handler)
 
     @app.exception_handler(Exception)

@@ -19,7 +19,7 @@ from app.metrics import Metrics
 log = logging.getLogger("softserve.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: no trailing newline
 
 
 def kv(**fields) -> str:
@@ -37,20 +37,23 @@ class RequestMiddleware:
     def __init__(self, app, settings, metrics: Metrics, get_services):
         self.app, self.settings, self.metrics, self.get_services = app, settings, metrics, get_services
 
-    @property
-    def max_body(self) -> int:
-        return int(self.settings.max_upload_mb * (1 << 20))
+    def body_limit(self, scope) -> tuple[int, str]:
+        """(bytes, setting): prompt uploads may be large; every other body (inference) is kept small, so
+        one client cannot make the server parse and tokenize tens of megabytes."""
+        if scope["method"] == "PUT" and scope["path"].startswith("/v1/prompts/"):
+            return int(self.settings.max_upload_mb * (1 << 20)), "SOFTSERVE_MAX_UPLOAD_MB"
+        return int(self.settings.max_request_mb * (1 << 20)), "SOFTSERVE_MAX_REQUEST_MB"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
-        limit = self.max_body
+        limit, setting = self.body_limit(scope)
 
         async def send_with_id(message):
             nonlocal status
@@ -68,7 +71,7 @@ class RequestMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         try:
@@ -79,7 +82,7 @@ class RequestMiddleware:
                     refusal = (400, "invalid Content-Length header", "invalid_content_length")
                 elif int(length) > limit:
                     refusal = (413, f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes "
-                                    f"(SOFTSERVE_MAX_UPLOAD_MB)", "payload_too_large")
+                                    f"({setting})", "payload_too_large")
             if refusal is not None:
                 await self._refuse(send_with_id, *refusal)
             else:

@@ -12,7 +12,16 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.common import BASE, admit, check_output, check_tokens, prompt_name, record, timing_headers
+from app.api.common import (
+    BASE,
+    admit,
+    cancel_on_disconnect,
+    check_tokens,
+    prompt_name,
+    record,
+    run_all,
+    timing_headers,
+)
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, error_responses
@@ -21,8 +30,6 @@ from app.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
-
-
 
 
 def _usage(out: Output) -> dict:
@@ -71,25 +78,28 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     admit(request, body.model)
-    ids = services.tokenizer.apply_chat_template([m.as_template_input() for m in body.messages])
+    prompt = services.engine.get_prompt(prompt_name(body.model, services))  # 404 before tokenizing
+    ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _complete(body, ids, logprobs, request, services, chat=True)
+    return await _complete(body, prompt, ids, logprobs, request, services, chat=True)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
     """`prompt` is continued as raw text; `model` is `base` or a generate prompt."""
     admit(request, body.model)
-    ids = services.tokenizer.encode(body.prompt)
-    return await _complete(body, ids, body.logprobs, request, services, chat=False)
+    prompt = services.engine.get_prompt(prompt_name(body.model, services))
+    ids = await services.encoder.encode(body.prompt, "prompt")
+    return await _complete(body, prompt, ids, body.logprobs, request, services, chat=False)
 
 
-async def _complete(body, ids: list[int], logprobs: int | None, request: Request, services: Services, chat: bool):
+async def _complete(body, prompt, ids: list[int], logprobs: int | None, request: Request, services: Services,
+                    chat: bool):
     engine = services.engine
     route = "/v1/chat/completions" if chat else "/v1/completions"
     metrics = request.app.state.metrics
-    seq = engine.make_sequence(prompt_name(body.model, services), ids, Mode.GENERATE,
-                               body.sampling_params(logprobs), services.settings.request_timeout_s)
+    seq = engine.make_sequence(prompt, ids, Mode.GENERATE, body.sampling_params(logprobs),
+                               services.settings.request_timeout_s)
     check_tokens(services, [seq])
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     kind = "chat.completion" if chat else "text_completion"
@@ -107,16 +117,15 @@ async def _complete(body, ids: list[int], logprobs: int | None, request: Request
         return c
 
     if not body.stream:
-        out = await engine.run_to_end(seq)
-        end = time.monotonic()
-        check_output(out)
+        [out], end = await run_all(request, services, [seq])
         record(metrics, route, seq, out, end)
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
                              "choices": [choice(out, True)], "usage": _usage(out)},
-                            headers=timing_headers([seq], [out], [end]))
+                            headers=timing_headers([seq], [out], end))
 
     updates = engine.stream(seq)
-    first = await anext(updates)  # before the 200 goes out, so an overload is still a 429
+    # before the 200 goes out, so an overload is still a 429; a client gone while it queues cancels it
+    first = await cancel_on_disconnect(request, anext(updates))
 
     async def events() -> AsyncIterator[str]:
         chunk_kind = kind + (".chunk" if chat else "")

@@ -4,7 +4,8 @@ An upload is checked against this server's base and engine before it is stored; 
 it atomically and tells the engine synchronously, so the prompt serves requests as soon as the upload
 returns, with no restart (other replicas sharing the folder pick it up on their next poll).
 Status codes: a body that is not a parseable upload is a 400; a parseable upload whose content is refused
-(bad prompt file, bad adapter, bad name, wrong base) is a 422; over SOFTSERVE_MAX_UPLOAD_MB a 413.
+(bad prompt file, bad adapter, bad name, wrong base) is a 422; over SOFTSERVE_MAX_UPLOAD_MB a 413; a 409
+when another replica stored the same version of the name at the same moment (nothing stored: retry).
 """
 from __future__ import annotations
 
@@ -52,9 +53,14 @@ def _info(services: Services, info, history: bool = False) -> dict:
     served = services.engine.prompts.get(info.name)
     data["serving"] = served is not None and served.version == info.version
     if history:
-        data["history"] = [{"version": v, "created_at": services.registry.get(info.name, v).created_at,
-                            "size_bytes": _size(services, info.name, v)} for v in info.versions]
+        data["history"] = [_version_info(services, info.name, v) for v in info.versions]
     return data
+
+
+def _version_info(services: Services, name: str, version: int) -> dict:
+    stored = services.registry.get(name, version)
+    return {"version": version, "created_at": stored.created_at, "size_bytes": _size(services, name, version),
+            "digest": stored.digest}
 
 
 def _size(services: Services, name: str, version: int) -> int:
@@ -102,7 +108,7 @@ async def download_prompt(name: str, version: int | None = Query(None, ge=1, des
 @router.put("/{name}", response_model=PromptInfo, status_code=201, dependencies=[Depends(require_admin)],
             openapi_extra=MULTIPART_SCHEMA, responses={200: {"model": PromptInfo, "description": "a new version "
                                                              "of an existing prompt"},
-                                                       **error_responses(400, 401, 403, 413, 422, 503)},
+                                                       **error_responses(400, 401, 403, 409, 413, 422, 503)},
             summary="Upload a prompt (new, or a new version)")
 async def put_prompt(name: str, request: Request, services: Services = Depends(get_services)):
     """Multipart: either `file` (a softserve prompt file), or `adapter_config` + `adapter_model` (a PEFT

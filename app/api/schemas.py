@@ -1,4 +1,5 @@
-"""Request bodies. Field limits live here, so a bad request is a 422 that names the field."""
+"""Request bodies. Field limits live here, so a bad request is a 400 whose `param` names the field, and no
+client value reaches the engine unchecked."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -8,20 +9,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.engine.sampling import SamplingParams
 
 
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # the engine takes a seed mod 2**64
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class SamplingFields(BaseModel):
     """The engine's sampling fields, shared by every generating route."""
-    max_tokens: int = Field(16, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0, le=5, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest set of tokens with this mass")
-    top_k: int = Field(0, ge=0, description="0: no top-k cut")
-    seed: int | None = Field(None, description="same seed, same output, whatever shares the batch")
-    stop: str | list[str] | None = Field(None, description="stop strings (up to 4)")
+    max_tokens: int = Field(16, ge=1, le=1 << 20, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
+                         description="nucleus sampling: keep the smallest set of tokens with this mass")
+    top_k: int = Field(0, ge=0, le=1 << 20, description="0: no top-k cut")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX,
+                             description="same seed, same output, whatever shares the batch")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description=f"stop strings (up to 4, each up to {MAX_STOP_CHARS} characters)")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
 
     def sampling_params(self, logprobs: int | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=[s for s in stop if s][:4],
+                              top_k=self.top_k, seed=self.seed, stop=[s for s in stop if s],
                               ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
@@ -165,6 +174,7 @@ class PromptVersion(BaseModel):
     version: int
     created_at: str
     size_bytes: int
+    digest: str = Field(description="sha256 of the version's file")
 
 
 class PromptInfo(BaseModel):
@@ -179,6 +189,8 @@ class PromptInfo(BaseModel):
     versions: list[int] = Field(description="every stored version")
     size_bytes: int
     created_at: str
+    digest: str = Field(description="sha256 of the current version's file: replicas serving the same name, "
+                                    "version and digest serve the same prompt")
     serving: bool = Field(description="whether this replica's engine serves the current version")
     history: list[PromptVersion] | None = Field(None, description="each stored version (GET /v1/prompts/{name})")
 
@@ -198,6 +210,7 @@ class DeletedPrompt(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
+    param: str | None = Field(description="the request field at fault, e.g. 'temperature' or 'messages.0.role'")
     code: str
 
 
@@ -207,8 +220,11 @@ class ErrorResponse(BaseModel):
 
 def error_responses(*statuses: int) -> dict:
     """OpenAPI documentation of a route's error responses."""
-    what = {400: "malformed request (e.g. not JSON, too long for the context)", 401: "missing or invalid token",
-            403: "not allowed", 404: "unknown prompt, model or version", 413: "body over SOFTSERVE_MAX_UPLOAD_MB",
-            422: "invalid fields, wrong task type, too many inputs or tokens, invalid prompt file",
+    what = {400: "a field breaks the schema (`param` names it), not JSON, too many inputs or tokens, too long for "
+                 "the context", 401: "missing or invalid token",
+            403: "not allowed", 404: "unknown prompt, model or version",
+            409: "another writer stored this prompt name at the same moment; retry",
+            413: "body over SOFTSERVE_MAX_REQUEST_MB (inference) or SOFTSERVE_MAX_UPLOAD_MB (uploads)",
+            422: "wrong task type; a refused prompt file or adapter",
             429: "the queue is full; retry", 503: "loading or shutting down", 504: "the request timed out"}
     return {s: {"model": ErrorResponse, "description": what.get(s, "error")} for s in statuses}

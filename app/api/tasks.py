@@ -31,7 +31,6 @@ router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_a
 HEAD_ONLY = SamplingParams(max_tokens=1)  # tag/classify generate nothing; the engine ignores max_tokens for them
 
 
-
 def _usage(outs) -> dict:
     prompt = sum(o.prompt_tokens for o in outs)
     completion = sum(o.completion_tokens for o in outs)
@@ -40,25 +39,31 @@ def _usage(outs) -> dict:
 
 async def _run(request: Request, services: Services, route: str, seqs):
     check_tokens(services, seqs)
-    outs, ends = await run_all(services, seqs)
-    for seq, out, end in zip(seqs, outs, ends):
+    outs, end = await run_all(request, services, seqs)
+    for seq, out in zip(seqs, outs):
         record(request.app.state.metrics, route, seq, out, end)
-    return outs, timing_headers(seqs, outs, ends)
+    return outs, timing_headers(seqs, outs, end)
+
+
+def _resolve(request: Request, services: Services, body):
+    """(inputs, prompt): the prompt is resolved once, so every input of the request (and the labels in
+    the answer) uses the same version even if an upload lands meanwhile; 404 before any tokenizing."""
+    admit(request, body.prompt)
+    inputs = body.input_list
+    check_inputs(services, inputs)
+    return inputs, services.engine.get_prompt(prompt_name(body.prompt, services))
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text for one or many inputs")
 async def generate(body: GenerateRequest, request: Request, services: Services = Depends(get_services)):
     """Continue each input with the named generate prompt (or `base`). Inputs are raw text, or, with
     `chat: true`, one user message each rendered with the chat template."""
-    admit(request, body.prompt)
-    inputs = body.input_list
-    check_inputs(services, inputs)
-    name = prompt_name(body.prompt, services)
-    tok = services.tokenizer
-    ids = [tok.apply_chat_template([{"role": "user", "content": text}]) if body.chat else tok.encode(text)
-           for text in inputs]
+    inputs, prompt = _resolve(request, services, body)
+    encoder = services.encoder
+    ids = [await encoder.chat([{"role": "user", "content": text}], f"inputs.{i}") if body.chat
+           else await encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
     params = body.sampling_params()
-    seqs = [services.engine.make_sequence(name, i, Mode.GENERATE, params, services.settings.request_timeout_s)
+    seqs = [services.engine.make_sequence(prompt, i, Mode.GENERATE, params, services.settings.request_timeout_s)
             for i in ids]
     outs, headers = await _run(request, services, "/v1/generate", seqs)
     results = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
@@ -71,15 +76,11 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     """Per input: every token with its character offsets, label and score, and the entities merged from
     BIO/IOB tags (`B-X` starts an entity, `I-X` continues one of type X, `O` is outside; a tag without a
     prefix counts as `I-`). An entity's score is the mean of its tokens' scores."""
-    admit(request, body.prompt)
-    inputs = body.input_list
-    check_inputs(services, inputs)
-    name = prompt_name(body.prompt, services)
-    services.engine.get_prompt(name)  # 404 before tokenizing
-    encoded = [services.tokenizer.encode_with_offsets(text) for text in inputs]
-    seqs = [services.engine.make_sequence(name, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
+    inputs, prompt = _resolve(request, services, body)
+    encoded = [await services.encoder.encode_with_offsets(text, f"inputs.{i}") for i, text in enumerate(inputs)]
+    seqs = [services.engine.make_sequence(prompt, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
             for ids, _ in encoded]
-    labels = seqs[0].prompt.labels  # the version each request runs with
+    labels = prompt.labels
     outs, headers = await _run(request, services, "/v1/tag", seqs)
     results = []
     for i, (text, (_, offsets), out) in enumerate(zip(inputs, encoded, outs)):
@@ -92,14 +93,11 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
 @router.post("/classify", response_model=ClassifyResponse, summary="Classify texts")
 async def classify(body: ClassifyRequest, request: Request, services: Services = Depends(get_services)):
     """Per input: the most probable label, its probability, and every label's probability."""
-    admit(request, body.prompt)
-    inputs = body.input_list
-    check_inputs(services, inputs)
-    name = prompt_name(body.prompt, services)
-    services.engine.get_prompt(name)  # 404 before tokenizing
-    seqs = [services.engine.make_sequence(name, services.tokenizer.encode(text), Mode.CLASSIFY, HEAD_ONLY,
-                                          services.settings.request_timeout_s) for text in inputs]
-    labels = seqs[0].prompt.labels
+    inputs, prompt = _resolve(request, services, body)
+    ids = [await services.encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
+    seqs = [services.engine.make_sequence(prompt, i, Mode.CLASSIFY, HEAD_ONLY, services.settings.request_timeout_s)
+            for i in ids]
+    labels = prompt.labels
     outs, headers = await _run(request, services, "/v1/classify", seqs)
     results = []
     for i, out in enumerate(outs):
@@ -124,14 +122,14 @@ def tagged_tokens(text: str, offsets, probs, labels: list[str], with_probs: bool
     return tokens
 
 
-BIO = re.compile(r"^(?P<tag>[BIESLU])[-_](?P<type>.+)$")
+BIO = re.compile(r"(?P<tag>[BIESLU])[-_](?P<type>.+)")
 
 
 def split_tag(label: str) -> tuple[str, str | None]:
     """'B-PER' -> ('B', 'PER'); 'O' -> ('O', None); a bare 'PER' continues like 'I-PER' (IO scheme)."""
     if label.upper() == "O":
         return "O", None
-    match = BIO.match(label)
+    match = BIO.fullmatch(label)
     return (match["tag"], match["type"]) if match else ("I", label)
 
 

@@ -1,0 +1,68 @@
+"""Tokenization and chat-template rendering off the event loop, with a cheap length check first.
+
+Tokenizing a long text takes seconds (3 MB: about 3 s on one core); on the event loop that would stall
+/health and every stream for as long. So every call runs in a small thread pool owned by the server (the
+Rust tokenizer releases the GIL while it works). Before that, a text that can never fit is refused at
+once: no vocabulary entry is longer than `longest_token_chars` characters, so a text longer than
+`max_seq_len * longest_token_chars` characters has more than `max_seq_len` tokens.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from app.engine.engine import InvalidRequest
+from app.engine.tokenizer import Tokenizer
+
+
+class TextTooLong(InvalidRequest):
+    """A text that cannot fit in the context whatever its tokens; `param` names the request field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int | None:
+    """The most characters of text one token can stand for; None when the tokenizer normalizes the text
+    first (a normalizer may merge characters, e.g. NFC, so no such bound holds)."""
+    backend = getattr(tokenizer.hf, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    # Byte-level and SentencePiece vocabularies spell each token with at least one character per text
+    # character it covers (a byte-level token has one character per byte, and a character is >= 1 byte).
+    return max(len(token) for token in tokenizer.hf.convert_ids_to_tokens(list(range(len(tokenizer.hf)))))
+
+
+class TextEncoder:
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int, threads: int):
+        self.tokenizer = tokenizer
+        longest = longest_token_chars(tokenizer)
+        self.max_chars = None if longest is None else max_seq_len * longest
+        self.max_seq_len = max_seq_len
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="softserve-tokenize")
+
+    def check_length(self, chars: int, param: str) -> None:
+        """TextTooLong (400) at once for a text too long to ever fit in the context."""
+        if self.max_chars is not None and chars > self.max_chars:
+            raise TextTooLong(f"{param} has {chars} characters, more than the {self.max_chars} that can fit in "
+                              f"the context of {self.max_seq_len} tokens; shorten it", param)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def encode(self, text: str, param: str) -> list[int]:
+        self.check_length(len(text), param)
+        return await self._run(self.tokenizer.encode, text)
+
+    async def encode_with_offsets(self, text: str, param: str) -> tuple[list[int], list[tuple[int, int]]]:
+        self.check_length(len(text), param)
+        return await self._run(self.tokenizer.encode_with_offsets, text)
+
+    async def chat(self, messages: list[dict], param: str = "messages") -> list[int]:
+        """Token ids of the rendered conversation; the template only adds text, so the contents bound it."""
+        self.check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), param)
+        return await self._run(self.tokenizer.apply_chat_template, messages)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
