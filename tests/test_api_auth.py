@@ -7,7 +7,7 @@ import pytest
 
 from tests.live_server import LiveServer, make_prompt_bytes, upload
 
-ADMIN, KEYS = "admin-secret", ["key-one", "key-two"]
+ADMIN, KEYS = "admin-secret", ["key-one", "key-two", "clé-trois"]  # a non-ASCII key works too
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def client(server):
 
 
 def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
+    return {"Authorization": f"Bearer {token}".encode()}  # UTF-8 on the wire
 
 
 def status_code(r: httpx.Response) -> tuple[int, str]:
@@ -46,6 +46,8 @@ def test_api_keys(client, method, path, body):
     r = call({})
     assert status_code(r) == (401, "missing_api_key") and r.headers["www-authenticate"] == "Bearer"
     assert status_code(call(bearer("nope"))) == (401, "invalid_api_key")
+    assert status_code(call(bearer("ключ"))) == (401, "invalid_api_key")  # F5: a non-ASCII token is no 500
+    assert status_code(call({"Authorization": b"Bearer \xff\xfe"})) == (401, "invalid_api_key")
     assert status_code(call({"Authorization": "Basic a2V5LW9uZQ=="})) == (401, "missing_api_key")
     for key in KEYS:
         assert call(bearer(key)).status_code == 200
@@ -56,6 +58,7 @@ def test_admin_token_guards_prompt_changes(client):
     data = make_prompt_bytes(base, "guarded")
     assert status_code(upload(client, "guarded", data)) == (401, "missing_admin_token")
     assert status_code(upload(client, "guarded", data, headers=bearer("wrong"))) == (403, "forbidden")
+    assert status_code(upload(client, "guarded", data, headers=bearer("jeton-ç"))) == (403, "forbidden")
     assert status_code(upload(client, "guarded", data, headers=bearer(KEYS[0]))) == (403, "forbidden")
     assert client.get("/v1/prompts/guarded", headers=bearer(KEYS[0])).status_code == 404  # nothing stored
     # the token works from any client address, loopback or not

@@ -7,10 +7,12 @@ include the P virtual positions first; SEQ_CLS with inputs_embeds pools the last
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import httpx
 import pytest
+import safetensors.torch
 import torch
 
 peft = pytest.importorskip("peft")
@@ -151,6 +153,17 @@ def test_bad_adapter_uploads(client, model_dir, tmp_path):
         r = client.put("/v1/prompts/bad-adapter", files={"adapter_config": ("c.json", config),
                                                          "adapter_model": ("m.safetensors", blob)},
                        data={"labels": labels} if labels else {})
+        assert r.status_code == 422, r.text
+        assert words in r.json()["error"]["message"]
+    # F9: odd JSON types in the config, and a 0-d head, are refusals that name the problem, never a 500
+    parsed = json.loads(config)
+    odd_configs = [({**parsed, "peft_type": ["PROMPT_TUNING"]}, weights, "PEFT type ['PROMPT_TUNING'] is not supported"),
+                   ({**parsed, "task_type": {"SEQ_CLS": 1}}, weights, "PEFT task type {'SEQ_CLS': 1} is not supported"),
+                   (parsed, safetensors.torch.save({"prompt_embeddings": torch.zeros(P, 576),
+                                                    "score.weight": torch.tensor(1.0)}), "2-D weight")]
+    for odd, blob, words in odd_configs:
+        r = client.put("/v1/prompts/bad-adapter", files={"adapter_config": ("c.json", json.dumps(odd).encode()),
+                                                         "adapter_model": ("m.safetensors", blob)})
         assert r.status_code == 422, r.text
         assert words in r.json()["error"]["message"]
     assert client.get("/v1/prompts/bad-adapter").status_code == 404
