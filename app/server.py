@@ -1,10 +1,12 @@
 """FastAPI app factory. The lifespan loads the model once, in the background, so /health answers 503
 while loading and 200 when ready.
 
-Graceful shutdown: on SIGTERM/SIGINT the app starts draining at once (before uvicorn waits for open
-connections): new requests get 503, in-flight ones may finish for `shutdown_grace_s`, then are cancelled,
-so every stream still ends with a final chunk and `data: [DONE]`. The store is only ever written
-atomically, so stopping at any point leaves it intact.
+Graceful shutdown: the first SIGTERM/SIGINT starts draining and is held back from uvicorn until the engine
+has drained, so the server keeps listening meanwhile: /health and new requests get 503 (a load balancer
+sees the replica leave), in-flight ones may finish for `shutdown_grace_s`, then are cancelled, so every
+stream still ends with a final chunk and `data: [DONE]`. Then uvicorn gets the signal and exits. A second
+signal goes to uvicorn at once. The store is only ever written atomically, so stopping at any point
+leaves it intact.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def drain(app: FastAPI) -> None:
 
 
 def _chain_stop_signals(app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
-    """Start draining as soon as SIGTERM/SIGINT arrives, then hand the signal on (to uvicorn's handler)."""
+    """Drain on SIGTERM/SIGINT, then hand the signal on (to uvicorn's handler, which stops listening)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             previous = signal.getsignal(sig)
@@ -120,10 +122,17 @@ def _chain_stop_signals(app: FastAPI, loop: asyncio.AbstractEventLoop) -> None:
             continue  # nobody to hand on to (default/ignored): the server runner handles stopping
 
         def handler(signum, frame, previous=previous):
-            loop.call_soon_threadsafe(drain, app)
-            previous(signum, frame)
+            loop.call_soon_threadsafe(_drain_then_stop, app, lambda: previous(signum, frame))
 
         try:
             signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. a test client): the lifespan end still drains
             return
+
+
+def _drain_then_stop(app: FastAPI, stop) -> None:
+    if app.state.drained is not None:  # a second signal: stop now
+        stop()
+        return
+    drain(app)
+    app.state.drained.add_done_callback(lambda _: stop())

@@ -1,5 +1,6 @@
-"""Graceful shutdown: SIGTERM during a long stream ends the stream cleanly (a final chunk with a finish
-reason, then [DONE]), the process exits within the grace period, and the prompt store is intact."""
+"""Graceful shutdown: SIGTERM during a long stream keeps the server listening while it drains (/health and
+new requests answer 503), ends the stream cleanly (a final chunk with a finish reason, then [DONE]), the
+process exits within the grace period, and the prompt store is intact."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,13 @@ def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
         assert first_chunk.wait(60), server.output()
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        with httpx.Client(base_url=server.url, timeout=5) as fresh:  # a new connection: still listening
+            health = fresh.get("/health")
+            refused = fresh.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert time.monotonic() - start < GRACE_S  # asked while the stream was still draining
+        assert health.status_code == 503 and health.json()["error"]["code"] == "shutting_down"
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
         reader.join(GRACE_S + 30)
         assert not reader.is_alive()
         server.proc.wait(GRACE_S + 30)
