@@ -1,0 +1,158 @@
+"""One client can never hurt another (issue #11): the hostile-client findings, each as a reproducer over real
+HTTP against one live server. Big bodies and long texts do not stall /health; a non-streaming request whose
+client leaves frees its slot; a request of many inputs is one request for the queue limit."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.live_server import LiveServer, make_prompt_bytes, upload
+
+MAX_SEQ_LEN = 1024
+MAX_WAITING = 4
+SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN), "SOFTSERVE_MAX_WAITING": str(MAX_WAITING),
+            "SOFTSERVE_MAX_TOKENS_PER_REQUEST": str(10**7)}
+WORDS = "the quick brown fox jumps over a lazy dog while seven tired bakers sing about cheese".split()
+HEALTH_WITHIN_S = 0.1
+
+
+def words(chars: int, seed: int = 0) -> str:
+    """Ordinary text (about 5 characters per token), `chars` long."""
+    text = " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(chars // 3))
+    return text[:chars]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(tmp_path_factory.mktemp("isolation") / "store", SETTINGS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base(client):
+    return client.get("/v1/prompts").json()["base"]
+
+
+@pytest.fixture(scope="module")
+def longest_text(client) -> int:
+    """The most characters the server accepts before tokenizing: one character past it is refused at once."""
+    r = client.post("/v1/completions", json={"prompt": "x" * 10**6, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long", r.text
+    return int(r.json()["error"]["message"].split("more than the ")[1].split(" ")[0])
+
+
+def health_latencies(url: str, busy: threading.Thread) -> list[float]:
+    """/health round trips (new connection each) while `busy` runs."""
+    latencies = []
+    with httpx.Client(base_url=url, timeout=10) as probe:
+        while busy.is_alive():
+            start = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.05)
+    return latencies
+
+
+def in_background(fn) -> tuple[threading.Thread, dict]:
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(response=fn()))
+    thread.start()
+    return thread, result
+
+
+def test_health_answers_while_a_10mb_body_is_refused(server):
+    """F3: a 10 MB inference body (no Content-Length: the server must count) is a 413 at 4 MB, and /health
+    keeps answering meanwhile."""
+    def body():
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"a" * (100 << 10)
+            time.sleep(0.01)
+        yield b'"}'
+
+    def post():
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            return c.post("/v1/completions", content=body(), headers={"content-type": "application/json"})
+
+    thread, result = in_background(post)
+    latencies = health_latencies(server.url, thread)
+    thread.join()
+    r = result["response"]
+    assert r.status_code == 413 and "SOFTSERVE_MAX_REQUEST_MB" in r.json()["error"]["message"]
+    assert latencies and max(latencies) < HEALTH_WITHIN_S, latencies
+
+
+def test_health_answers_while_3mb_of_text_is_tokenized(server, client, longest_text, base):
+    """F3: tokenizing runs off the event loop; ~3 MB of inputs that each could fit take seconds to tokenize,
+    and /health answers within 100 ms all along. Then each input is refused as too long for the context."""
+    assert upload(client, "cls3mb", make_prompt_bytes(base, "cls3mb", "classify", labels=["a", "b"])).status_code == 201
+    per_input = longest_text - 10
+    inputs = [words(per_input, seed) for seed in range(3_000_000 // per_input)]
+    thread, result = in_background(lambda: httpx.post(server.url + "/v1/classify", timeout=120,
+                                                      json={"prompt": "cls3mb", "inputs": inputs}))
+    latencies = health_latencies(server.url, thread)
+    thread.join()
+    r = result["response"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+    assert f"exceed the context of {MAX_SEQ_LEN}" in r.json()["error"]["message"]
+    assert len(latencies) >= 5 and max(latencies) < HEALTH_WITHIN_S, latencies
+
+
+@pytest.mark.parametrize("route, body, param", [
+    ("/v1/completions", lambda n: {"prompt": "y" * n}, "prompt"),
+    ("/v1/chat/completions", lambda n: {"messages": [{"role": "user", "content": "y" * (n // 2)},
+                                                     {"role": "user", "content": "y" * (n // 2 + 2)}]}, "messages"),
+    ("/v1/generate", lambda n: {"inputs": ["short", "y" * (n + 1)]}, "inputs.1"),
+])
+def test_text_that_cannot_fit_is_refused_before_tokenizing(client, longest_text, route, body, param):
+    r = client.post(route, json=body(longest_text + 1))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("input_too_long", param)
+    assert f"more than the {longest_text} that can fit in the context of {MAX_SEQ_LEN} tokens" in error["message"]
+
+
+def running(client) -> int:
+    return client.get("/health").json()["running"]
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(server, client):
+    """F6: the request's slot is freed within a second of the client dropping the connection."""
+    body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 900, "ignore_eos": True}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    deadline = time.monotonic() + 30
+    while running(client) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running(client) == 1
+    sock.close()
+    dropped = time.monotonic()
+    while running(client) != 0 and time.monotonic() - dropped < 5:
+        time.sleep(0.05)
+    freed_after = time.monotonic() - dropped
+    assert running(client) == 0 and freed_after < 1.0, freed_after
+
+
+def test_many_inputs_are_one_request_for_the_queue_limit(server, client, base):
+    """F11: a classify call of 48 inputs (queue limit: 4 requests) is admitted whole, and another client's
+    request sent at the same time is not refused because of it."""
+    assert upload(client, "cls48", make_prompt_bytes(base, "cls48", "classify", labels=["a", "b"])).status_code == 201
+    big = {"prompt": "cls48", "inputs": [words(40, i) for i in range(48)]}
+    thread, result = in_background(lambda: httpx.post(server.url + "/v1/classify", json=big, timeout=120))
+    small = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    thread.join()
+    assert result["response"].status_code == 200, result["response"].text
+    assert len(result["response"].json()["results"]) == 48
+    assert small.status_code == 200, small.text
