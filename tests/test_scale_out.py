@@ -1,7 +1,9 @@
 """Scale-out without Docker: two server processes share one prompt folder; a prompt uploaded to one serves
-from the other within a few polls, and a delete propagates the same way."""
+from the other within a few polls, a delete propagates the same way, a delete and re-create converges, and
+racing uploads of one name never both succeed silently."""
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -10,10 +12,13 @@ import pytest
 from tests.live_server import LiveServer, make_prompt_bytes, start_servers, upload
 
 
+WATCH_INTERVAL_S = 0.5
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     store = tmp_path_factory.mktemp("shared") / "store"
-    env = {"SOFTSERVE_WATCH_INTERVAL_S": "0.5"}
+    env = {"SOFTSERVE_WATCH_INTERVAL_S": str(WATCH_INTERVAL_S)}
     a, b = LiveServer(store, env), LiveServer(store, env)
     start_servers(a, b)
     yield a, b
@@ -53,3 +58,54 @@ def test_upload_to_one_serves_from_the_other(replicas):
                     and ca.get("/v1/prompts/shared-gen").json()["version"] == 2)
         assert cb.delete("/v1/prompts/shared-cls").status_code == 200
         assert poll(lambda: ca.post("/v1/classify", json=cls).status_code == 404)
+
+
+def test_delete_and_recreate_converges_on_every_replica(replicas):
+    """F7: v1 deleted and re-created with other tensors on A, between two polls of B: B serves the new
+    tensors within two watch intervals, not the old ones forever."""
+    a, b = replicas
+    with httpx.Client(base_url=a.url, timeout=60) as ca, httpx.Client(base_url=b.url, timeout=60) as cb:
+        base = ca.get("/v1/prompts").json()["base"]
+        body = {"model": "flip", "prompt": "Hello there", "max_tokens": 6, "temperature": 0}
+        assert upload(ca, "flip", make_prompt_bytes(base, "flip", seed=5, scale=2.0)).status_code == 201
+        assert poll(lambda: cb.post("/v1/completions", json=body).status_code == 200)
+        old_text = cb.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert ca.delete("/v1/prompts/flip").status_code == 200
+        recreated = upload(ca, "flip", make_prompt_bytes(base, "flip", seed=6, scale=2.0))
+        assert recreated.status_code == 201 and recreated.json()["version"] == 1
+        new_text = ca.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert new_text != old_text  # the two prompts answer differently, so B's answer tells which it serves
+        start = time.monotonic()
+        assert poll(lambda: cb.get("/v1/prompts/flip").json().get("digest") == recreated.json()["digest"]
+                    and cb.post("/v1/completions", json=body).json()["choices"][0]["text"] == new_text)
+        assert time.monotonic() - start < 2 * WATCH_INTERVAL_S + 1.0  # two polls, plus the requests' own time
+
+
+def test_simultaneous_uploads_of_one_name_never_both_succeed_silently(replicas):
+    """F7: PUTs of one name racing on two replicas: each stored version has one writer (the loser of a race
+    gets 409 version_conflict and can retry), and both replicas end on the same version and digest."""
+    a, b = replicas
+    with httpx.Client(base_url=a.url, timeout=60) as ca, httpx.Client(base_url=b.url, timeout=60) as cb:
+        base = ca.get("/v1/prompts").json()["base"]
+        responses = []
+        for round_ in range(6):
+            barrier = threading.Barrier(2)
+
+            def put(client, seed):
+                data = make_prompt_bytes(base, "raced", seed=seed)
+                barrier.wait()
+                responses.append(upload(client, "raced", data))
+
+            threads = [threading.Thread(target=put, args=(c, 2 * round_ + i)) for i, c in enumerate((ca, cb))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        stored = [r.json() for r in responses if r.status_code in (200, 201)]
+        refused = [r.json()["error"] for r in responses if r.status_code == 409]
+        assert len(stored) + len(refused) == len(responses) == 12, [r.text for r in responses]
+        assert len({s["version"] for s in stored}) == len(stored)  # no version was claimed twice
+        assert all(e["code"] == "version_conflict" and "retry" in e["message"] for e in refused)
+        final = ca.get("/v1/prompts/raced").json()
+        assert final["digest"] in {s["digest"] for s in stored}
+        assert poll(lambda: cb.get("/v1/prompts/raced").json()["digest"] == final["digest"])

@@ -131,7 +131,10 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
     async with lock:  # one writer per store in this process: versions are numbered in order
         existed = name in services.registry
         stored = await asyncio.to_thread(services.registry.add, pf)
-    return JSONResponse(_info(services, _find(services, stored.name), history=True), status_code=200 if existed else 201)
+    # The version this upload stored, even if another replica's newer one was picked up meanwhile.
+    info = dataclasses.replace(_find(services, stored.name), version=stored.version, digest=stored.digest,
+                               created_at=stored.created_at)
+    return JSONResponse(_info(services, info, history=True), status_code=200 if existed else 201)
 
 
 @router.delete("/{name}", response_model=DeletedPrompt, dependencies=[Depends(require_admin)],
