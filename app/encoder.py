@@ -60,7 +60,11 @@ class TextEncoder:
         return await self._run(self.tokenizer.encode_with_offsets, text)
 
     async def chat(self, messages: list[dict], param: str = "messages") -> list[int]:
-        """Token ids of the rendered conversation; the template only adds text, so the contents bound it."""
+        """Token ids of the rendered conversation. The template only adds text, so the contents bound it,
+        and it marks every message with at least one token, so does their number."""
+        if len(messages) > self.max_seq_len:
+            raise TextTooLong(f"{param} has {len(messages)} messages, more than can fit in the context of "
+                              f"{self.max_seq_len} tokens", param)
         self.check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), param)
         return await self._run(self.tokenizer.apply_chat_template, messages)
 
