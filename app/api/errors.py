@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
+from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists
@@ -70,6 +70,7 @@ ENGINE_ERRORS = [
     (PromptFormatError, 422, "invalid_prompt"),
     (PromptExists, 409, "prompt_exists"),
     (Overloaded, 429, "overloaded"),
+    (ShuttingDown, 503, "shutting_down"),
 ]
 
 
