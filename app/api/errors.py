@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.encoder import TextTooLong
-from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
+from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists, VersionConflict
@@ -104,6 +104,7 @@ ENGINE_ERRORS = [
     (VersionConflict, 409, "version_conflict"),
     (PromptExists, 409, "prompt_exists"),
     (Overloaded, 429, "overloaded"),
+    (ShuttingDown, 503, "shutting_down"),
 ]
 
 

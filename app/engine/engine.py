@@ -21,15 +21,15 @@ from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.prompt_table import PromptTable
 from app.engine.runner import ModelRunner, StepResult
-from app.engine.scheduler import Overloaded, Scheduler
+from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler
 from app.engine.sequence import Mode, Output, Sequence, Status
-from app.engine.task_prompt import TaskPrompt, build_task_prompt, label_first_tokens
+from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
-           "WrongTaskType"]
+           "ShuttingDown", "WrongTaskType"]
 
 
 class InvalidRequest(ValueError):
@@ -38,6 +38,10 @@ class InvalidRequest(ValueError):
 
 class WrongTaskType(InvalidRequest):
     """The named prompt serves another kind of task than the route asked for."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine stopped admitting requests: the server is draining."""
 
 
 class PromptNotFound(KeyError):
@@ -98,6 +102,7 @@ class AsyncEngine:
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
         self._incoming: list[Sequence] = []
+        self._waiting_requests = 0  # requests in the scheduler's waiting queue, as the engine thread last saw
         self._lock = threading.Lock()  # guards _incoming and the waiting count seen by submitters
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,9 +123,10 @@ class AsyncEngine:
 
     # ---- prompts -------------------------------------------------------------------------------------
     def check_prompt(self, prompt_file) -> None:
-        """Refuse, before it is stored, a prompt this engine could not serve (ValueError)."""
-        if prompt_file.task == "classify" and prompt_file.head_weight is None:
-            label_first_tokens(prompt_file.labels, self.tokenizer.encode)
+        """Refuse, before it is stored, a prompt this engine could not serve (ValueError): label words the LM
+        head cannot tell apart, or values that give non-finite outputs. Runs a small forward: call it off the
+        event loop."""
+        check_servable(self.model, prompt_file, self.tokenizer.encode)
 
     def load_prompt(self, prompt_file) -> TaskPrompt:
         """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
@@ -143,13 +149,15 @@ class AsyncEngine:
             raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them") from None
 
     # ---- requests ------------------------------------------------------------------------------------
-    def make_sequence(self, prompt_name: str | None, token_ids: list[int], mode: Mode, sampling,
+    def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], mode: Mode, sampling,
                       timeout_s: float | None = None) -> Sequence:
-        """Resolve the prompt (its current version is kept for the whole request) and check the limits."""
-        prompt = self.get_prompt(prompt_name)
+        """prompt: a name (resolved here to its current version) or an already resolved TaskPrompt (every
+        input of one request passes the same object, so they all run one version); None: the bare model."""
+        if isinstance(prompt, str):
+            prompt = self.get_prompt(prompt)
         task = "generate" if prompt is None else prompt.task
         if task != mode.value:
-            raise WrongTaskType(f"prompt {prompt_name!r} is a {task!r} prompt, not {mode.value!r}"
+            raise WrongTaskType(f"prompt {prompt.name!r} is a {task!r} prompt, not {mode.value!r}"
                                  if prompt else f"the base model only generates; {mode.value} needs a prompt")
         if not token_ids:
             raise InvalidRequest("the input is empty")
@@ -160,23 +168,31 @@ class AsyncEngine:
                 f"{seq.prefix_len} virtual + {len(token_ids)} input + "
                 f"{seq.sampling.max_tokens if mode == Mode.GENERATE else 0} new tokens exceed the context "
                 f"of {self.config.max_seq_len}; shorten the input or lower max_tokens")
-        if sampling.seed is not None:
-            seq.generator = torch.Generator(device=self.runner.device).manual_seed(sampling.seed)
         return seq
+
+    def _submit(self, seqs: list[Sequence]) -> list[_Stream]:
+        """Queue the sequences of one request together, or refuse them all. The queue limit counts
+        requests, not sequences: a call with 48 inputs takes one place, as a call with one input does."""
+        loop = asyncio.get_running_loop()
+        streams = [_Stream(loop, self.tokenizer) for _ in seqs]
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            queued = self._waiting_requests + len({seq.group for seq in self._incoming})
+            if queued >= self.config.max_waiting:
+                raise Overloaded(f"the server is at capacity ({self.config.max_waiting} requests waiting); "
+                                 f"retry later")
+            for seq, stream in zip(seqs, streams):
+                seq.group = seqs[0].request_id
+                self._streams[seq.request_id] = stream
+                self._seqs[seq.request_id] = seq
+            self._incoming.extend(seqs)
+        self._wake.set()
+        return streams
 
     async def stream(self, seq: Sequence) -> AsyncIterator[Output]:
         """Submit and yield outputs until the last; leaving early (client gone) cancels the request."""
-        stream = _Stream(asyncio.get_running_loop(), self.tokenizer)
-        with self._lock:
-            if self._stopping:
-                raise Overloaded("the server is shutting down")
-            if len(self.scheduler.waiting) + len(self._incoming) >= self.config.max_waiting:
-                raise Overloaded(f"the server is at capacity ({self.config.max_waiting} requests waiting); "
-                                 f"retry later")
-            self._streams[seq.request_id] = stream
-            self._seqs[seq.request_id] = seq
-            self._incoming.append(seq)
-        self._wake.set()
+        stream, = self._submit([seq])
         finished = False
         try:
             while not finished:
@@ -187,16 +203,20 @@ class AsyncEngine:
             if not finished:
                 self.abort(seq.request_id)
 
+    async def run_group(self, seqs: list[Sequence]) -> list[Output]:
+        """Run the sequences of one request (admitted together, batched together) to their ends. Raises
+        Overloaded or ShuttingDown before anything runs; if the caller is cancelled, all of them are."""
+        streams = self._submit(seqs)
+        try:
+            return list(await asyncio.gather(*(_collect(seq, stream) for seq, stream in zip(seqs, streams))))
+        finally:
+            for seq in seqs:
+                if seq.status != Status.FINISHED:
+                    self.abort(seq.request_id)
+
     async def run_to_end(self, seq: Sequence) -> Output:
-        """Collect a whole request into one Output (text and tokens concatenated)."""
-        total = Output(seq.request_id)
-        async for out in self.stream(seq):
-            total.text += out.text
-            total.tokens += out.tokens
-            total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
-            total.prompt_tokens, total.completion_tokens, total.probs = \
-                out.prompt_tokens, out.completion_tokens, out.probs
-        return total
+        """Collect one request into one Output (text and tokens concatenated)."""
+        return (await self.run_group([seq]))[0]
 
     def abort(self, request_id: int) -> None:
         seq = self._seqs.get(request_id)
@@ -227,21 +247,31 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while not self._thread_stop:
-            with self._lock:
-                incoming, self._incoming = self._incoming, []
-            for seq in incoming:
-                self.scheduler.waiting.append(seq)  # the bound was checked at submit
-            if not self.scheduler.has_work:
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.step()
+                outputs = self._iterate()
             except Exception as e:  # a bug or a device error must not kill the engine: fail what ran
                 log.exception("engine step failed")
                 outputs = [self._finish(seq, "error", error=f"internal error in the engine: {e}")
                            for seq in list(self.scheduler.running)]
             self._deliver(outputs)
+
+    def _iterate(self) -> list[Output]:
+        """Take in what was submitted, run one step if there is work, else wait for some."""
+        with self._lock:  # the bound was checked at submit
+            self.scheduler.waiting.extend(self._incoming)
+            self._incoming = []
+            self._count_waiting_requests()
+        if not self.scheduler.has_work:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            return []
+        outputs = self.step()
+        self._count_waiting_requests()
+        return outputs
+
+    def _count_waiting_requests(self) -> None:
+        """On the engine thread: what submitters compare with the queue limit (they never read the queue)."""
+        self._waiting_requests = len({seq.group for seq in self.scheduler.waiting})
 
     def step(self) -> list[Output]:
         outputs = self._reap()
@@ -250,17 +280,40 @@ class AsyncEngine:
             return outputs
         for seq in step.admitted:
             self.runner.write_prefix(seq)
-        result = self.runner.run(step)
+        result, failed = self._run_isolating_faults(step)
         self._counters["steps_total"] += 1
         self._counters["last_batch_tokens"] = result.num_tokens
         if self.on_step is not None:
             self.on_step(len(step.decode) + len(step.prefill), result.num_tokens)
+        outputs += [self._finish(seq, "error", error=f"internal error in the engine: {error}")
+                    for seq, error in failed.items()]
         for seq, n in step.prefill:
-            seq.num_cached += n
-            self._counters["prompt_tokens_total"] += n
+            if seq not in failed:
+                seq.num_cached += n
+                self._counters["prompt_tokens_total"] += n
         for seq in step.decode:
-            seq.num_cached += 1
-        return outputs + self._postprocess(step.decode + [s for s, _ in step.prefill], result)
+            if seq not in failed:
+                seq.num_cached += 1
+        return outputs + self._postprocess([seq for seq in step.sequences if seq not in failed], result)
+
+    def _run_isolating_faults(self, step: ScheduledStep) -> tuple[StepResult, dict[Sequence, Exception]]:
+        """Run the step; if it fails, run it again in halves, down to the sequences that fail alone, so that
+        one request's fault (a bad value, a device error on its row) fails that request and no other.
+        Running a part again rewrites the same K,V positions with the same values, and seeded draws depend
+        only on (seed, token index): the survivors get exactly what they would have got."""
+        try:
+            return self.runner.run(step), {}
+        except Exception as e:
+            seqs = step.sequences
+            if len(seqs) == 1:
+                log.exception("request %d failed in the engine", seqs[0].request_id)
+                return StepResult(), {seqs[0]: e}
+            log.warning("a step of %d sequences failed (%s: %s); running it again in halves", len(seqs),
+                        type(e).__name__, e)
+            first, second = step.halves()
+            result, failed = self._run_isolating_faults(first)
+            more, more_failed = self._run_isolating_faults(second)
+            return result.merge(more), failed | more_failed
 
     def _reap(self) -> list[Output]:
         now = time.monotonic()
@@ -347,6 +400,18 @@ class AsyncEngine:
             kv_tokens_total=self.cache.num_slots * self.cache.max_seq_len,
             **self._counters,
         )
+
+
+async def _collect(seq: Sequence, stream: _Stream) -> Output:
+    """One sequence's outputs concatenated into one, once it finished."""
+    total = Output(seq.request_id)
+    while not total.finished:
+        out = await stream.queue.get()
+        total.text += out.text
+        total.tokens += out.tokens
+        total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
+        total.prompt_tokens, total.completion_tokens, total.probs = out.prompt_tokens, out.completion_tokens, out.probs
+    return total
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import CachedAttention, KVCache, PrefillChunk
 from app.engine.model import Transformer
-from app.engine.sampling import TokenChoice, sample
+from app.engine.sampling import TokenChoice, sample, sanitize
 from app.engine.scheduler import ScheduledStep
 from app.engine.sequence import Mode, Sequence
 
@@ -29,12 +29,19 @@ class StepResult:
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # request_id -> label probabilities (CPU)
     num_tokens: int = 0  # tokens that went through the model
 
+    def merge(self, other: StepResult) -> StepResult:
+        self.tokens.update(other.tokens)
+        self.probs.update(other.probs)
+        self.num_tokens += other.num_tokens
+        return self
+
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: KVCache, static: StaticDecoder | None = None):
         """static: runs the decode-only steps (CUDA graphs); steps with prefill always run eagerly."""
         self.model, self.cache, self.static = model, cache, static
         self.device = model.embed_tokens.weight.device
+        self.generator = torch.Generator(device=self.device)  # reseeded for every seeded draw (sampling.py)
 
     def write_prefix(self, seq: Sequence) -> None:
         if seq.prompt is not None:
@@ -49,7 +56,7 @@ class ModelRunner:
             slots.append(seq.slot)
         if self.static is not None and not step.prefill:
             logits = self.static.run(tokens, positions, slots)
-            choices = sample(logits, [s.sampling for s in step.decode], [s.generator for s in step.decode])
+            choices = self._sample(logits, step.decode)
             return StepResult(tokens={s.request_id: c for s, c in zip(step.decode, choices)}, num_tokens=len(tokens))
         chunks = []
         for seq, n in step.prefill:
@@ -76,9 +83,12 @@ class ModelRunner:
                 result.probs[seq.request_id] = self.classify(seq, hidden[last]).cpu()
         if to_sample:
             logits = self.model.logits(hidden[[row for _, row in to_sample]])
-            choices = sample(logits, [s.sampling for s, _ in to_sample], [s.generator for s, _ in to_sample])
+            choices = self._sample(logits, [s for s, _ in to_sample])
             result.tokens = {s.request_id: c for (s, _), c in zip(to_sample, choices)}
         return result
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenChoice]:
+        return sample(logits, [s.sampling for s in seqs], [len(s.output_ids) for s in seqs], self.generator)
 
     def classify(self, seq: Sequence, last_hidden: torch.Tensor) -> torch.Tensor:
         """A sequence head at the last text token, or the LM head's scores of the label words."""
@@ -86,4 +96,4 @@ class ModelRunner:
         if prompt.head_weight is not None:
             return prompt.head(last_hidden)
         word_logits = self.model.logits(last_hidden)[prompt.label_token_ids]
-        return word_logits.float().softmax(-1)
+        return sanitize(word_logits).softmax(-1)

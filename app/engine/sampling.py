@@ -1,14 +1,23 @@
 """Next-token choice for a batch of rows, each with its own parameters.
 
-Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with their own
-torch.Generator when a seed is given, so a seeded request gives the same tokens whatever else shares its
-batch.
+Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw. Every row is
+NaN-safe on its own: whatever values a row's logits or parameters hold (NaN, inf, a temperature of 1e-300),
+it yields a valid token and finite log-probabilities, so one request can never fail the rows it shares a
+step with.
+
+A seeded row draws its n-th token from a generator seeded with (seed, n), not from a generator that runs
+along with the request: the same seed gives the same tokens whatever shares the batch, and a step that is
+run again (after a failure elsewhere in it, or a preemption) draws exactly what it would have drawn.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW_TEMPERATURE = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows float32)
+LOGPROB_FLOOR = -9999.0  # what an impossible token's log-probability reads as (-inf is not valid JSON)
+SEED_RANGE = 1 << 64  # torch generators take 64-bit seeds; other integers are reduced into this range
 
 
 @dataclass
@@ -25,7 +34,7 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # also refuses NaN
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
@@ -33,10 +42,12 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if self.seed is not None:
+            self.seed %= SEED_RANGE
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
@@ -46,37 +57,59 @@ class TokenChoice:
     top: list[tuple[int, float]] | None = None  # (token id, logprob) alternatives
 
 
+def sanitize(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with NaN as the lowest value and infinities clamped to the finite range: every
+    softmax over them is well defined."""
+    low, high = torch.finfo(torch.float32).min, torch.finfo(torch.float32).max
+    return torch.nan_to_num(logits.float(), nan=low, posinf=high, neginf=low)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits (V,) -> logits with the tokens outside top-k / the top-p nucleus set to -inf."""
+    """logits (V,) -> logits with the tokens outside top-k / the top-p nucleus set to -inf. The most
+    probable token is always kept, however small top_p is."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> list[TokenChoice]:
-    """logits (R, V), one row per request -> one TokenChoice per row."""
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Sanitized logits (V,) -> the distribution the row draws from. Scaled after subtracting the maximum,
+    so the best token's scaled logit is 0 whatever the temperature: the softmax never sees inf - inf."""
+    scaled = (logits - logits.max()) / params.temperature
+    return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+
+
+def draw(probs: torch.Tensor, seed: int | None, index: int, generator: torch.Generator) -> int:
+    """One token from probs (V,); a seeded row's index-th draw depends only on (seed, index)."""
+    if seed is None:
+        return int(torch.multinomial(probs, 1)[0])
+    generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % SEED_RANGE)  # a golden-ratio stride per token
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+           generator: torch.Generator) -> list[TokenChoice]:
+    """logits (R, V), one row per request; positions: how many tokens each row's request has generated
+    (its draw index) -> one TokenChoice per row. generator: the engine's, reseeded per seeded draw."""
     if all(p.greedy and p.logprobs is None for p in params):  # the common case: one argmax, one sync
         return [TokenChoice(t) for t in logits.argmax(-1).tolist()]
-    logits = logits.float()
-    chosen = logits.argmax(-1)
+    logits = sanitize(logits)
+    chosen = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
-        chosen[i] = torch.multinomial(row.softmax(-1), 1, generator=generators[i])[0]
-    chosen_list = chosen.tolist()
+        if not p.greedy:
+            chosen[i] = draw(sampling_probs(logits[i], p), p.seed, positions[i], generator)
     if all(p.logprobs is None for p in params):
-        return [TokenChoice(t) for t in chosen_list]
-    logprobs = logits.log_softmax(-1)
+        return [TokenChoice(t) for t in chosen]
+    logprobs = logits.log_softmax(-1).clamp(min=LOGPROB_FLOOR)
     out = []
-    for i, (p, t) in enumerate(zip(params, chosen_list)):
+    for i, (p, t) in enumerate(zip(params, chosen)):
         if p.logprobs is None:
             out.append(TokenChoice(t))
             continue

@@ -29,6 +29,20 @@ class ScheduledStep:
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
+    @property
+    def sequences(self) -> list[Sequence]:
+        return self.decode + [seq for seq, _ in self.prefill]
+
+    def halves(self) -> tuple[ScheduledStep, ScheduledStep]:
+        """The same work split in two steps of about half the sequences each (to find a failing one)."""
+        seqs = self.sequences
+        first = set(seqs[:len(seqs) // 2])
+        return self._subset(first.__contains__), self._subset(lambda seq: seq not in first)
+
+    def _subset(self, keep) -> ScheduledStep:
+        return ScheduledStep([s for s in self.decode if keep(s)], [(s, n) for s, n in self.prefill if keep(s)],
+                             [s for s in self.admitted if keep(s)])
+
 
 class Scheduler:
     def __init__(self, cache: KVCache, max_waiting: int, max_batched_tokens: int):

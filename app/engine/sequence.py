@@ -40,7 +40,7 @@ class Output:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity, never a field-by-field comparison (prompts hold tensors)
 class Sequence:
     prompt: TaskPrompt | None  # None: the bare base model
     prompt_ids: list[int]
@@ -54,10 +54,10 @@ class Sequence:
     slot: int | None = None
     num_cached: int = 0  # text tokens whose K,V are in the slot
     output_ids: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
     head_probs: list[torch.Tensor] = field(default_factory=list)  # tag: one chunk per prefill step
     first_token_time: float | None = None
     cancelled: bool = False
+    group: int | None = None  # the request it belongs to: one HTTP request may submit many sequences
 
     @property
     def prefix_len(self) -> int:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.model import DenseAttention, ModelArgs, Transformer
+from app.engine.sampling import sanitize
 from prompt_store.format import PromptFile
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two versions of one name are different prompts, whatever their fields
 class TaskPrompt:
     name: str
     version: int
@@ -48,7 +49,7 @@ class TaskPrompt:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., hidden_size) -> label probabilities (..., labels)."""
         logits = torch.nn.functional.linear(hidden.to(self.head_weight.dtype), self.head_weight, self.head_bias)
-        return logits.float().softmax(-1)
+        return sanitize(logits).softmax(-1)
 
 
 class PrefixCounter:
@@ -92,6 +93,34 @@ def label_first_tokens(labels: list[str], encode) -> list[int]:
         raise ValueError("labels share a first token, so the LM head cannot score them apart; "
                          "upload the prompt with a classification head")
     return ids
+
+
+MAX_ABS_VALUE = 1e4  # trained prompts and heads stay orders of magnitude below; beyond it float32 math overflows
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog, 3 times; then it rests."
+
+
+@torch.inference_mode()
+def check_servable(model: Transformer, pf: PromptFile, encode) -> None:
+    """Raise ValueError unless the prompt gives finite outputs: bounded values, and a forward of its prefix,
+    the model and its head over a probe input that is finite everywhere (a 422 at upload, so that no request
+    ever meets a NaN from it)."""
+    for name, tensor in (("prompt_embeddings", pf.prompt_embeddings), ("head.weight", pf.head_weight),
+                         ("head.bias", pf.head_bias)):
+        if tensor is not None and not tensor.abs().max() <= MAX_ABS_VALUE:
+            raise ValueError(f"{name} has values beyond +-{MAX_ABS_VALUE:g}; no trained prompt needs them and "
+                             f"they overflow the model's arithmetic")
+    prompt = build_task_prompt(model, pf, encode)
+    ids = torch.tensor([encode(PROBE_TEXT)], device=prompt.k.device)
+    P, T = prompt.num_virtual_tokens, ids.shape[1]
+    prefix = [(prompt.k[layer][None], prompt.v[layer][None]) for layer in range(model.args.num_layers)]
+    hidden = model(torch.arange(P, P + T, device=ids.device)[None], DenseAttention(prefix=prefix), tokens=ids)[0]
+    outputs = {"the prompt's K,V prefix": torch.stack([prompt.k, prompt.v]), "the model's hidden states": hidden,
+               "the next-token logits": model.logits(hidden[-1])}
+    if prompt.head_weight is not None:
+        outputs["the head's logits"] = torch.nn.functional.linear(hidden, prompt.head_weight, prompt.head_bias)
+    for what, tensor in outputs.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"this prompt makes {what} non-finite (NaN or infinite) on a probe input")
 
 
 def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
