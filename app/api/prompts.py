@@ -124,7 +124,7 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
     pf = await _read_upload(request, services)
     pf = dataclasses.replace(pf, name=name)
     try:
-        services.engine.check_prompt(pf)
+        await asyncio.to_thread(services.engine.check_prompt, pf)  # a small forward: off the event loop
     except ValueError as e:
         raise APIError(422, str(e), "invalid_prompt") from e
     lock = _upload_lock(request)
