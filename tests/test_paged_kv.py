@@ -227,3 +227,24 @@ def test_tag_outputs_do_not_depend_on_cached_text(tiny_llama, tokenizer):
     assert first.probs.shape == second.probs.shape == (50, 3)
     assert torch.allclose(first.probs, second.probs, atol=1e-6)
     assert_same(first, second)
+
+
+def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenizer, monkeypatch):
+    """No other thread changes the engine's prompt table or runs the model beside its steps."""
+    import threading
+
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, [])
+    seen = []
+    for method in ("put", "remove"):
+        inner = getattr(engine.prompts, method)
+        monkeypatch.setattr(engine.prompts, method,
+                            lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))
+    try:
+        engine.load_prompt(prompts_for(loaded)[0])
+        served = run(engine, [("shallow", ids(5, 1), Mode.GENERATE, greedy(3))])[0]
+        engine.remove_prompt("shallow")
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert seen == ["softserve-engine", "softserve-engine"]
+    assert len(served.tokens) == 3 and "shallow" not in engine.prompts

@@ -7,11 +7,12 @@ reap cancelled/expired -> schedule -> write new prefixes -> one forward -> token
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
            "ShuttingDown", "WrongTaskType"]
@@ -116,6 +118,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False  # no new requests
         self._thread_stop = False  # the loop thread ends
+        self._calls: list[tuple[Callable, concurrent.futures.Future]] = []  # for the engine thread (prompt changes)
         self.on_step: Callable[[int, int], None] | None = None  # (sequences, tokens) after each forward
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
 
@@ -138,16 +141,43 @@ class AsyncEngine:
         check_servable(self.model, prompt_file, self.tokenizer.encode)
 
     def load_prompt(self, prompt_file) -> TaskPrompt:
-        """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
-        current = self.prompts.get(prompt_file.name)
-        if current is not None and prompt_file.version and current.version == prompt_file.version:
-            return current
-        task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
-        self.prompts.put(task_prompt)
-        return task_prompt
+        """Compute a prompt's prefix once and serve it; requests already admitted keep their version.
+        Runs on the engine thread (the caller waits): no other thread changes the prompt table or runs the
+        model beside the engine's steps."""
+        def load() -> TaskPrompt:
+            current = self.prompts.get(prompt_file.name)
+            if current is not None and prompt_file.version and current.version == prompt_file.version:
+                return current
+            task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
+            self.prompts.put(task_prompt)
+            return task_prompt
+
+        return self._on_engine_thread(load)
 
     def remove_prompt(self, name: str) -> None:
-        self.prompts.remove(name)
+        self._on_engine_thread(lambda: self.prompts.remove(name))
+
+    def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run fn between two steps of the engine thread and return its result; inline when no engine thread
+        runs (before start, after shutdown) or when called from it."""
+        with self._lock:
+            inline = self._thread is None or self._thread_stop or threading.current_thread() is self._thread
+            if not inline:
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                self._calls.append((fn, done))
+        if inline:
+            return fn()
+        self._wake.set()
+        return done.result()
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, done in calls:
+            try:
+                done.set_result(fn())
+            except Exception as e:  # the caller gets it
+                done.set_exception(e)
 
     def get_prompt(self, name: str | None) -> TaskPrompt | None:
         if name is None:
@@ -250,7 +280,8 @@ class AsyncEngine:
             self.abort(request_id)
         while self._seqs and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.02)
-        self._thread_stop = True
+        with self._lock:
+            self._thread_stop = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
@@ -258,12 +289,14 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._thread_stop:
             try:
+                self._run_calls()
                 outputs = self._iterate()
             except Exception as e:  # a bug or a device error must not kill the engine: fail what ran
                 log.exception("engine step failed")
                 outputs = [self._finish(seq, "error", error=f"internal error in the engine: {e}")
                            for seq in list(self.scheduler.running)]
             self._deliver(outputs)
+        self._run_calls()  # queued before the stop: nobody runs them after this thread
 
     def _iterate(self) -> list[Output]:
         """Take in what was submitted, run one step if there is work, else wait for some."""
