@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(2048, ge=16, description="positions per request: virtual tokens + input + max_tokens")
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
     max_batched_tokens: int = Field(2048, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
-    prompt_memory_gb: float | None = Field(None, gt=0, description="device memory for prompts' K,V prefixes; beyond it the least recently used wait in CPU memory")
+    block_size: int = Field(16, ge=1, le=256, description="positions per KV cache block")
+    prefix_caching: bool = Field(True, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
+    max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
     max_waiting: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(

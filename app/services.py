@@ -85,17 +85,16 @@ def load_services(settings: Settings) -> Services:
     tokenizer = Tokenizer(loaded.directory)
     max_seq_len = min(settings.max_seq_len, loaded.args.max_context)
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
-                          max_batched_tokens=settings.max_batched_tokens, max_waiting=settings.max_waiting,
-                          static_decode=None if settings.cuda_graphs else False,
-                          decode_attention=settings.decode_attention,
-                          prompt_memory_bytes=None if settings.prompt_memory_gb is None
-                          else int(settings.prompt_memory_gb * (1 << 30)))
+                          block_size=settings.block_size, prefix_caching=settings.prefix_caching,
+                          max_batched_tokens=settings.max_batched_tokens, max_num_seqs=settings.max_num_seqs,
+                          max_waiting=settings.max_waiting, static_decode=None if settings.cuda_graphs else False,
+                          decode_attention=settings.decode_attention)
     engine = AsyncEngine(loaded.model, tokenizer, config)
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:
         add_example_prompts(registry, settings.example_prompts_dir)
     connect_registry(registry, engine, settings.watch_interval_s)
-    log.info("loaded %s on %s (%s); KV cache: %d slots of %d positions", loaded.name, device,
-             settings.resolved_dtype(), engine.cache.num_slots, max_seq_len)
+    log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d", loaded.name, device,
+             settings.resolved_dtype(), engine.blocks.num_usable, settings.block_size, max_seq_len)
     return Services(settings, loaded, tokenizer, engine, registry,
                     TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads))

@@ -439,13 +439,16 @@ def test_metrics(client, prompts):
     assert 'softserve_requests_total{prompt="cls",route="/v1/classify",status="200"}' in text
     assert 'route="/v1/prompts/{name}"' in text  # templates, not raw paths
     for name in ["softserve_queue_depth", "softserve_running_requests", "softserve_batch_tokens",
-                 "softserve_kv_tokens_used", "softserve_kv_tokens_total", "softserve_kv_usage_ratio",
+                 "softserve_kv_blocks_used", "softserve_kv_blocks_total", "softserve_kv_usage_ratio",
+                 "softserve_prefix_cache_queries_total", "softserve_prefix_cache_hits_total",
+                 "softserve_preemptions_total",
                  "softserve_time_to_first_token_seconds_bucket", "softserve_request_duration_seconds_bucket",
                  "softserve_queue_time_seconds_bucket", 'softserve_prompt_tokens_total{prompt="gen"',
                  'softserve_generated_tokens_total{prompt="gen"', "softserve_ready 1.0"]:
         assert name in text, name
     samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
-    assert samples["softserve_kv_tokens_total"] > 0
+    assert samples["softserve_kv_blocks_total"] > 0 and samples["softserve_kv_block_size"] == 16
+    assert samples["softserve_kv_blocks_used"] == 0  # nothing runs: every block is free or cached
     assert samples['softserve_time_to_first_token_seconds_count{prompt="gen"}'] >= 1
     assert samples['softserve_generated_tokens_total{prompt="gen",route="/v1/completions"}'] >= 3

@@ -104,7 +104,7 @@ def test_a_fault_on_one_requests_row_fails_only_that_request(tiny_llama, tokeniz
         assert_same(a, b)
         assert b.finish_reason == a.finish_reason
     assert_same(after, alone[0])
-    assert engine.stats().kv_slots_used == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_deleting_and_recreating_a_prompt_while_requests_run(tiny_llama, tokenizer):
@@ -180,7 +180,7 @@ def test_cancelling_a_group_cancels_every_sequence_in_it(tiny_llama, tokenizer):
         stats = asyncio.run(go())
     finally:
         asyncio.run(engine.shutdown(1))
-    assert (stats.running, stats.waiting, stats.kv_slots_used) == (0, 0, 0)
+    assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("tensor, value", [("head_weight", 1e38), ("prompt_embeddings", 1e30), ("head_bias", 1e5)])

@@ -1,41 +1,57 @@
-"""The serving cache's attention: its two ways of running prefill chunks agree, beside decode rows."""
+"""Attention over the paged cache: its two ways of running prefill chunks agree beside decode rows, and both
+equal plain attention over each sequence's keys laid out contiguously."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from app.engine.kv_cache import CachedAttention, KVCache, PrefillChunk
+from app.engine.attention import PagedAttention, PrefillChunk
+from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
 
 ARGS = ModelArgs("llama", 100, 48, 96, 2, 6, 2, 8)  # 3 query heads per KV head
+B = 4  # positions per block: every sequence below spans several, scattered over the pool
 
 
 def step_inputs():
-    """Two decode rows (slots 5 and 1: not dense) and three prefill chunks: one from position 0 (no prefix),
-    one after a 7-position prefix, one continuing a chunked prompt at position 30."""
-    decode = [(5, 12), (1, 40)]  # (slot, position)
-    chunks, slots, positions = [], [s for s, _ in decode], [p for _, p in decode]
-    for slot, start, length in ((0, 0, 9), (3, 7, 4), (2, 30, 13)):
-        chunks.append(PrefillChunk(slot, len(slots), length, start))
-        slots += [slot] * length
+    """Two decode rows and three prefill chunks: one from position 0 (no prefix), one after a 7-position
+    prefix, one continuing a chunked prompt at position 30. Block tables are scattered, not in order."""
+    g = torch.Generator().manual_seed(3)
+    order = (torch.randperm(60, generator=g) + 1).tolist()  # block 0 is scratch
+    tables = [order[i * 12:(i + 1) * 12] for i in range(5)]
+    decode = [(tables[0], 12), (tables[1], 40)]  # (table, position)
+    chunks, positions, slots = [], [p for _, p in decode], [t[p // B] * B + p % B for t, p in decode]
+    for table, start, length in ((tables[2], 0, 9), (tables[3], 7, 4), (tables[4], 30, 13)):
+        chunks.append(PrefillChunk(table, len(positions), length, start))
         positions += range(start, start + length)
-    return slots, positions, len(decode), chunks
+        slots += [table[p // B] * B + p % B for p in range(start, start + length)]
+    return slots, positions, [t for t, _ in decode], chunks
 
 
-def test_padded_and_per_chunk_prefill_attention_agree():
-    slots, positions, num_decode, chunks = step_inputs()
+def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention():
+    slots, positions, decode_tables, chunks = step_inputs()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, len(slots), ARGS.num_heads, ARGS.head_dim, generator=g)
     k = torch.randn(1, len(slots), ARGS.num_kv_heads, ARGS.head_dim, generator=g)
     v = torch.randn(1, len(slots), ARGS.num_kv_heads, ARGS.head_dim, generator=g)
     outs = {}
     for padded in (False, True):
-        cache = KVCache(ARGS, num_slots=6, max_seq_len=64, device="cpu", dtype=torch.float32)
+        cache = KVCache(ARGS, num_blocks=61, block_size=B, device="cpu", dtype=torch.float32)
         cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(1)))  # earlier tokens
         cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(2)))
-        attention = CachedAttention(cache, slots, positions, num_decode, chunks, batch_chunks=padded)
+        attention = PagedAttention(cache, slots, positions, decode_tables, chunks, batch_chunks=padded)
         outs[padded] = attention.attend(1, q, k, v)
     assert outs[True].shape == (1, len(slots), ARGS.num_heads, ARGS.head_dim)
     assert (outs[True] - outs[False]).abs().max() < 1e-5
-    # The prefill rows see their own chunk causally: token 0 of the first chunk attends only itself.
-    first = num_decode
-    assert torch.allclose(outs[False][0, first], v[0, first].repeat_interleave(3, 0), atol=1e-6)
+
+    # The reference: each query over its sequence's keys 0..position, read in order from the blocks.
+    kc, vc = cache.flat(1)
+    tables = decode_tables + [c.table for c in chunks]
+    rows = [(0, 0), (1, 1)] + [(2 + i, c.offset + t) for i, c in enumerate(chunks) for t in range(c.length)]
+    for seq, row in rows:
+        n = positions[row] + 1
+        seq_slots = [tables[seq][p // B] * B + p % B for p in range(n)]
+        keys, values = kc[seq_slots].transpose(0, 1), vc[seq_slots].transpose(0, 1)  # (KVH, n, hd)
+        query = q[0, row].reshape(ARGS.num_kv_heads, -1, ARGS.head_dim)
+        want = F.scaled_dot_product_attention(query, keys, values).reshape(ARGS.num_heads, ARGS.head_dim)
+        assert (outs[False][0, row] - want).abs().max() < 1e-5

@@ -40,9 +40,38 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     http.add_argument("--http-spawn", action="store_true", help="start `softserve serve` on a free loopback port, "
                                                                 "sweep it, stop it")
     p.add_argument("--concurrency", default="1,4,16,64", help="HTTP mode: concurrent clients per sweep point")
+    paged = p.add_mutually_exclusive_group()
+    paged.add_argument("--capacity", action="store_true",
+                       help="how many workload requests run at once in the default KV budgets, paged vs fixed slots")
+    paged.add_argument("--system-prompt-tokens", type=int, default=None, metavar="N",
+                       help="the shared-system-prompt workload (--n chat requests, one N-token system prompt, "
+                            "--lo/--hi unique tokens, --new new), with prefix caching on and off")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
     return p
+
+
+def _run_paged_bench(args, cache_dir: Path) -> dict:
+    import torch
+
+    from app.bench import paged
+
+    if args.capacity:
+        rows = [paged.run_capacity(paged.CapacityConfig()),
+                paged.run_capacity(paged.CapacityConfig(shape="llama3-8b", kv_cache_gb=40, max_seq_len=8192,
+                                                        dtype=torch.bfloat16, new=128))]
+        print(paged.format_capacity(rows))
+        return {"capacity": rows}
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    cfg = paged.SharedPrefixConfig(shape=args.shape, n=args.n, system_tokens=args.system_prompt_tokens, lo=args.lo,
+                                   hi=args.hi, new=args.new, virtual=args.virtual, device=device, dtype=dtype,
+                                   max_batched_tokens=args.max_batched_tokens, seed=args.seed)
+    result = paged.run_shared_prefix(cfg, cache_dir)
+    print(paged.format_shared_prefix(result))
+    return result
 
 
 def default_cache_dir() -> Path:
@@ -57,7 +86,9 @@ def cmd_bench(args) -> int:
     cache_dir = args.cache_dir or (Path(os.environ["SOFTSERVE_CACHE_DIR"]).expanduser()
                                    if os.environ.get("SOFTSERVE_CACHE_DIR") else default_cache_dir())
     path = args.json or Path("bench_results") / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    if args.http or args.http_spawn:
+    if args.capacity or args.system_prompt_tokens:
+        result = _run_paged_bench(args, cache_dir)
+    elif args.http or args.http_spawn:
         from app.bench.http import format_sweep, run_sweep
 
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]

@@ -151,14 +151,16 @@ def run_bench(cfg: BenchConfig) -> dict:
         bars[-1].close()
     ours = summarize(ours_results, ours_wall, peak)
     ours["steps"] = dict(timer.stats)
-    ours["kv_cache_slots"] = engine.cache.num_slots
+    stats = engine.stats()
+    ours["kv_cache_blocks"] = stats.kv_blocks_total
+    ours["prefix_cache"] = dict(queries=stats.prefix_cache_queries, hits=stats.prefix_cache_hits,
+                                preemptions=stats.preemptions)
     ours["kv_cache_bytes"] = engine.cache.k.numel() * engine.cache.k.element_size() * 2
     ours["engine_setup_s"] = engine_setup_s
     static = engine.runner.static
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
-    slots = engine.cache.num_slots
     del engine, task_prompts, timer  # the peer runs without our KV cache beside it
     _free(device)
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
@@ -184,7 +186,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     weights = model_bytes(models.ours)
     kv_per_token = KVCache.bytes_per_token(args, dtype)
     mean_context = cfg.virtual + (cfg.lo + cfg.hi) / 2 + cfg.new / 2
-    bound = decode_bound(bandwidth, weights, kv_per_token, min(cfg.n, slots), mean_context,
+    bound = decode_bound(bandwidth, weights, kv_per_token, cfg.n, mean_context,
                          matmul_flops(device, dtype), flops_per_token(models.ours, mean_context))
     bound["share_overall"] = ours["tok_s"] / bound["bound_tok_s"]
     if ours.get("decode_window_tok_s"):

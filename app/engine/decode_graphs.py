@@ -4,13 +4,13 @@ A decode step of an L-layer model launches about 25 small kernels per layer; run
 launch cost of those ~800 launches (32 layers) exceeds the GPU time of the step itself. A CUDA graph
 replays the whole step, logits included, as one launch.
 
-A graph needs fixed shapes and fixed addresses, so a step is padded into a bucket (rows, length):
-row r is cache slot r for r < rows (rows is a bucket above the highest live slot; the allocator hands out
-the lowest free slot, so live slots stay low), and every row attends the first `length` positions of its
-slot, masked past its own position (SlotDecodeAttention with SDPA). With the Triton decode kernel each row
-reads only its own keys, so there is one length bucket. Rows with no decoding sequence write their K,V
-to the cache's scratch position and their logits are dropped. Tokens and positions live in one static
-buffer that each step fills before the replay; logits land in one static buffer shared by every graph.
+A graph needs fixed shapes and fixed addresses, so a step is padded into a bucket (rows, length): rows is a
+bucket above the number of decoding sequences, and every row attends the first `length` positions through
+its block table, masked past its own position (StaticDecodeAttention with SDPA). With the Triton decode
+kernel each row reads only its own keys, so there is one length bucket. Padded rows have position 0 and a
+table of scratch blocks: they write into the scratch block and their logits are dropped. Tokens, positions
+and block tables live in static buffers that each step fills before the replay; logits land in one static
+buffer shared by every graph.
 
 Without graphs (CPU) the same static step runs eagerly: that is how the tests hold it to the dynamic path.
 """
@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from app.engine.kv_cache import KVCache, SlotDecodeAttention
+from app.engine.attention import StaticDecodeAttention
+from app.engine.block_manager import SCRATCH_BLOCK
+from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -43,43 +45,49 @@ def _pick(buckets: list[int], need: int) -> int:
 
 
 class StaticDecoder:
-    def __init__(self, model: Transformer, cache: KVCache, use_graphs: bool, kernel: bool):
+    def __init__(self, model: Transformer, cache: KVCache, max_rows: int, max_seq_len: int, use_graphs: bool,
+                 kernel: bool):
         """kernel: decode attention through the Triton kernel (CUDA), else SDPA."""
-        device = cache.k.device
+        device = cache.device
         self.model, self.cache, self.use_graphs, self.kernel = model, cache, use_graphs, kernel
-        self.row_buckets = bucket_sizes(cache.num_slots, 1)
-        self.length_buckets = [cache.max_seq_len] if kernel else bucket_sizes(cache.max_seq_len, 64)
-        self.inputs = torch.zeros(2, cache.num_slots, dtype=torch.long, device=device)  # tokens; positions
-        self.logits = torch.empty(cache.num_slots, model.args.vocab_size, dtype=cache.k.dtype, device=device)
+        self.row_buckets = bucket_sizes(max_rows, 1)
+        self.length_buckets = [max_seq_len] if kernel else bucket_sizes(max_seq_len, 64)
+        self.max_blocks = -(-max_seq_len // cache.block_size)
+        self.inputs = torch.zeros(2, max_rows, dtype=torch.long, device=device)  # tokens; positions
+        self.tables = torch.full((max_rows, self.max_blocks), SCRATCH_BLOCK, dtype=torch.long, device=device)
+        self.logits = torch.empty(max_rows, model.args.vocab_size, dtype=cache.k.dtype, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None  # one memory pool shared by all graphs: they never run at the same time
 
     @torch.inference_mode()
-    def run(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
-        """One decode token per sequence (its last token, its position, its slot) -> logits (len(slots), V)."""
-        rows = _pick(self.row_buckets, max(slots) + 1)
+    def run(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One decode token per sequence (its last token, its position, its block table) -> logits (n, V)."""
+        n = len(tokens)
+        rows = _pick(self.row_buckets, n)
         length = _pick(self.length_buckets, max(positions) + 1)
-        host = torch.zeros(2, rows, dtype=torch.long)
-        host[1] = self.cache.scratch
-        index = torch.tensor(slots)
-        host[0, index] = torch.tensor(tokens)
-        host[1, index] = torch.tensor(positions)
-        self.inputs[:, :rows].copy_(host)
+        host_inputs = torch.zeros(2, rows, dtype=torch.long)
+        host_inputs[0, :n] = torch.tensor(tokens)
+        host_inputs[1, :n] = torch.tensor(positions)
+        host_tables = torch.full((rows, self.max_blocks), SCRATCH_BLOCK, dtype=torch.long)
+        for r, table in enumerate(tables):
+            host_tables[r, :len(table)] = torch.tensor(table)
+        self.inputs[:, :rows].copy_(host_inputs)
+        self.tables[:rows].copy_(host_tables)
         if not self.use_graphs:
             self._forward(rows, length)
         else:
             graph = self.graphs.get((rows, length)) or self._capture(rows, length)
             graph.replay()
-        return self.logits[index.to(self.logits.device)]
+        return self.logits[:n]
 
     def _forward(self, rows: int, length: int) -> None:
         tokens, positions = self.inputs[0, :rows], self.inputs[1, :rows]
-        attention = SlotDecodeAttention(self.cache, positions, length, self.kernel)
+        attention = StaticDecodeAttention(self.cache, positions, self.tables[:rows], length, self.kernel)
         hidden = self.model(positions[:, None], attention, tokens=tokens[:, None])
         self.model.logits(hidden[:, 0], out=self.logits[:rows])
 
     def _capture(self, rows: int, length: int) -> torch.cuda.CUDAGraph:
-        # The inputs already hold this step (or, from capture_all, only idle rows): the warm-up run below
+        # The inputs already hold this step (or, from capture_all, only padded rows): the warm-up run below
         # writes exactly the K,V the replay will write, so it changes nothing a sequence reads.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -97,8 +105,8 @@ class StaticDecoder:
     def capture_all(self) -> None:
         """Every bucket, largest first (smaller graphs then reuse the pool), before any sequence runs."""
         start = time.perf_counter()
-        self.inputs[0].zero_()
-        self.inputs[1].fill_(self.cache.scratch)
+        self.inputs.zero_()
+        self.tables.fill_(SCRATCH_BLOCK)
         for rows in reversed(self.row_buckets):
             for length in reversed(self.length_buckets):
                 self._capture(rows, length)

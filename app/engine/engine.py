@@ -7,26 +7,29 @@ reap cancelled/expired -> schedule -> write new prefixes -> one forward -> token
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 import torch
 
 from app.engine.decode_attention import use_kernel
 from app.engine.decode_graphs import StaticDecoder
+from app.engine.block_manager import BlockManager
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.prompt_table import PromptTable
-from app.engine.runner import ModelRunner, StepResult
-from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler
+from app.engine.runner import ModelRunner
+from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler, StepResult
 from app.engine.sequence import Mode, Output, Sequence, Status
 from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
            "ShuttingDown", "WrongTaskType"]
@@ -53,9 +56,11 @@ class PromptNotFound(KeyError):
 class EngineConfig:
     max_seq_len: int = 2048  # positions per sequence: virtual tokens + prompt + generated tokens
     kv_cache_bytes: int = 2 << 30
+    block_size: int = 16  # positions per KV block
+    prefix_caching: bool = True  # reuse cached blocks of equal prefixes (same task prompt, same tokens)
     max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
-    max_waiting: int = 256
-    prompt_memory_bytes: int | None = None  # device memory for prompts' K,V; beyond it LRU prompts go to CPU
+    max_num_seqs: int = 256  # sequences running at once (the static decode steps' largest bucket)
+    max_waiting: int = 256  # requests waiting, each with all its inputs
     # Decode-only steps at static shapes (app/engine/decode_graphs.py). None: on CUDA, replayed as CUDA
     # graphs; off on CPU. True on CPU runs the static steps eagerly (tests); False: always the dynamic path.
     static_decode: bool | None = None
@@ -68,10 +73,14 @@ class EngineConfig:
 class EngineStats:
     waiting: int
     running: int
-    kv_slots_used: int
-    kv_slots_total: int
-    kv_tokens_used: int
-    kv_tokens_total: int
+    kv_blocks_used: int  # referenced by a running sequence
+    kv_blocks_cached: int  # unreferenced, kept for prefix-cache hits until evicted
+    kv_blocks_free: int  # allocatable: never used, or cached (evicted on allocation)
+    kv_blocks_total: int
+    block_size: int
+    prefix_cache_queries: int  # tokens looked up in the prefix cache at admission
+    prefix_cache_hits: int  # of those, tokens whose K,V came from cached blocks
+    preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
     steps_total: int
@@ -79,26 +88,27 @@ class EngineStats:
 
 
 class _Stream:
-    """Delivery state of one request: its asyncio queue and, for generation, its detokenizer."""
+    """Delivery of one sequence's outputs to the event loop that awaits them."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.queue = loop, asyncio.Queue()
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.sent = 0  # characters of text already released
 
 
 class AsyncEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         weight = model.embed_tokens.weight
-        slots = KVCache.slots_for_budget(model.args, config.max_seq_len, config.kv_cache_bytes, weight.dtype)
-        if slots < 1:
-            raise ValueError(f"the KV cache budget ({config.kv_cache_bytes} bytes) holds no sequence of "
-                             f"{config.max_seq_len} positions; raise the budget or lower max_seq_len")
-        self.cache = KVCache(model.args, slots, config.max_seq_len, weight.device, weight.dtype)
-        self.scheduler = Scheduler(self.cache, config.max_waiting, config.max_batched_tokens)
+        num_blocks = KVCache.blocks_for_budget(model.args, config.block_size, config.kv_cache_bytes, weight.dtype)
+        max_blocks_per_seq = -(-config.max_seq_len // config.block_size)
+        if num_blocks - 1 < max_blocks_per_seq:  # one block is scratch
+            raise ValueError(f"the KV cache budget ({config.kv_cache_bytes} bytes, {num_blocks} blocks of "
+                             f"{config.block_size}) holds no sequence of {config.max_seq_len} positions; raise "
+                             f"the budget or lower max_seq_len")
+        self.cache = KVCache(model.args, num_blocks, config.block_size, weight.device, weight.dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
         self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config))
-        self.prompts = PromptTable(weight.device, config.prompt_memory_bytes)
+        self.prompts = PromptTable()
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
         self._incoming: list[Sequence] = []
@@ -108,15 +118,17 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False  # no new requests
         self._thread_stop = False  # the loop thread ends
+        self._calls: list[tuple[Callable, concurrent.futures.Future]] = []  # for the engine thread (prompt changes)
         self.on_step: Callable[[int, int], None] | None = None  # (sequences, tokens) after each forward
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)
 
     def _static_decoder(self, model: Transformer, config: EngineConfig) -> StaticDecoder | None:
-        on_cuda = self.cache.k.device.type == "cuda"
+        on_cuda = self.cache.device.type == "cuda"
         if config.static_decode is False or (config.static_decode is None and not on_cuda):
             return None
-        kernel = use_kernel(config.decode_attention, self.cache.k.device, self.cache.k.dtype, model.args)
-        static = StaticDecoder(model, self.cache, use_graphs=on_cuda, kernel=kernel)
+        kernel = use_kernel(config.decode_attention, self.cache.device, self.cache.k.dtype, model.args)
+        static = StaticDecoder(model, self.cache, config.max_num_seqs, config.max_seq_len, use_graphs=on_cuda,
+                               kernel=kernel)
         if on_cuda:
             static.capture_all()
         return static
@@ -129,16 +141,43 @@ class AsyncEngine:
         check_servable(self.model, prompt_file, self.tokenizer.encode)
 
     def load_prompt(self, prompt_file) -> TaskPrompt:
-        """Compute a prompt's prefix once and serve it; requests already admitted keep their version."""
-        current = self.prompts.get(prompt_file.name)
-        if current is not None and prompt_file.version and (current.version, getattr(current, "digest", None)) == (prompt_file.version, prompt_file.digest):
-            return current
-        task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
-        self.prompts.put(task_prompt)
-        return task_prompt
+        """Compute a prompt's prefix once and serve it; requests already admitted keep their version.
+        Runs on the engine thread (the caller waits): no other thread changes the prompt table or runs the
+        model beside the engine's steps."""
+        def load() -> TaskPrompt:
+            current = self.prompts.get(prompt_file.name)
+            if current is not None and prompt_file.version and (current.version, getattr(current, "digest", None)) == (prompt_file.version, prompt_file.digest):
+                return current
+            task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
+            self.prompts.put(task_prompt)
+            return task_prompt
+
+        return self._on_engine_thread(load)
 
     def remove_prompt(self, name: str) -> None:
-        self.prompts.remove(name)
+        self._on_engine_thread(lambda: self.prompts.remove(name))
+
+    def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run fn between two steps of the engine thread and return its result; inline when no engine thread
+        runs (before start, after shutdown) or when called from it."""
+        with self._lock:
+            inline = self._thread is None or self._thread_stop or threading.current_thread() is self._thread
+            if not inline:
+                done: concurrent.futures.Future = concurrent.futures.Future()
+                self._calls.append((fn, done))
+        if inline:
+            return fn()
+        self._wake.set()
+        return done.result()
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, done in calls:
+            try:
+                done.set_result(fn())
+            except Exception as e:  # the caller gets it
+                done.set_exception(e)
 
     def get_prompt(self, name: str | None) -> TaskPrompt | None:
         if name is None:
@@ -161,9 +200,10 @@ class AsyncEngine:
                                  if prompt else f"the base model only generates; {mode.value} needs a prompt")
         if not token_ids:
             raise InvalidRequest("the input is empty")
-        seq = Sequence(prompt, list(token_ids), mode, sampling,
+        decoder = IncrementalDecoder(self.tokenizer) if mode == Mode.GENERATE else None
+        seq = Sequence(prompt, list(token_ids), mode, sampling, decoder,
                        deadline=None if timeout_s is None else time.monotonic() + timeout_s)
-        if seq.total_len > self.config.max_seq_len:
+        if seq.total_len > self.config.max_seq_len:  # (the cache holds at least one such sequence)
             raise InvalidRequest(
                 f"{seq.prefix_len} virtual + {len(token_ids)} input + "
                 f"{seq.sampling.max_tokens if mode == Mode.GENERATE else 0} new tokens exceed the context "
@@ -174,7 +214,7 @@ class AsyncEngine:
         """Queue the sequences of one request together, or refuse them all. The queue limit counts
         requests, not sequences: a call with 48 inputs takes one place, as a call with one input does."""
         loop = asyncio.get_running_loop()
-        streams = [_Stream(loop, self.tokenizer) for _ in seqs]
+        streams = [_Stream(loop) for _ in seqs]
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -240,7 +280,8 @@ class AsyncEngine:
             self.abort(request_id)
         while self._seqs and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.02)
-        self._thread_stop = True
+        with self._lock:
+            self._thread_stop = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
@@ -248,12 +289,14 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._thread_stop:
             try:
+                self._run_calls()
                 outputs = self._iterate()
             except Exception as e:  # a bug or a device error must not kill the engine: fail what ran
                 log.exception("engine step failed")
                 outputs = [self._finish(seq, "error", error=f"internal error in the engine: {e}")
                            for seq in list(self.scheduler.running)]
             self._deliver(outputs)
+        self._run_calls()  # queued before the stop: nobody runs them after this thread
 
     def _iterate(self) -> list[Output]:
         """Take in what was submitted, run one step if there is work, else wait for some."""
@@ -274,27 +317,28 @@ class AsyncEngine:
         self._waiting_requests = len({seq.group for seq in self.scheduler.waiting})
 
     def step(self) -> list[Output]:
+        """reap cancelled/expired -> schedule -> one forward -> postprocess -> outputs."""
         outputs = self._reap()
         step = self.scheduler.schedule()
         if step.empty:
             return outputs
-        for seq in step.admitted:
-            self.runner.write_prefix(seq)
         result, failed = self._run_isolating_faults(step)
         self._counters["steps_total"] += 1
         self._counters["last_batch_tokens"] = result.num_tokens
+        self._counters["prompt_tokens_total"] += sum(n for seq, n in step.prefill if seq not in failed)
+        self._counters["generation_tokens_total"] += len(result.tokens)
         if self.on_step is not None:
             self.on_step(len(step.decode) + len(step.prefill), result.num_tokens)
         outputs += [self._finish(seq, "error", error=f"internal error in the engine: {error}")
                     for seq, error in failed.items()]
-        for seq, n in step.prefill:
-            if seq not in failed:
-                seq.num_cached += n
-                self._counters["prompt_tokens_total"] += n
-        for seq in step.decode:
-            if seq not in failed:
-                seq.num_cached += 1
-        return outputs + self._postprocess([seq for seq in step.sequences if seq not in failed], result)
+        for seq in self.scheduler.postprocess(step, result, set(failed)):
+            out = seq.take_output()
+            if out.finished:
+                self._seqs.pop(seq.request_id, None)
+                if seq.head_probs:
+                    out.probs = torch.cat(seq.head_probs) if seq.mode == Mode.TAG else seq.head_probs[0]
+            outputs.append(out)
+        return outputs
 
     def _run_isolating_faults(self, step: ScheduledStep) -> tuple[StepResult, dict[Sequence, Exception]]:
         """Run the step; if it fails, run it again in halves, down to the sequences that fail alone, so that
@@ -325,50 +369,6 @@ class AsyncEngine:
                 outputs.append(self._finish(seq, "timeout", error="the request timed out"))
         return outputs
 
-    def _postprocess(self, seqs: list[Sequence], result: StepResult) -> list[Output]:
-        outputs = []
-        for seq in seqs:
-            if seq.status == Status.FINISHED:
-                continue
-            if seq.mode == Mode.GENERATE:
-                choice = result.tokens.get(seq.request_id)
-                if choice is not None:
-                    outputs.append(self._append_token(seq, choice))
-            elif seq.request_id in result.probs:
-                seq.head_probs.append(result.probs[seq.request_id])
-                if not seq.in_prefill:
-                    probs = torch.cat(seq.head_probs) if seq.mode == Mode.TAG else seq.head_probs[0]
-                    outputs.append(self._finish(seq, "stop", probs=probs))
-        return outputs
-
-    def _append_token(self, seq: Sequence, choice) -> Output:
-        stream = self._streams[seq.request_id]
-        params = seq.sampling
-        seq.output_ids.append(choice.token_id)
-        self._counters["generation_tokens_total"] += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        is_eos = choice.token_id in self.tokenizer.eos_ids and not params.ignore_eos
-        if not is_eos:
-            stream.decoder.add(choice.token_id)
-        text = stream.decoder.text
-        reason = "stop" if is_eos else None
-        stops = [text.find(s, max(0, stream.sent - len(s))) for s in params.stop]
-        hits = [i for i in stops if i >= 0]
-        if hits:
-            text, reason = text[:min(hits)], "stop"
-        elif reason is None and len(seq.output_ids) >= params.max_tokens:
-            reason = "length"
-        if reason is None:  # hold back what could still become a stop string
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            release = text[stream.sent:max(stream.sent, len(text) - hold)]
-            stream.sent += len(release)
-            return Output(seq.request_id, release, [choice], completion_tokens=len(seq.output_ids),
-                          prompt_tokens=len(seq.prompt_ids))
-        out = self._finish(seq, reason, text=text[stream.sent:])
-        out.tokens = [choice]
-        return out
-
     def _finish(self, seq: Sequence, reason: str, text: str = "", probs=None, error=None) -> Output:
         self.scheduler.finish(seq)
         self._seqs.pop(seq.request_id, None)
@@ -391,13 +391,19 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         running = list(self.scheduler.running)
+        blocks = self.blocks
+        cached = blocks.num_cached_free
         return EngineStats(
             waiting=len(self.scheduler.waiting) + len(self._incoming),
             running=len(running),
-            kv_slots_used=self.cache.num_used,
-            kv_slots_total=self.cache.num_slots,
-            kv_tokens_used=sum(s.prefix_len + s.num_cached for s in running),
-            kv_tokens_total=self.cache.num_slots * self.cache.max_seq_len,
+            kv_blocks_used=blocks.num_usable - blocks.num_free,
+            kv_blocks_cached=cached,
+            kv_blocks_free=blocks.num_free,
+            kv_blocks_total=blocks.num_usable,
+            block_size=blocks.block_size,
+            prefix_cache_queries=blocks.query_tokens,
+            prefix_cache_hits=blocks.hit_tokens,
+            preemptions=self.scheduler.num_preemptions,
             **self._counters,
         )
 

@@ -1,39 +1,25 @@
 """Turns a scheduled step into one forward pass, then samples tokens and applies task heads.
 
-The runner owns every tensor; sequences are only read here. Its result maps each sequence that needs
-something back to a TokenChoice (generation) or label probabilities (tag chunk, classify).
+The runner owns every tensor and only runs the model: sequences are read here, never advanced (that is
+Scheduler.postprocess). Its result maps each sequence that needs something back to a TokenChoice
+(generation) or label probabilities (tag chunk, classify).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from app.engine.attention import PagedAttention, PrefillChunk
 from app.engine.decode_graphs import StaticDecoder
-from app.engine.kv_cache import CachedAttention, KVCache, PrefillChunk
+from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.sampling import TokenChoice, sample, sanitize
-from app.engine.scheduler import ScheduledStep
+from app.engine.scheduler import ScheduledStep, StepResult
 from app.engine.sequence import Mode, Sequence
-
 
 # Not cuDNN: it builds an execution plan for every new shape (~0.4 s each on an H200), and the padded
 # shapes of prefill steps are new almost every step. The memory-efficient kernel needs no plan.
 EAGER_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@dataclass
-class StepResult:
-    tokens: dict[int, TokenChoice] = field(default_factory=dict)  # request_id -> next token
-    probs: dict[int, torch.Tensor] = field(default_factory=dict)  # request_id -> label probabilities (CPU)
-    num_tokens: int = 0  # tokens that went through the model
-
-    def merge(self, other: StepResult) -> StepResult:
-        self.tokens.update(other.tokens)
-        self.probs.update(other.probs)
-        self.num_tokens += other.num_tokens
-        return self
 
 
 class ModelRunner:
@@ -43,29 +29,32 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=self.device)  # reseeded for every seeded draw (sampling.py)
 
-    def write_prefix(self, seq: Sequence) -> None:
-        if seq.prompt is not None:
-            self.cache.write_prefix(seq.slot, seq.prompt.k, seq.prompt.v)
+    def slot(self, seq: Sequence, position: int) -> int:
+        B = self.cache.block_size
+        return seq.block_table[position // B] * B + position % B
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep) -> StepResult:
+        for seq in step.sequences:  # task-prompt positions of freshly allocated blocks
+            for block, start, end in seq.prefix_copies:
+                self.cache.write_prefix(block, seq.prompt.k, seq.prompt.v, start, end)
         tokens, positions, slots = [], [], []
         for seq in step.decode:
-            tokens.append(seq.output_ids[-1])
-            positions.append(seq.prefix_len + len(seq.prompt_ids) + len(seq.output_ids) - 1)
-            slots.append(seq.slot)
+            tokens.append(seq.token_ids[seq.num_cached])
+            positions.append(seq.prefix_len + seq.num_cached)
+            slots.append(self.slot(seq, positions[-1]))
         if self.static is not None and not step.prefill:
-            logits = self.static.run(tokens, positions, slots)
+            logits = self.static.run(tokens, positions, [seq.block_table for seq in step.decode])
             choices = self._sample(logits, step.decode)
             return StepResult(tokens={s.request_id: c for s, c in zip(step.decode, choices)}, num_tokens=len(tokens))
         chunks = []
         for seq, n in step.prefill:
             start = seq.prefix_len + seq.num_cached
-            chunks.append(PrefillChunk(seq.slot, len(tokens), n, start))
-            tokens += seq.prompt_ids[seq.num_cached:seq.num_cached + n]
+            chunks.append(PrefillChunk(seq.block_table, len(tokens), n, start))
+            tokens += seq.token_ids[seq.num_cached:seq.num_cached + n]
             positions += range(start, start + n)
-            slots += [seq.slot] * n
-        attention = CachedAttention(self.cache, slots, positions, len(step.decode), chunks)
+            slots += [self.slot(seq, p) for p in range(start, start + n)]
+        attention = PagedAttention(self.cache, slots, positions, [seq.block_table for seq in step.decode], chunks)
         tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         with sdpa_kernel(EAGER_ATTENTION_BACKENDS):
             hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)
@@ -74,9 +63,9 @@ class ModelRunner:
         to_sample: list[tuple[Sequence, int]] = [(seq, i) for i, seq in enumerate(step.decode)]
         for (seq, n), chunk in zip(step.prefill, chunks):
             last = chunk.offset + n - 1
-            completes = seq.num_cached + n == len(seq.prompt_ids)
-            if seq.mode == Mode.GENERATE and completes:
-                to_sample.append((seq, last))
+            completes = seq.num_cached + n == seq.prefill_target
+            if seq.mode == Mode.GENERATE and completes and not seq.output_ids:  # (after a preemption the
+                to_sample.append((seq, last))  # next decode step feeds the last generated token)
             elif seq.mode == Mode.TAG:
                 result.probs[seq.request_id] = seq.prompt.head(hidden[chunk.offset:last + 1]).cpu()
             elif seq.mode == Mode.CLASSIFY and completes:

@@ -10,8 +10,10 @@ import torch
 
 from app.engine.sampling import SamplingParams, TokenChoice
 from app.engine.task_prompt import TaskPrompt
+from app.engine.tokenizer import IncrementalDecoder
 
 _ids = itertools.count()
+BASE_CACHE_ROOT = b"base"  # the prefix-cache identity of the bare model (no task prompt)
 
 
 class Mode(str, enum.Enum):
@@ -46,29 +48,93 @@ class Sequence:
     prompt_ids: list[int]
     mode: Mode
     sampling: SamplingParams
+    decoder: IncrementalDecoder | None = None  # generation: the text of output_ids
     deadline: float | None = None  # time.monotonic() after which the request is dropped
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
-    scheduled_time: float | None = None  # when it left the waiting queue
+    scheduled_time: float | None = None  # when it first left the waiting queue
     status: Status = Status.WAITING
-    slot: int | None = None
-    num_cached: int = 0  # text tokens whose K,V are in the slot
+    num_cached: int = 0  # text tokens (prompt, then output) whose K,V are in its blocks
     output_ids: list[int] = field(default_factory=list)
     head_probs: list[torch.Tensor] = field(default_factory=list)  # tag: one chunk per prefill step
     first_token_time: float | None = None
     cancelled: bool = False
     group: int | None = None  # the request it belongs to: one HTTP request may submit many sequences
+    # KV blocks (app/engine/block_manager.py): block j holds positions [j*B, (j+1)*B)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as known
+    num_registered: int = 0  # leading blocks already offered to the prefix cache
+    prefix_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (block, start, end) to fill
+    # delivery
+    finish_reason: str | None = None
+    new_tokens: list[TokenChoice] = field(default_factory=list)  # sampled since the last Output
+    sent: int = 0  # characters of text already released
 
     @property
     def prefix_len(self) -> int:
         return 0 if self.prompt is None else self.prompt.num_virtual_tokens
 
     @property
+    def cache_root(self) -> bytes:
+        """Where its block hashes start: the identity of its task prompt (version and content included)."""
+        return BASE_CACHE_ROOT if self.prompt is None else self.prompt.cache_key
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_target(self) -> int:
+        """Text tokens to compute before decoding: the prompt, and after a preemption the tokens generated
+        before it, except the last one, which the next decode step feeds."""
+        return len(self.prompt_ids) + max(0, len(self.output_ids) - 1)
+
+    @property
     def in_prefill(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        return self.num_cached < self.prefill_target
+
+    @property
+    def reuses_cached_text(self) -> bool:
+        """Tagging needs every text token's hidden state, so its text K,V are always computed."""
+        return self.mode != Mode.TAG
 
     @property
     def total_len(self) -> int:
         """Cache positions this sequence can reach: prefix, prompt, and every token it may generate."""
         new = self.sampling.max_tokens if self.mode == Mode.GENERATE else 0
         return self.prefix_len + len(self.prompt_ids) + new
+
+    def append_token(self, choice: TokenChoice, eos_ids: frozenset[int]) -> None:
+        """A sampled token: its text, and whether it ends the sequence (end of sequence, a stop string,
+        max_tokens)."""
+        params = self.sampling
+        self.output_ids.append(choice.token_id)
+        self.new_tokens.append(choice)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
+        is_eos = choice.token_id in eos_ids and not params.ignore_eos
+        if not is_eos:
+            self.decoder.add(choice.token_id)
+        text = self.decoder.text
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in params.stop) if i >= 0]
+        if hits:
+            self.decoder.text, self.finish_reason = text[:min(hits)], "stop"
+        elif is_eos:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= params.max_tokens:
+            self.finish_reason = "length"
+
+    def take_output(self) -> Output:
+        """What is new for the client since the last Output. Text that could still become a stop string is
+        held back until it cannot."""
+        text = ""
+        if self.decoder is not None:
+            full = self.decoder.text
+            hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.sampling.stop), default=0)
+            text = full[self.sent:max(self.sent, len(full) - hold)]
+            self.sent += len(text)
+        out = Output(self.request_id, text, self.new_tokens, finished=self.finish_reason is not None,
+                     finish_reason=self.finish_reason, prompt_tokens=len(self.prompt_ids),
+                     completion_tokens=len(self.output_ids))
+        self.new_tokens = []
+        return out

@@ -7,7 +7,8 @@ Deep prompts (prefix tuning / P-Tuning v2) already are per-layer K,V: PEFT's `ge
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,11 +24,14 @@ class TaskPrompt:
     kind: str  # "prompt" (shallow) | "prefix" (deep)
     task: str  # "generate" | "tag" | "classify"
     labels: list[str]
-    k: torch.Tensor  # (layers, kv_heads, P, head_dim)
+    k: torch.Tensor  # (layers, kv_heads, P, head_dim), in CPU memory: KV blocks are filled from it on use
     v: torch.Tensor
-    head_weight: torch.Tensor | None = None  # (labels, hidden)
+    head_weight: torch.Tensor | None = None  # (labels, hidden), on the model's device
     head_bias: torch.Tensor | None = None
     label_token_ids: list[int] | None = None  # classify without a head: first token of each label word
+    # The prefix cache's root for its requests: unique to this loaded prompt, so no other prompt, version or
+    # reload ever shares a KV block with it.
+    cache_key: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -36,10 +40,6 @@ class TaskPrompt:
     @property
     def kv_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
-
-    def move_kv(self, device: torch.device) -> None:
-        """Move the K,V prefix (a request admitted meanwhile copies it from wherever it is)."""
-        self.k, self.v = self.k.to(device), self.v.to(device)
 
     @property
     def nbytes(self) -> int:
@@ -112,9 +112,10 @@ def check_servable(model: Transformer, pf: PromptFile, encode) -> None:
     prompt = build_task_prompt(model, pf, encode)
     ids = torch.tensor([encode(PROBE_TEXT)], device=prompt.k.device)
     P, T = prompt.num_virtual_tokens, ids.shape[1]
-    prefix = [(prompt.k[layer][None], prompt.v[layer][None]) for layer in range(model.args.num_layers)]
+    k, v = prompt.k.to(ids.device), prompt.v.to(ids.device)
+    prefix = [(k[layer][None], v[layer][None]) for layer in range(model.args.num_layers)]
     hidden = model(torch.arange(P, P + T, device=ids.device)[None], DenseAttention(prefix=prefix), tokens=ids)[0]
-    outputs = {"the prompt's K,V prefix": torch.stack([prompt.k, prompt.v]), "the model's hidden states": hidden,
+    outputs = {"the prompt's K,V prefix": torch.stack([k, v]), "the model's hidden states": hidden,
                "the next-token logits": model.logits(hidden[-1])}
     if prompt.head_weight is not None:
         outputs["the head's logits"] = torch.nn.functional.linear(hidden, prompt.head_weight, prompt.head_bias)
@@ -124,7 +125,7 @@ def check_servable(model: Transformer, pf: PromptFile, encode) -> None:
 
 
 def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
-    k, v = prefix_kv(model, pf.kind, pf.prompt_embeddings)
+    k, v = (t.cpu() for t in prefix_kv(model, pf.kind, pf.prompt_embeddings))
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     head_w = None if pf.head_weight is None else pf.head_weight.to(device, dtype)
     head_b = None if pf.head_bias is None else pf.head_bias.to(device, dtype)

@@ -1,0 +1,162 @@
+"""Attention over the paged KV cache, for the model's `attend(layer, q, k, v)` hook (app/engine/model.py).
+
+A step's tokens are one flat list (decode tokens of any sequences first, then prefill chunks; B=1, T=N), so
+the projections and MLPs run once over exactly the real tokens, with no padding. Each token's K,V are
+written to its slot, then attention reads every sequence's keys through its block table:
+  - decode tokens: all together, one SDPA call over their gathered keys (padded to the longest, masked);
+  - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
+    layer) or one call per chunk (CPU, where the padded call measured 2-3x slower).
+`StaticDecodeAttention` is the decode-only step at fixed shapes that CUDA graphs replay
+(app/engine/decode_graphs.py); on CUDA its attention is the Triton kernel that reads the block table itself.
+In every path the query heads that share a KV head form one longer query sequence of that head, so SDPA
+needs no GQA expansion (5x faster on CPU than enable_gqa).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.decode_attention import decode_attention
+from app.engine.kv_cache import KVCache, slots_of
+
+
+@dataclass
+class PrefillChunk:
+    table: list[int]  # the sequence's block table
+    offset: int  # where its tokens start in the step's flat token list
+    length: int
+    start_pos: int  # cache position of its first token
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """q (R, H, hd) -> (R, KVH, H/KVH, hd)."""
+    return q.reshape(q.shape[0], kv_heads, -1, q.shape[-1])
+
+
+def _tables(tables: list[list[int]], device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+
+
+class PagedAttention:
+    """attend() for one eagerly run step: decode tokens first in the flat list, then prefill chunks."""
+
+    def __init__(self, cache: KVCache, write_slots: list[int], positions: list[int],
+                 decode_tables: list[list[int]], chunks: list[PrefillChunk], batch_chunks: bool | None = None):
+        """write_slots, positions: per token of the step (host lists); decode_tables: the block table of each
+        decode token's sequence. batch_chunks: None picks the padded call on CUDA, per chunk on CPU."""
+        device, B = cache.device, cache.block_size
+        self.cache, self.chunks = cache, chunks
+        self.num_decode = len(decode_tables)
+        self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        if self.num_decode:
+            length = max(positions[:self.num_decode]) + 1
+            self.dec_slots = slots_of(_tables(decode_tables, device), length, B)  # (D, L)
+            dec_pos = self.positions[:self.num_decode]
+            self.dec_mask = (torch.arange(length, device=device)[None, :] <= dec_pos[:, None])[:, None, None]
+        self.batch_chunks = device.type == "cuda" if batch_chunks is None else batch_chunks
+        if chunks and self.batch_chunks:
+            # Padded to the longest chunk: padded row i*T + t is token t of chunk i (past a chunk's end it
+            # repeats its last token; those rows are dropped).
+            T = max(c.length for c in chunks)
+            self.chunk_len = T
+            keys = max(c.start_pos + c.length for c in chunks)
+            self.chunk_slots = slots_of(_tables([c.table for c in chunks], device), keys, B)  # (C, keys)
+            self.pad_index = torch.tensor([c.offset + min(t, c.length - 1) for c in chunks for t in range(T)],
+                                          device=device)
+            self.unpad_index = torch.tensor([i * T + t for i, c in enumerate(chunks) for t in range(c.length)],
+                                            device=device)
+            query_pos = torch.tensor([c.start_pos for c in chunks], device=device)[:, None] + \
+                torch.arange(T, device=device)
+            self.chunk_mask = torch.arange(keys, device=device) <= query_pos[..., None]  # (C, T, keys)
+            self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
+        elif chunks:
+            self.chunk_slots_each = [slots_of(torch.tensor([c.table], device=device), c.start_pos + c.length, B)[0]
+                                     for c in chunks]
+            self.chunk_masks = [  # None: causal from position 0, no prefix
+                None if c.start_pos == 0 else
+                torch.arange(c.start_pos + c.length, device=device)[None, :]
+                <= torch.arange(c.start_pos, c.start_pos + c.length, device=device)[:, None]
+                for c in chunks
+            ]
+
+    def attend(self, layer, q, k, v):
+        kc, vc = self.cache.flat(layer)  # (slots, KVH, hd)
+        kc[self.write_slots] = k[0]
+        vc[self.write_slots] = v[0]
+        parts = []
+        D = self.num_decode
+        if D:
+            keys = kc[self.dec_slots].transpose(1, 2)  # (D, KVH, L, hd)
+            values = vc[self.dec_slots].transpose(1, 2)
+            out = F.scaled_dot_product_attention(_grouped(q[0, :D], keys.shape[1]), keys, values,
+                                                 attn_mask=self.dec_mask)
+            parts.append(out.reshape(D, -1, q.shape[-1]))  # (D, H, hd)
+        if self.chunks:
+            attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
+            parts.append(attend_chunks(kc, vc, q))
+        return torch.cat(parts, 0)[None]
+
+    def _attend_each_chunk(self, kc, vc, q):
+        """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+        parts = []
+        for c, slots, mask in zip(self.chunks, self.chunk_slots_each, self.chunk_masks):
+            qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
+            keys, values = kc[slots].transpose(0, 1)[None], vc[slots].transpose(0, 1)[None]  # (1, KVH, L, hd)
+            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
+            parts.append(out[0].transpose(0, 1))  # (n, H, hd)
+        return torch.cat(parts, 0)
+
+    def _attend_chunks_padded(self, kc, vc, q):
+        """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+        q = q[0]
+        C, T = len(self.chunks), self.chunk_len
+        keys, values = kc[self.chunk_slots].transpose(1, 2), vc[self.chunk_slots].transpose(1, 2)  # (C, KVH, L, hd)
+        kv_heads, hd, keys_len = keys.shape[1], q.shape[-1], keys.shape[2]
+        groups = q.shape[1] // kv_heads
+        # (C, KVH, G*T, hd): the grouped query heads of a KV head as one longer query sequence.
+        qp = q[self.pad_index].view(C, T, kv_heads, groups, hd).permute(0, 2, 3, 1, 4).reshape(C, kv_heads, -1, hd)
+        if self._grouped_mask is None:
+            self._grouped_mask = self.chunk_mask[:, None, None].expand(C, 1, groups, T, keys_len) \
+                .reshape(C, 1, groups * T, keys_len)
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=self._grouped_mask)
+        out = out.view(C, kv_heads, groups, T, hd).permute(0, 3, 1, 2, 4).reshape(C * T, -1, hd)
+        return out[self.unpad_index]
+
+
+class StaticDecodeAttention:
+    """attend() for a static-shape decode step: one token per row, rows padded to a bucket.
+
+    Shapes depend only on (rows, length), never on which blocks are live, so the step can be captured once
+    as a CUDA graph and replayed. positions (rows,) and tables (rows, max_blocks) are device tensors read at
+    run time; a padded row has position 0 and a table of scratch blocks (its output is dropped). With
+    `kernel` (CUDA) each row reads only its own keys through its table (app/engine/decode_attention.py);
+    with SDPA every row gathers the first `length` positions of its table, masked past its own position.
+    """
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor, tables: torch.Tensor, length: int, kernel: bool):
+        B = cache.block_size
+        self.cache, self.kernel, self.tables = cache, kernel, tables
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        self.write_slots = tables[rows, positions // B] * B + positions % B
+        if kernel:
+            self.lengths = (positions + 1).to(torch.int32)
+        else:
+            self.slots = slots_of(tables, length, B)
+            self.mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None]
+
+    def attend(self, layer, q, k, v):
+        """q (rows, 1, H, hd), k/v (rows, 1, KVH, hd) -> (rows, 1, H, hd)."""
+        kc, vc = self.cache.flat(layer)
+        kc[self.write_slots] = k[:, 0]
+        vc[self.write_slots] = v[:, 0]
+        if self.kernel:
+            return decode_attention(q[:, 0], self.cache.k[layer], self.cache.v[layer], self.tables,
+                                    self.lengths)[:, None]
+        keys, values = kc[self.slots].transpose(1, 2), vc[self.slots].transpose(1, 2)  # (rows, KVH, L, hd)
+        out = F.scaled_dot_product_attention(_grouped(q[:, 0], keys.shape[1]), keys, values, attn_mask=self.mask)
+        return out.reshape(q.shape[0], 1, -1, q.shape[-1])
