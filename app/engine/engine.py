@@ -107,7 +107,7 @@ class AsyncEngine:
         self.cache = KVCache(model.args, num_blocks, config.block_size, weight.device, weight.dtype)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
-        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config))
+        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids)
         self.prompts = PromptTable()
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -417,6 +417,7 @@ async def _collect(seq: Sequence, stream: _Stream) -> Output:
         total.tokens += out.tokens
         total.finished, total.finish_reason, total.error = out.finished, out.finish_reason, out.error
         total.prompt_tokens, total.completion_tokens, total.probs = out.prompt_tokens, out.completion_tokens, out.probs
+        total.prompt_logprobs = total.prompt_logprobs or out.prompt_logprobs
     return total
 
 

@@ -13,7 +13,8 @@ from app.engine.attention import PagedAttention, PrefillChunk
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
-from app.engine.sampling import TokenChoice, sample, sanitize
+from app.engine.logits import adjust_logits
+from app.engine.sampling import LOGPROB_FLOOR, TokenChoice, sample, sanitize
 from app.engine.scheduler import ScheduledStep, StepResult
 from app.engine.sequence import Mode, Sequence
 
@@ -23,9 +24,11 @@ EAGER_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATT
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, static: StaticDecoder | None = None):
-        """static: runs the decode-only steps (CUDA graphs); steps with prefill always run eagerly."""
-        self.model, self.cache, self.static = model, cache, static
+    def __init__(self, model: Transformer, cache: KVCache, static: StaticDecoder | None = None,
+                 eos_ids: frozenset[int] = frozenset()):
+        """static: runs the decode-only steps (CUDA graphs); steps with prefill always run eagerly.
+        eos_ids: the tokens `min_tokens` holds back."""
+        self.model, self.cache, self.static, self.eos_ids = model, cache, static, eos_ids
         self.device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=self.device)  # reseeded for every seeded draw (sampling.py)
 
@@ -70,6 +73,9 @@ class ModelRunner:
                 result.probs[seq.request_id] = seq.prompt.head(hidden[chunk.offset:last + 1]).cpu()
             elif seq.mode == Mode.CLASSIFY and completes:
                 result.probs[seq.request_id] = self.classify(seq, hidden[last]).cpu()
+            if seq.prompt_logprobs is not None and seq.num_cached < len(seq.prompt_ids):
+                result.prompt_logprobs[seq.request_id] = (
+                    seq.num_cached + 1, self.prompt_logprobs(seq, hidden[chunk.offset:last + 1]))
         if to_sample:
             logits = self.model.logits(hidden[[row for _, row in to_sample]])
             choices = self._sample(logits, [s for s, _ in to_sample])
@@ -77,7 +83,21 @@ class ModelRunner:
         return result
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenChoice]:
+        logits = adjust_logits(logits, seqs, self.eos_ids)
         return sample(logits, [s.sampling for s in seqs], [len(s.output_ids) for s in seqs], self.generator)
+
+    def prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenChoice]:
+        """hidden (n, hidden) of prompt positions num_cached.. -> the log-probability of each next prompt
+        token (the model's own, unadjusted), with seq.prompt_logprobs alternatives."""
+        start = seq.num_cached
+        targets = seq.prompt_ids[start + 1:start + 1 + hidden.shape[0]]  # the last position predicts no prompt token
+        logprobs = sanitize(self.model.logits(hidden[:len(targets)])).log_softmax(-1).clamp(min=LOGPROB_FLOOR)
+        chosen = logprobs.gather(1, torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None])[:, 0].tolist()
+        top = [None] * len(targets)
+        if seq.prompt_logprobs > 0:
+            values, ids = logprobs.topk(seq.prompt_logprobs, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return [TokenChoice(t, lp, alt) for t, lp, alt in zip(targets, chosen, top)]
 
     def classify(self, seq: Sequence, last_hidden: torch.Tensor) -> torch.Tensor:
         """A sequence head at the last text token, or the LM head's scores of the label words."""

@@ -28,8 +28,14 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # end the sequence, as the end-of-sequence token does
     ignore_eos: bool = False
+    min_tokens: int = 0  # before this many tokens, no end-of-sequence, stop token or stop string ends it
     logprobs: int | None = None  # how many top alternatives to report per token (0: only the chosen one)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: logits of prompt and generated tokens divided (>0) or multiplied
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -42,12 +48,21 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
         if self.seed is not None:
             self.seed %= SEED_RANGE
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass
@@ -109,7 +124,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
         return [TokenChoice(t) for t in chosen]
     logprobs = logits.log_softmax(-1).clamp(min=LOGPROB_FLOOR)
     out = []
-    for i, (p, t) in enumerate(zip(params, chosen)):
+    for i, (p, t) in enumerate(zip(params, chosen)):  # of the logits as adjusted (app/engine/logits.py)
         if p.logprobs is None:
             out.append(TokenChoice(t))
             continue

@@ -58,11 +58,14 @@ class ScheduledStep:
 class StepResult:
     tokens: dict[int, TokenChoice] = field(default_factory=dict)  # request_id -> next token
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # request_id -> label probabilities (CPU)
+    # request_id -> (first prompt token index, the log-probabilities of that token and the next ones)
+    prompt_logprobs: dict[int, tuple[int, list[TokenChoice]]] = field(default_factory=dict)
     num_tokens: int = 0  # tokens that went through the model
 
     def merge(self, other: StepResult) -> StepResult:
         self.tokens.update(other.tokens)
         self.probs.update(other.probs)
+        self.prompt_logprobs.update(other.prompt_logprobs)
         self.num_tokens += other.num_tokens
         return self
 
@@ -189,6 +192,10 @@ class Scheduler:
                 continue
             seq.prefix_copies = []
             self._register_computed_blocks(seq)
+            if seq.request_id in result.prompt_logprobs:
+                first, choices = result.prompt_logprobs[seq.request_id]
+                if first == len(seq.prompt_choices) + 1:  # not again when a preempted prompt is recomputed
+                    seq.prompt_choices += choices
             if seq.mode == Mode.GENERATE:
                 choice = result.tokens.get(seq.request_id)
                 if choice is None:

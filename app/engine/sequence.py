@@ -38,6 +38,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "timeout" | "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_logprobs: list[TokenChoice] | None = None  # echo: one per prompt token (the first has no logprob)
     probs: torch.Tensor | None = None  # tag: (text tokens, labels); classify: (labels,)
     error: str | None = None
 
@@ -60,6 +61,9 @@ class Sequence:
     first_token_time: float | None = None
     cancelled: bool = False
     group: int | None = None  # the request it belongs to: one HTTP request may submit many sequences
+    grammar: object | None = None  # structured output: a GrammarMatcher (app/engine/grammar.py)
+    prompt_logprobs: int | None = None  # echo: log-probabilities of the prompt's tokens, with this many alternatives
+    prompt_choices: list[TokenChoice] = field(default_factory=list)  # of prompt tokens 1, 2, ... so far
     # KV blocks (app/engine/block_manager.py): block j holds positions [j*B, (j+1)*B)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, as far as known
@@ -69,6 +73,7 @@ class Sequence:
     finish_reason: str | None = None
     new_tokens: list[TokenChoice] = field(default_factory=list)  # sampled since the last Output
     sent: int = 0  # characters of text already released
+    sent_prompt_logprobs: bool = False
 
     @property
     def prefix_len(self) -> int:
@@ -95,8 +100,9 @@ class Sequence:
 
     @property
     def reuses_cached_text(self) -> bool:
-        """Tagging needs every text token's hidden state, so its text K,V are always computed."""
-        return self.mode != Mode.TAG
+        """Tagging and prompt log-probabilities need every text token's hidden state, so their text K,V are
+        always computed."""
+        return self.mode != Mode.TAG and self.prompt_logprobs is None
 
     @property
     def total_len(self) -> int:
@@ -105,21 +111,25 @@ class Sequence:
         return self.prefix_len + len(self.prompt_ids) + new
 
     def append_token(self, choice: TokenChoice, eos_ids: frozenset[int]) -> None:
-        """A sampled token: its text, and whether it ends the sequence (end of sequence, a stop string,
-        max_tokens)."""
+        """A sampled token: its text, and whether it ends the sequence (end of sequence, a stop token or
+        string, a completed grammar, max_tokens). Nothing but max_tokens ends it before min_tokens."""
         params = self.sampling
         self.output_ids.append(choice.token_id)
         self.new_tokens.append(choice)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
-        is_eos = choice.token_id in eos_ids and not params.ignore_eos
+        if self.grammar is not None:
+            self.grammar.accept(choice.token_id)
+        may_stop = len(self.output_ids) >= params.min_tokens
+        is_eos = may_stop and ((choice.token_id in eos_ids and not params.ignore_eos)
+                               or choice.token_id in params.stop_token_ids)
         if not is_eos:
             self.decoder.add(choice.token_id)
         text = self.decoder.text
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in params.stop) if i >= 0]
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in params.stop) if i >= 0] if may_stop else []
         if hits:
             self.decoder.text, self.finish_reason = text[:min(hits)], "stop"
-        elif is_eos:
+        elif is_eos or (self.grammar is not None and self.grammar.is_terminated()):
             self.finish_reason = "stop"
         elif len(self.output_ids) >= params.max_tokens:
             self.finish_reason = "length"
@@ -136,5 +146,8 @@ class Sequence:
         out = Output(self.request_id, text, self.new_tokens, finished=self.finish_reason is not None,
                      finish_reason=self.finish_reason, prompt_tokens=len(self.prompt_ids),
                      completion_tokens=len(self.output_ids))
+        if self.prompt_logprobs is not None and self.sent_prompt_logprobs is False and not self.in_prefill:
+            out.prompt_logprobs = [TokenChoice(self.prompt_ids[0]), *self.prompt_choices]
+            self.sent_prompt_logprobs = True
         self.new_tokens = []
         return out
