@@ -135,14 +135,16 @@ def test_streaming_equals_non_streaming(client, prompts):
     for model in ("base", "gen"):
         whole = complete(client, "Once upon a time", model, max_tokens=12)
         with client.stream("POST", "/v1/completions", json={"model": model, "prompt": "Once upon a time",
-                                                            "max_tokens": 12, "temperature": 0, "stream": True}) as r:
+                                                            "max_tokens": 12, "temperature": 0, "stream": True,
+                                                            "stream_options": {"include_usage": True}}) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             events = sse_events(r)
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
-        assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
-        assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-        assert chunks[-1]["usage"] == whole["usage"]
+        assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
+        assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        assert all("usage" not in c for c in chunks[:-1])
 
 
 def test_chat_streaming(client):
@@ -227,8 +229,10 @@ def test_classify(client, prompts):
     ("/v1/chat/completions", "ner", "tag"), ("/v1/tag", "base", None)])
 def test_wrong_task_type_is_422_naming_the_type(client, prompts, route, prompt, actual):
     body = {"prompt": prompt, "inputs": "hello"}
-    if route.endswith("completions"):
-        body = {"model": prompt, "prompt": "hello", "messages": [{"role": "user", "content": "hi"}]}
+    if route == "/v1/completions":
+        body = {"model": prompt, "prompt": "hello"}
+    elif route == "/v1/chat/completions":
+        body = {"model": prompt, "messages": [{"role": "user", "content": "hi"}]}
     message = error_of(client.post(route, json=body), 422, "wrong_task_type")
     if actual:
         assert repr(actual) in message
@@ -251,7 +255,8 @@ BAD_REQUESTS = [  # (route, body, status, code, param)
     ("/v1/completions", {"prompt": "x", "max_tokens": 700}, 400, "too_many_tokens", None),
     ("/v1/completions", {"prompt": ""}, 400, "validation_error", "prompt"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "validation_error", "temperature"),
-    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "validation_error", "n"),
+    ("/v1/completions", {"prompt": "x", "n": 17}, 400, "validation_error", "n"),
+    ("/v1/completions", {"prompt": "x", "n": 5}, 400, "too_many_inputs", "n"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, "validation_error", "seed"),
     ("/v1/completions", {"prompt": "x", "seed": -2**63 - 1}, 400, "validation_error", "seed"),
     ("/v1/generate", {"inputs": "x", "seed": 10**30}, 400, "validation_error", "seed"),

@@ -23,8 +23,13 @@ def server(tmp_path_factory):
 
 def few_tokens(context, body):
     """Keep valid requests cheap: at most MAX_NEW_TOKENS new tokens (invalid values are left as generated)."""
-    if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > MAX_NEW_TOKENS:
-        body["max_tokens"] = MAX_NEW_TOKENS
+    if not isinstance(body, dict):
+        return body
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(key), int) and body[key] > MAX_NEW_TOKENS:
+            body[key] = MAX_NEW_TOKENS
+    if ("prompt" in body or "messages" in body) and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = MAX_NEW_TOKENS  # the OpenAI routes' default is the rest of the context
     return body
 
 

@@ -39,6 +39,16 @@ def check_tokens(services: Services, seqs: list[Sequence]) -> None:
                             f"per request (SOFTSERVE_MAX_TOKENS_PER_REQUEST)", "too_many_tokens")
 
 
+def default_max_tokens(services: Services, prompt, ids: list[int], sequences: int) -> int:
+    """max_tokens when a request sets none (OpenAI's and vLLM's default): the rest of the context, within
+    the request's share of SOFTSERVE_MAX_TOKENS_PER_REQUEST; at least 1 (a prompt that fills the context is
+    then refused for its length)."""
+    prefix = 0 if prompt is None else prompt.num_virtual_tokens
+    context = services.engine.config.max_seq_len - prefix - len(ids)
+    share = services.settings.max_tokens_per_request // sequences - len(ids)
+    return max(1, min(context, share))
+
+
 async def run_all(request: Request, services: Services, seqs: list[Sequence]) -> tuple[list[Output], float]:
     """Run one HTTP request's sequences as one engine request (admitted together, counted once against
     the queue limit); (outputs, end time). A client that disconnects meanwhile cancels all of them."""

@@ -77,19 +77,28 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str, str | No
     string, when `inputs.0` of the list failed) is the member the client did not mean, so it is left out."""
     errors = []
     for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", "invalid_json", None
-        errors.append((field_path(err.get("loc", ())), str(err.get("msg"))))
-    paths = {path for path, _ in errors if path}
-    parts, first = [], None
-    for path, msg in errors:
+        kind, loc, msg = err.get("type"), tuple(err.get("loc", ())), str(err.get("msg"))
+        if kind == "json_invalid":
+            return f"the body is not valid JSON: {err.get('ctx', {}).get('error', msg)}", "invalid_json", None
+        path = field_path(loc)
+        if kind == "extra_forbidden" and loc:  # the client's own key, whatever characters it has
+            path = ".".join(p for p in (field_path(loc[:-1]), str(loc[-1])) if p)
+            msg = "unknown field (not an OpenAI field nor a supported extension)"
+        errors.append((path, msg, FIELD_ERROR_CODES.get(kind, "validation_error")))
+    paths = {path for path, _, _ in errors if path}
+    parts, first, code = [], None, None
+    for path, msg, err_code in errors:
         if path and any(other.startswith(path + ".") for other in paths):
             continue
-        first = first or path
+        first, code = first or path, code or err_code
         message = f"{path}: {msg}" if path else msg
         if message not in parts:
             parts.append(message)
-    return "; ".join(parts) or "invalid request", "validation_error", first
+    return "; ".join(parts) or "invalid request", code or "validation_error", first
+
+
+# pydantic error types with their own code: a field softserve knows but does not do, and one it does not know
+FIELD_ERROR_CODES = {"unsupported_field": "unsupported_field", "extra_forbidden": "unknown_field"}
 
 
 # (exception class, status, code); subclasses before their bases

@@ -1,9 +1,12 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (`model` names the prompt).
 
-`stream: true` sends Server-Sent Events, one `data: {...}` chunk per update, then `data: [DONE]`.
+`stream: true` sends Server-Sent Events, one `data: {...}` chunk per update, then `data: [DONE]`. Several
+prompts and `n` > 1 give several choices (`index`: prompt i's copy j is i * n + j), run as one group; as
+streams, every choice is its own engine stream and their chunks interleave as they come.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,6 +20,7 @@ from app.api.common import (
     admit,
     cancel_on_disconnect,
     check_tokens,
+    default_max_tokens,
     prompt_name,
     record,
     run_all,
@@ -24,29 +28,37 @@ from app.api.common import (
 )
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, error_responses
-from app.engine.sequence import Mode, Output
+from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from app.api.schemas import error_responses
+from app.engine.grammar import GrammarError, GrammarMatcher, Grammars
+from app.engine.sampling import SEED_RANGE
+from app.engine.sequence import Mode, Output, Sequence
 from app.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 
-
-def _usage(out: Output) -> dict:
-    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "total_tokens": out.prompt_tokens + out.completion_tokens}
+COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with seed + j * stride: n different answers
 
 
-def _logprobs(out: Output, services: Services, chat: bool) -> dict | None:
-    if not out.tokens or out.tokens[0].logprob is None:
+def _usage(outs: list[Output], first_of_prompt: list[bool]) -> dict:
+    """A prompt's tokens count once however many copies ran it (as OpenAI counts them)."""
+    prompt = sum(o.prompt_tokens for o, first in zip(outs, first_of_prompt) if first)
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprobs(tokens, services: Services, chat: bool) -> dict | None:
+    """tokens: TokenChoices; an echoed prompt's first token has no log-probability (null)."""
+    if not tokens or all(c.logprob is None for c in tokens):
         return None
     text = lambda i: services.tokenizer.hf.decode([i])  # noqa: E731
     if chat:
         return {"content": [{"token": text(c.token_id), "logprob": c.logprob,
                              "top_logprobs": [{"token": text(i), "logprob": lp} for i, lp in (c.top or [])]}
-                            for c in out.tokens]}
-    return {"tokens": [text(c.token_id) for c in out.tokens], "token_logprobs": [c.logprob for c in out.tokens],
-            "top_logprobs": [{text(i): lp for i, lp in (c.top or [])} for c in out.tokens]}
+                            for c in tokens]}
+    return {"tokens": [text(c.token_id) for c in tokens], "token_logprobs": [c.logprob for c in tokens],
+            "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} for c in tokens]}
 
 
 def _model_cards(services: Services) -> list[dict]:
@@ -81,35 +93,105 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     prompt = services.engine.get_prompt(prompt_name(body.model, services))  # 404 before tokenizing
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _complete(body, prompt, ids, logprobs, request, services, chat=True)
+    return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
-    """`prompt` is continued as raw text; `model` is `base` or a generate prompt."""
+    """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
+    prompt."""
     admit(request, body.model)
     prompt = services.engine.get_prompt(prompt_name(body.model, services))
-    ids = await services.encoder.encode(body.prompt, "prompt")
-    return await _complete(body, prompt, ids, body.logprobs, request, services, chat=False)
+    prompts = body.prompts
+    _check_seqs(services, len(prompts) * body.n)
+    vocab = services.loaded.args.vocab_size
+    ids, texts = [], []
+    for i, p in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        if isinstance(p, str):
+            ids.append(await services.encoder.encode(p, param))
+            texts.append(p)
+        else:
+            if max(p) >= vocab:
+                raise APIError(400, f"{param}: token id {max(p)} is not in the vocabulary (size {vocab})",
+                               "invalid_token", param)
+            ids.append(list(p))
+            texts.append(None)
+    return await _complete(body, prompt, ids, texts, body.logprobs, request, services, chat=False)
 
 
-async def _complete(body, prompt, ids: list[int], logprobs: int | None, request: Request, services: Services,
-                    chat: bool):
+def _check_seqs(services: Services, count: int) -> None:
+    limit = services.settings.max_inputs_per_request
+    if count > limit:
+        raise APIError(400, f"prompts x n = {count} choices exceed the limit of {limit} per request "
+                            f"(SOFTSERVE_MAX_INPUTS_PER_REQUEST)", "too_many_inputs", "n")
+
+
+def _check_token_fields(body: OpenAIRequest, vocab: int) -> None:
+    for token in body.stop_token_ids or []:
+        if token >= vocab:
+            raise APIError(400, f"stop_token_ids: {token} is not in the vocabulary (size {vocab})", "invalid_token",
+                           "stop_token_ids")
+    for key in body.logit_bias or {}:
+        if int(key) >= vocab:
+            raise APIError(400, f"logit_bias: token id {key} is not in the vocabulary (size {vocab})",
+                           "invalid_token", "logit_bias")
+
+
+async def _compile_grammar(body: OpenAIRequest, request: Request, services: Services):
+    """The compiled grammar of the structured output asked for (None: free text), compiled off the loop."""
+    asked = body.grammar_requests
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"{asked[1][0]}: ask for one structured output at a time (also {asked[0][0]})",
+                       "unsupported_field", asked[1][0])
+    field, kind, source = asked[0]
+    grammars = getattr(request.app.state, "grammars", None)
+    if grammars is None or grammars[0] is not services:  # built once per loaded model (about 0.4 s)
+        built = await asyncio.to_thread(Grammars, services.tokenizer.hf, services.loaded.args.vocab_size)
+        request.app.state.grammars = grammars = (services, built)
+    try:
+        return await asyncio.to_thread(grammars[1].compile, kind, source)
+    except GrammarError as e:
+        raise APIError(400, f"{field}: {e}", "invalid_grammar", field) from None
+
+
+async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: list[str | None],
+                    logprobs: int | None, request: Request, services: Services, chat: bool):
     engine = services.engine
     route = "/v1/chat/completions" if chat else "/v1/completions"
     metrics = request.app.state.metrics
-    seq = engine.make_sequence(prompt, ids, Mode.GENERATE, body.sampling_params(logprobs),
-                               services.settings.request_timeout_s)
-    check_tokens(services, [seq])
+    vocab = services.loaded.args.vocab_size
+    _check_token_fields(body, vocab)
+    grammar = await _compile_grammar(body, request, services)
+    echo = getattr(body, "echo", False)
+    seqs: list[Sequence] = []
+    for prompt_ids in ids:
+        max_tokens = body.new_tokens or default_max_tokens(services, prompt, prompt_ids, len(ids) * body.n)
+        for j in range(body.n):
+            seed = None if body.seed is None else (body.seed + j * COPY_SEED_STRIDE) % SEED_RANGE
+            seq = engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, body.sampling_params(max_tokens, logprobs, seed),
+                                       services.settings.request_timeout_s)
+            if grammar is not None:
+                seq.grammar = GrammarMatcher(grammar, vocab)
+            if echo and logprobs is not None:
+                seq.prompt_logprobs = logprobs
+            seqs.append(seq)
+    check_tokens(services, seqs)
+    first_of_prompt = [k % body.n == 0 for k in range(len(seqs))]
+    echoed = [(texts[k // body.n] if texts[k // body.n] is not None else services.tokenizer.decode(ids[k // body.n]))
+              if echo else "" for k in range(len(seqs))]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     kind = "chat.completion" if chat else "text_completion"
     created = int(time.time())
 
-    def choice(out: Output, first: bool) -> dict:
-        c = {"index": 0, "finish_reason": out.finish_reason if out.finished else None,
-             "logprobs": _logprobs(out, services, chat)}
+    def choice(k: int, out: Output, first: bool) -> dict:
+        tokens = (out.prompt_logprobs or []) + out.tokens if first else out.tokens
+        c = {"index": k, "finish_reason": out.finish_reason if out.finished else None,
+             "logprobs": _logprobs(tokens, services, chat)}
         if not chat:
-            c["text"] = out.text
+            c["text"] = (echoed[k] if first else "") + out.text
         elif body.stream:
             c["delta"] = ({"role": "assistant"} if first else {}) | {"content": out.text}
         else:
@@ -117,32 +199,81 @@ async def _complete(body, prompt, ids: list[int], logprobs: int | None, request:
         return c
 
     if not body.stream:
-        [out], end = await run_all(request, services, [seq])
-        record(metrics, route, seq, out, end)
+        outs, end = await run_all(request, services, seqs)
+        for seq, out in zip(seqs, outs):
+            record(metrics, route, seq, out, end)
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
-                             "choices": [choice(out, True)], "usage": _usage(out)},
-                            headers=timing_headers([seq], [out], end))
+                             "choices": [choice(k, out, True) for k, out in enumerate(outs)],
+                             "usage": _usage(outs, first_of_prompt)},
+                            headers=timing_headers(seqs, outs, end))
 
-    updates = engine.stream(seq)
+    streams = [engine.stream(seq) for seq in seqs]
     # before the 200 goes out, so an overload is still a 429; a client gone while it queues cancels it
-    first = await cancel_on_disconnect(request, anext(updates))
+    firsts = await _first_outputs(request, streams)
+    options = body.stream_options
+    include_usage = options is not None and options.include_usage
+    continuous = options is not None and options.continuous_usage_stats
 
     async def events() -> AsyncIterator[str]:
         chunk_kind = kind + (".chunk" if chat else "")
-        out, is_first = first, True
-        while True:
+        last: list[Output] = list(firsts)
+        started = [False] * len(seqs)
+        async for k, out in _merged(streams, firsts):
+            last[k] = out
             payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model,
-                       "choices": [choice(out, is_first)]}
-            if out.finished:
-                payload["usage"] = _usage(out)
+                       "choices": [choice(k, out, not started[k])]}
+            started[k] = True
+            if continuous:
+                payload["usage"] = _usage([out], [True])
             yield f"data: {json.dumps(payload)}\n\n"
-            is_first = False
             if out.finished:
-                break
-            out = await anext(updates)
-        record(metrics, route, seq, out, time.monotonic())
+                record(metrics, route, seqs[k], out, time.monotonic())
+        if include_usage:
+            payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model, "choices": [],
+                       "usage": _usage(last, first_of_prompt)}
+            yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+
+async def _first_outputs(request: Request, streams: list) -> list[Output]:
+    """Every stream's first output (each submits its sequence); if one is refused (overloaded, shutting
+    down), the others are closed, which cancels them, and the refusal is raised."""
+    firsts = await cancel_on_disconnect(request, asyncio.gather(*(anext(s) for s in streams), return_exceptions=True))
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
+        for stream in streams:
+            await stream.aclose()
+        raise errors[0]
+    return firsts
+
+
+async def _merged(streams: list, firsts: list[Output]) -> AsyncIterator[tuple[int, Output]]:
+    """(stream index, output) from every stream as they come, each stream's first output first; leaving
+    early (client gone) cancels the streams still running, which cancels their requests."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, stream, out: Output) -> None:
+        try:
+            await queue.put((k, out))
+            while not out.finished:
+                out = await anext(stream)
+                await queue.put((k, out))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((k, e))
+
+    tasks = [asyncio.ensure_future(pump(k, s, first)) for k, (s, first) in enumerate(zip(streams, firsts))]
+    try:
+        remaining = len(streams)
+        while remaining:
+            k, out = await queue.get()
+            if isinstance(out, Exception):
+                raise out
+            remaining -= out.finished
+            yield k, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -34,44 +34,6 @@ class SamplingFields(BaseModel):
                               ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text"] = Field(description="only text parts are supported")
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[ContentPart] = Field(description="text, or a list of text parts (joined)")
-
-    def as_template_input(self) -> dict:
-        data = self.model_dump()
-        if isinstance(self.content, list):
-            data["content"] = "".join(part.text for part in self.content)
-        return data
-
-
-class ChatCompletionRequest(SamplingFields):
-    model: str = Field("base", description="'base' or the name of a generate prompt")
-    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the model's chat template")
-    stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
-    logprobs: bool = Field(False, description="return the chosen tokens' log-probabilities")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many alternatives per token")
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    user: str | None = None
-
-
-class CompletionRequest(SamplingFields):
-    model: str = Field("base", description="'base' or the name of a generate prompt")
-    prompt: str = Field(min_length=1, description="the text to continue")
-    stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
-    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of the chosen token and this many alternatives")
-    echo: bool = Field(False, description="only false is supported")
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    user: str | None = None
-
-
 # ---- task endpoints ---------------------------------------------------------------------------------
 
 Text = Annotated[str, Field(min_length=1, description="one input text")]

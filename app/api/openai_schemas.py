@@ -1,0 +1,223 @@
+"""Request bodies of the OpenAI routes. Every field OpenAI defines is here: honoured, or refused with a 400
+naming it when it asks for something softserve does not do; a field OpenAI does not define is refused too
+(`extra="forbid"`), unless it is one of the vLLM extensions listed in docs/API.md.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from app.api.schemas import SEED_MAX, SEED_MIN, StopString
+from app.engine.sampling import SamplingParams
+
+MAX_N = 16
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def Refused(reason: str, *allowed) -> Any:
+    """A field accepted only when absent, null or one of `allowed` (values that ask for nothing softserve
+    lacks); any other value is a 400 naming the field."""
+    def check(value):
+        if value is None or any(value == a for a in allowed):
+            return value
+        raise PydanticCustomError("unsupported_field", reason)
+    allowed_text = f" (accepted: {', '.join(map(repr, allowed))})" if allowed else ""
+    return Annotated[Any, AfterValidator(check), Field(description=f"refused: {reason}{allowed_text}")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = Field(False, description="a last chunk with `choices: []` and the request's usage")
+    continuous_usage_stats: bool = Field(False, description="(vLLM) usage so far on every chunk")
+
+
+class JsonSchema(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema", description="the JSON Schema the output follows")
+    strict: bool | None = Field(None, description="always strict: the output always validates")
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise PydanticCustomError("unsupported_field", "type 'json_schema' goes with a json_schema, and only it")
+        return self
+
+
+class OpenAIRequest(Strict):
+    """What chat and text completions share."""
+    model: str = Field("base", description="'base', the base model's id, or a generate prompt (`name` or `name@version`)")
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20,
+                                   description="tokens to generate at most; default: the rest of the context")
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20, description="the same as max_tokens")
+    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX,
+                             description="same seed, same output, whatever shares the batch")
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="up to 4 stop strings, not included in the text")
+    stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        None, description="token id (as a string) -> added to its logit")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained output")
+    user: str | None = Field(None, max_length=256, description="an end-user id (not used)")
+    # vLLM's extensions
+    top_k: int = Field(0, ge=0, le=1 << 20, description="(vLLM) 0: no top-k cut")
+    min_tokens: int = Field(0, ge=0, le=1 << 20, description="(vLLM) nothing but max_tokens ends the output sooner")
+    ignore_eos: bool = Field(False, description="(vLLM) keep generating past the end-of-sequence token")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="(vLLM) tokens that end the output")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+                                      description="(vLLM) above 1: prompt and generated tokens are less likely")
+    guided_json: dict | None = Field(None, description="(vLLM) a JSON Schema the output follows")
+    guided_regex: str | None = Field(None, min_length=1, max_length=4096, description="(vLLM) a regex the output matches")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=256)] | None = Field(
+        None, description="(vLLM) the output is exactly one of these strings")
+    # OpenAI fields for what softserve does not do
+    store: Refused("storing completions is not supported", False) = None
+    metadata: Refused("metadata goes with store, which is not supported") = None
+    service_tier: Refused("only service_tier 'auto' or 'default' is supported", "auto", "default") = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streams(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("stream"):
+            raise PydanticCustomError("unsupported_field", "stream_options goes with stream: true")
+        return value
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_limit(cls, value, info: ValidationInfo):
+        other = info.data.get("max_tokens")
+        if value is not None and other is not None and other != value:
+            raise PydanticCustomError("unsupported_field", "max_tokens and max_completion_tokens differ; send one")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value):
+        for key in value or {}:
+            if not key.isdigit():
+                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids, e.g. {\"1234\": -100}")
+        return value
+
+    @property
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def grammar_request(self) -> tuple[str, str, Any] | None:
+        """(field, kind, source) of the structured output asked for, if any (at most one: see check_grammar)."""
+        asked = self.grammar_requests
+        return asked[0] if asked else None
+
+    @property
+    def grammar_requests(self) -> list[tuple[str, str, Any]]:
+        asked = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            asked.append(("response_format", "json_object", None))
+        elif fmt is not None and fmt.type == "json_schema":
+            asked.append(("response_format", "json_schema", fmt.json_schema.schema_))
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if getattr(self, name) is not None:
+                asked.append((name, kind, getattr(self, name)))
+        return asked
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, seed: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
+            stop=[s for s in stop if s], stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, logprobs=logprobs, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
+
+
+class ContentPart(Strict):
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="'developer' is rendered as 'system'")
+    content: str | list[ContentPart] = Field(description="text, or a list of text parts (joined)")
+    name: str | None = Field(None, max_length=64, description="passed to the chat template")
+    tool_call_id: str | None = Field(None, description="(tool messages) passed to the chat template")
+    tool_calls: Refused("tool calls are not supported", []) = None
+    function_call: Refused("function calls are not supported") = None
+    refusal: Refused("refusal messages are not supported") = None
+    audio: Refused("audio is not supported") = None
+
+    def as_template_input(self) -> dict:
+        data = {"role": "system" if self.role == "developer" else self.role,
+                "content": self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the chat template")
+    logprobs: bool = Field(False, description="return the chosen tokens' log-probabilities")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many alternatives per token")
+    tool_choice: Refused("tools are not supported; only tool_choice 'none' is", "none") = None
+    tools: Refused("tools are not supported", []) = None
+    parallel_tool_calls: bool | None = Field(None, description="accepted; no effect (tools are not supported)")
+    functions: Refused("functions are not supported", []) = None
+    function_call: Refused("function calls are not supported", "none") = None
+    audio: Refused("audio output is not supported") = None
+    modalities: Refused("only the text modality is supported", ["text"]) = None
+    prediction: Refused("predicted outputs are not supported") = None
+    reasoning_effort: Refused("reasoning effort is not supported") = None
+    verbosity: Refused("verbosity is not supported") = None
+    web_search_options: Refused("web search is not supported") = None
+    prompt_cache_key: Refused("prompt_cache_key is not supported (prefix caching is automatic)") = None
+    safety_identifier: Refused("safety_identifier is not supported") = None
+
+
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1)] | PromptIds | \
+        Annotated[list[PromptIds], Field(min_length=1)] = Field(
+            description="a text, a list of texts, a list of token ids, or a list of token-id lists; each prompt "
+                        "gets `n` choices")
+    logprobs: int | None = Field(None, ge=0, le=20,
+                                 description="log-probabilities of the chosen token and this many alternatives")
+    echo: bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="only equal to n (no server-side ranking)")
+    suffix: Refused("suffix (insertion) is not supported") = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n", 1):
+            raise PydanticCustomError("unsupported_field", "best_of other than n is not supported")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)

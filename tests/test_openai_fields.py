@@ -1,0 +1,328 @@
+"""Every field of the OpenAI completions and chat requests, through the official client against one live
+server: honoured (exact token counts, stop conditions, n choices, prompt forms, penalties, usage chunks,
+echo with the model's own log-probabilities, structured output that validates) or refused with a 400
+naming the field."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+from app.engine.model import DenseAttention  # noqa: E402
+from tests.live_server import LiveServer, upload  # noqa: E402
+
+MAX_SEQ_LEN = 512
+CHAT_PROMPT = Path(__file__).resolve().parents[1] / "examples" / "prompts" / "chat.safetensors"
+USER = [{"role": "user", "content": "Say something about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LiveServer(tmp_path_factory.mktemp("fields") / "store", {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
+                                                                   "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "8"}) as s:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert upload(c, "chat", CHAT_PROMPT.read_bytes()).status_code == 201
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+# ---- refused ---------------------------------------------------------------------------------------
+
+CHAT = {"messages": USER, "max_tokens": 2}
+COMPLETION = {"prompt": "x", "max_tokens": 2}
+REFUSED = [
+    ("/v1/completions", {**COMPLETION, "suffix": "!"}, "suffix", "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "best_of": 3}, "best_of", "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "frobnicate": 1}, "frobnicate", "unknown_field"),
+    ("/v1/completions", {**COMPLETION, "store": True}, "store", "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "stream_options": {"include_usage": True}}, "stream_options", "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens",
+     "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"abc": 1}}, "logit_bias", "validation_error"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"99999999": 1}}, "logit_bias", "invalid_token"),
+    ("/v1/completions", {**COMPLETION, "stop_token_ids": [10**9]}, "stop_token_ids", "invalid_token"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[1, 2], [10**9]]}, "prompt.1", "invalid_token"),
+    ("/v1/completions", {**COMPLETION, "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice",
+     "unsupported_field"),
+    ("/v1/completions", {**COMPLETION, "guided_regex": "(unclosed"}, "guided_regex", "invalid_grammar"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+     "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "auto"}, "tool_choice", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "function_call": "auto"}, "function_call", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "modalities": ["text", "audio"]}, "modalities", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "prediction": {"type": "content", "content": "x"}}, "prediction",
+     "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "reasoning_effort": "high"}, "reasoning_effort", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "web_search_options": {}}, "web_search_options", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "service_tier": "flex"}, "service_tier", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "metadata": {"a": "b"}}, "metadata", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "echo": True}, "echo", "unknown_field"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "response_format",
+     "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "1"}]}]},
+     "messages.0.tool_calls", "unsupported_field"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                                   "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type", "validation_error"),
+]
+
+
+@pytest.mark.parametrize("route,body,param,code", REFUSED, ids=[f"{r[0]}:{r[2]}" for r in REFUSED])
+def test_refused_fields_are_400_naming_the_field(http, route, body, param, code):
+    r = http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert param.split(".")[0] in error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+
+
+def test_accepted_no_op_values(client):
+    """Values of refused fields that ask for nothing softserve lacks are accepted."""
+    r = client.chat.completions.create(model="base", messages=USER, max_tokens=2, tools=[], tool_choice="none",
+                                       store=False, service_tier="auto", extra_body={"modalities": ["text"]})
+    assert r.usage.completion_tokens == 2
+
+
+# ---- lengths and stops -------------------------------------------------------------------------------
+
+def test_max_completion_tokens_both_routes(client):
+    chat = client.chat.completions.create(model="base", messages=USER, max_completion_tokens=5, temperature=0)
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+    text = client.completions.create(model="base", prompt="Once upon a time", temperature=0,
+                                     extra_body={"max_completion_tokens": 5})
+    assert text.usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ignore_eos_gives_exactly_n_tokens_through_both_routes(client, stream):
+    """What a benchmark client sends: max_completion_tokens, ignore_eos, stream_options."""
+    extra = {"ignore_eos": True}
+    opts = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}],
+                                          max_completion_tokens=40, temperature=0.8, extra_body=extra, **opts)
+    text = client.completions.create(model="base", prompt="Hi", max_tokens=40, temperature=0.8, extra_body=extra,
+                                     **opts)
+    for answer in (chat, text):
+        usage = list(answer)[-1].usage if stream else answer.usage
+        assert usage.completion_tokens == 40
+
+
+def test_default_max_tokens_is_the_rest_of_the_context(client):
+    ids = [28] * (MAX_SEQ_LEN - 24)
+    r = client.completions.create(model="base", prompt=ids, temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}], temperature=0)
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 0  # not cut at 16
+
+
+def test_stop_strings_stop_token_ids_and_min_tokens(client, server):
+    free = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0)
+    text = free.choices[0].text
+    word = text.split()[1]
+    for stop in (word, [word, "zzzz"]):
+        cut = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0, stop=stop)
+        assert cut.choices[0].text == text[:text.index(word)] and cut.choices[0].finish_reason == "stop"
+    tokenizer = _tokenizer()
+    ids = tokenizer.encode("The sea is")
+    generated = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, logprobs=0)
+    fourth = tokenizer.encode(generated.choices[0].logprobs.tokens[3])[0]
+    first_at = next(i for i, t in enumerate(generated.choices[0].logprobs.tokens)
+                    if tokenizer.encode(t)[0] == fourth)
+    stopped = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0,
+                                        extra_body={"stop_token_ids": [fourth]})
+    assert stopped.usage.completion_tokens == first_at + 1 and stopped.choices[0].finish_reason == "stop"
+    held = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}], temperature=0,
+                                          max_tokens=60, extra_body={"min_tokens": 50})
+    assert held.usage.completion_tokens >= 50
+
+
+def test_developer_role_is_system(client):
+    ask = lambda role: client.chat.completions.create(  # noqa: E731
+        model="base", temperature=0, max_tokens=10,
+        messages=[{"role": role, "content": "Answer in French."}, *USER]).choices[0].message.content
+    assert ask("developer") == ask("system")
+
+
+# ---- prompts and choices -------------------------------------------------------------------------------
+
+def test_prompt_forms_and_choice_indexes(client):
+    one = lambda p: client.completions.create(model="base", prompt=p, max_tokens=6, temperature=0).choices[0].text  # noqa: E731
+    tokenizer = _tokenizer()
+    texts = ["The sea is", "Paris is"]
+    want = [one(t) for t in texts]
+    ids = [tokenizer.encode(t) for t in texts]
+    assert one(ids[0]) == want[0]
+    for prompt in (texts, ids):
+        r = client.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, n=2)
+        assert [c.index for c in r.choices] == [0, 1, 2, 3]
+        assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
+        assert r.usage.prompt_tokens == sum(len(i) for i in ids)
+
+
+def test_n_choices_seeded_sampling(client):
+    make = lambda: client.chat.completions.create(model="chat", messages=USER, n=3, max_tokens=10, seed=7,  # noqa: E731
+                                                  temperature=1.0, extra_body={"ignore_eos": True})
+    first, again = make(), make()
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices] and len(set(texts)) > 1
+    assert [c.index for c in first.choices] == [0, 1, 2] and first.usage.completion_tokens == 30
+
+
+@pytest.mark.parametrize("route", ["chat", "text"])
+def test_n_streams_equal_non_streamed(client, route):
+    kw = dict(model="base", max_tokens=8, temperature=0, n=2)
+    if route == "chat":
+        full = client.chat.completions.create(messages=USER, **kw)
+        chunks = list(client.chat.completions.create(messages=USER, stream=True, **kw))
+        got = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == k) for k in (0, 1)]
+        want = [c.message.content for c in full.choices]
+    else:
+        full = client.completions.create(prompt="The sea is", **kw)
+        chunks = list(client.completions.create(prompt="The sea is", stream=True, **kw))
+        got = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == k) for k in (0, 1)]
+        want = [c.text for c in full.choices]
+    assert got == want
+    assert all(c.usage is None for c in chunks)  # no stream_options: no usage anywhere
+
+
+def test_stream_usage_chunk_and_continuous_stats(client):
+    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].usage.prompt_tokens == 1 and all(c.usage is None for c in chunks[:-1])
+    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, stream=True,
+                                            stream_options={"include_usage": False},
+                                            extra_body={"stream_options": {"continuous_usage_stats": True}}))
+    assert [c.usage.completion_tokens for c in chunks] == list(range(1, len(chunks) + 1))
+
+
+# ---- penalties and bias --------------------------------------------------------------------------------
+
+def test_logit_bias_forces_and_bans_tokens(client):
+    tokenizer = _tokenizer()
+    token = tokenizer.encode(" sea")[0]
+    forced = client.completions.create(model="base", prompt="Hi", max_tokens=5, temperature=0,
+                                       logit_bias={str(token): 100}, logprobs=0)
+    assert forced.choices[0].text == " sea" * 5
+    free = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0)
+    banned_id = tokenizer.encode(free.choices[0].logprobs.tokens[0])[0]
+    banned = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(banned_id): -100})
+    assert banned.choices[0].text != free.choices[0].text
+
+
+def test_greedy_penalties_apply(client):
+    """Greedy rows with penalties leave the fast path: repeating text changes under each penalty."""
+    prompt = "one two one two one two one two"
+    base = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 2.0}}):
+        got = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, **extra)
+        assert got.choices[0].text != base, extra
+
+
+# ---- echo and prompt log-probabilities -----------------------------------------------------------------
+
+def test_echo_logprobs_equal_the_models_own(client, default_model):
+    text = "The quick brown fox jumps over the lazy dog."
+    tokenizer = _tokenizer()
+    ids = tokenizer.encode(text)
+    for _ in range(2):  # the second time the prompt's blocks are cached: they must be computed again
+        r = client.completions.create(model="base", prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(text)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.tokens[:len(ids)] == [tokenizer.decode([i]) for i in ids]
+        with torch.inference_mode():
+            model = default_model.model
+            hidden = model(torch.arange(len(ids))[None], DenseAttention(), tokens=torch.tensor([ids]))
+            want = model.logits(hidden)[0].float().log_softmax(-1)
+        expected = [float(want[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-3)
+        assert len(lp.tokens) == len(ids) + 1 and len(lp.top_logprobs[1]) == 2
+
+
+def test_echo_without_logprobs_prepends_the_prompt(client):
+    plain = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0)
+    echoed = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The sea is" + plain.choices[0].text
+
+
+# ---- structured output ---------------------------------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("model", ["base", "chat"])
+def test_json_schema_output_validates(client, model):
+    messages = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for temperature in (0, 1.0):
+        r = client.chat.completions.create(model=model, messages=messages, response_format=fmt, max_tokens=60,
+                                           temperature=temperature, seed=3)
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_json_object_and_free_text_share_a_batch(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    free = lambda: client.chat.completions.create(model="base", messages=USER, max_tokens=8, temperature=0)  # noqa: E731
+    alone = free().choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        shaped = [pool.submit(client.chat.completions.create, model=m, messages=[
+            {"role": "user", "content": "Give me a JSON object about the sea."}], max_tokens=40, temperature=0,
+            response_format={"type": "json_object"}, extra_body={"ignore_eos": False}) for m in ("base", "chat")]
+        free_runs = [pool.submit(free) for _ in range(2)]
+        for f in shaped:
+            r = f.result()
+            if r.choices[0].finish_reason == "stop":
+                assert isinstance(json.loads(r.choices[0].message.content), dict)
+            else:  # cut by max_tokens: still a valid prefix of an object
+                assert r.choices[0].message.content.lstrip().startswith("{")
+        assert [f.result().choices[0].message.content for f in free_runs] == [alone, alone]
+
+
+def test_guided_choice_and_regex(client):
+    choice = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Is water wet?"}],
+                                            temperature=1.0, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+    assert choice.choices[0].message.content in ("yes", "no", "maybe")
+    regex = client.completions.create(model="base", prompt="A phone number:", temperature=1.0, max_tokens=20,
+                                      extra_body={"guided_regex": r"\d{3}-\d{4}"})
+    assert re.fullmatch(r"\d{3}-\d{4}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
+
+
+_TOKENIZER = None
+
+
+def _tokenizer():
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        from transformers import AutoTokenizer
+
+        from tests.conftest import CACHE_DIR
+        from app.engine.weights import fetch_default_model
+        _TOKENIZER = AutoTokenizer.from_pretrained(fetch_default_model(CACHE_DIR))
+    return _TOKENIZER
