@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and KV dtype; auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    served_model_name: str | None = Field(
+        None, description="the base model's id in /v1/models and `model`; unset: its hub id (the default model's, "
+                          "or a directory's config `_name_or_path`), else the folder name")
     cache_dir: Path = Field(Path("~/.cache/softserve"), description="where the default model is fetched and GGUF files are converted")
     # the server
     host: str = "127.0.0.1"

@@ -24,9 +24,15 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
 def test_models(client):
-    ids = {m.id for m in client.models.list()}
-    assert {"base", "helper", "tagger"} <= ids
+    cards = {m.id: m for m in client.models.list()}
+    assert {HUB_ID, "base", "helper", "tagger"} <= set(cards)
+    assert cards["helper"].parent == HUB_ID and cards["base"].root == HUB_ID and cards[HUB_ID].parent is None
+    ask = lambda model: client.completions.create(model=model, prompt="Hi", max_tokens=4, temperature=0).choices[0].text  # noqa: E731
+    assert ask(HUB_ID) == ask("base")
     assert client.models.retrieve("tagger").id == "tagger"
     with pytest.raises(openai.NotFoundError, match="no model named 'ghost'"):
         client.models.retrieve("ghost")
@@ -68,3 +74,29 @@ def test_errors_map_to_client_exceptions(client):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="base", prompt="x", max_tokens=100_000)
     assert client.completions.create(model="base", prompt="x", max_tokens=1).usage.completion_tokens == 1
+
+
+def test_pinned_prompt_versions(client, server):
+    ask = lambda model: client.completions.create(model=model, prompt="Once", max_tokens=6,  # noqa: E731
+                                                  temperature=0).choices[0].text
+    first = ask("helper")
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        base = c.get("/v1/prompts").json()["base"]
+        assert upload(c, "helper", make_prompt_bytes(base, "helper", seed=8, scale=2.0)).status_code == 200
+    second = ask("helper")
+    assert second != first
+    assert ask("helper@1") == first and ask("helper@2") == second
+    with pytest.raises(openai.NotFoundError):
+        ask("helper@9")
+
+
+def test_served_model_id_sources(tmp_path):
+    from app.api.common import _model_id
+
+    assert _model_id("my-name", "default", tmp_path, "x") == "my-name"
+    assert _model_id(None, "default", tmp_path, "x") == HUB_ID
+    for name_or_path, want in (("org/model-7b", "org/model-7b"), ("/home/me/checkpoints/run3", "folder")):
+        directory = tmp_path / want.replace("/", "_")
+        directory.mkdir()
+        (directory / "config.json").write_text(f'{{"_name_or_path": "{name_or_path}"}}')
+        assert _model_id(None, str(directory), directory, "folder") == want

@@ -3,13 +3,18 @@ TGI-style timing headers and the per-request metrics."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import re
 import time
+from pathlib import Path
 from typing import Awaitable, TypeVar
 
 from fastapi import Request
 
 from app.api.errors import APIError
 from app.engine.sequence import Output, Sequence
+from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL
 from app.metrics import Metrics
 from app.services import Services
 
@@ -134,9 +139,42 @@ def record(metrics: Metrics, route: str, seq: Sequence, out: Output, end: float)
         metrics.inference_time.labels(route).observe(end - admitted)
 
 
-BASE = "base"  # the `model`/`prompt` name of the bare base model
+BASE = "base"  # the `model`/`prompt` name of the bare base model (an alias of its served id)
 
 
 def prompt_name(name: str, services) -> str | None:
     """A route's model/prompt field -> the engine's prompt name (None: the bare base model)."""
-    return None if name in (BASE, services.model_name) else name
+    return None if name in (BASE, services.model_name, served_model_id(services)) else name
+
+
+@functools.lru_cache(maxsize=8)
+def _model_id(setting: str | None, model: str, directory: Path, fallback: str) -> str:
+    if setting:
+        return setting
+    if model == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    try:
+        name = json.loads((directory / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    # a hub id ("org/name"), not a path on the machine that saved the config
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else fallback
+
+
+def served_model_id(services) -> str:
+    """The base model's id: SOFTSERVE_SERVED_MODEL_NAME, else its hub id, else its folder or file name."""
+    return _model_id(services.settings.served_model_name, services.settings.model, services.loaded.directory,
+                     services.model_name)
+
+
+async def resolve_prompt(model: str, services: Services):
+    """`model` -> the TaskPrompt to run (None: the bare model). `name@N` pins stored version N (404 once the
+    store no longer has it); `name` is the newest."""
+    name = prompt_name(model, services)
+    if name is None:
+        return None
+    base_name, at, version = name.rpartition("@")
+    if not at or not version.isdigit() or not base_name:
+        return services.engine.get_prompt(name)
+    prompt_file = services.registry.get(base_name, int(version))
+    return await asyncio.to_thread(services.engine.pinned_prompt, prompt_file)

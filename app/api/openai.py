@@ -21,8 +21,10 @@ from app.api.common import (
     cancel_on_disconnect,
     check_tokens,
     default_max_tokens,
+    served_model_id,
     prompt_name,
     record,
+    resolve_prompt,
     run_all,
     timing_headers,
 )
@@ -62,19 +64,23 @@ def _logprobs(tokens, services: Services, chat: bool) -> dict | None:
 
 
 def _model_cards(services: Services) -> list[dict]:
+    """The base model under its served id, `base` as its alias, then every prompt with the base as parent."""
     created = int(time.time())
-    cards = [{"id": BASE, "object": "model", "created": created, "owned_by": "softserve",
-              "root": services.model_name, "task": "generate"}]
+    root = served_model_id(services)
+    card = {"object": "model", "created": created, "owned_by": "softserve", "root": root,
+            "max_model_len": services.engine.config.max_seq_len}
+    cards = [card | {"id": root, "parent": None, "task": "generate"},
+             card | {"id": BASE, "parent": None, "task": "generate", "alias_of": root}]
     for name, prompt in sorted(services.engine.prompts.items()):
-        cards.append({"id": name, "object": "model", "created": created, "owned_by": "softserve",
-                      "root": services.model_name, "parent": BASE, "task": prompt.task, "kind": prompt.kind,
-                      "version": prompt.version})
+        cards.append(card | {"id": name, "parent": root, "task": prompt.task, "kind": prompt.kind,
+                             "version": prompt.version})
     return cards
 
 
 @router.get("/models", summary="List models: the base and every registered prompt")
 async def list_models(services: Services = Depends(get_services)):
-    """`base` (the bare model) and one entry per served prompt, with its task; pass an id as `model`."""
+    """The base model (its id, and `base`) and one entry per served prompt, with its task; pass an id as
+    `model` (a prompt's `name@N` pins stored version N)."""
     return {"object": "list", "data": _model_cards(services)}
 
 
@@ -89,8 +95,8 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
-    admit(request, body.model)
-    prompt = services.engine.get_prompt(prompt_name(body.model, services))  # 404 before tokenizing
+    admit(request, prompt_name(body.model, services) or BASE)
+    prompt = await resolve_prompt(body.model, services)  # 404 before tokenizing
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
@@ -100,8 +106,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
-    admit(request, body.model)
-    prompt = services.engine.get_prompt(prompt_name(body.model, services))
+    admit(request, prompt_name(body.model, services) or BASE)
+    prompt = await resolve_prompt(body.model, services)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
     vocab = services.loaded.args.vocab_size

@@ -30,6 +30,7 @@ from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PINNED_KEPT = 8  # older prompt versions kept built for requests that pin them
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
            "ShuttingDown", "WrongTaskType"]
@@ -109,6 +110,7 @@ class AsyncEngine:
         self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
         self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids)
         self.prompts = PromptTable()
+        self._pinned: dict[tuple, TaskPrompt] = {}  # (name, version, digest) -> older versions asked for by number
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
         self._incoming: list[Sequence] = []
@@ -153,6 +155,25 @@ class AsyncEngine:
             return task_prompt
 
         return self._on_engine_thread(load)
+
+    def pinned_prompt(self, prompt_file) -> TaskPrompt:
+        """A stored version asked for by number (`name@3`): the served one if it is that version, else built
+        on the engine thread (kept for the next request pinning it, up to PINNED_KEPT versions) without
+        changing which version the name serves."""
+        current = self.prompts.get(prompt_file.name)
+        if current is not None and (current.version, getattr(current, "digest", None)) == (prompt_file.version,
+                                                                                          prompt_file.digest):
+            return current
+        key = (prompt_file.name, prompt_file.version, prompt_file.digest)
+
+        def build() -> TaskPrompt:
+            if key not in self._pinned:
+                if len(self._pinned) >= PINNED_KEPT:
+                    self._pinned.pop(next(iter(self._pinned)))
+                self._pinned[key] = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
+            return self._pinned[key]
+
+        return self._on_engine_thread(build)
 
     def remove_prompt(self, name: str) -> None:
         self._on_engine_thread(lambda: self.prompts.remove(name))
