@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import openai, ops, prompts, tasks
+from app.api import openai, ops, prompts, tasks, tokenize
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware, kv
 from app.config import Settings
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(ops.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     app.include_router(tasks.router)
     app.include_router(prompts.router)
     return app

@@ -100,3 +100,20 @@ def test_served_model_id_sources(tmp_path):
         directory.mkdir()
         (directory / "config.json").write_text(f'{{"_name_or_path": "{name_or_path}"}}')
         assert _model_id(None, str(directory), directory, "folder") == want
+
+
+def test_tokenize_and_detokenize(server, client):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        text = c.post("/tokenize", json={"model": "base", "prompt": "Hello world", "return_token_strs": True}).json()
+        ids = text["tokens"]
+        assert text["count"] == len(ids) and text["token_strs"] == ["Hello", "Ġworld"]
+        assert text["max_model_len"] == 1024
+        assert c.post("/tokenize", json={"model": "helper", "prompt": "Hi"}).json()["max_model_len"] == 1024 - 4
+        assert c.post("/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello world"}
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = c.post("/tokenize", json={"messages": messages}).json()
+        answer = client.chat.completions.create(model="base", messages=messages, max_tokens=1)
+        assert chat["count"] == answer.usage.prompt_tokens
+        bad = c.post("/detokenize", json={"tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        assert c.post("/tokenize", json={"model": "ghost", "prompt": "x"}).status_code == 404

@@ -1,0 +1,74 @@
+"""vLLM's tokenizer helpers: POST /tokenize (a text, or chat messages rendered with the template) and
+POST /detokenize, with vLLM's request and response shapes."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from app.api.common import admit, prompt_name, resolve_prompt
+from app.api.deps import get_services, require_api_key
+from app.api.errors import APIError
+from app.api.openai_schemas import ChatMessage, Refused, Strict, TokenId
+from app.api.schemas import error_responses
+from app.services import Services
+
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 404, 413, 503))
+
+
+class TokenizeCompletion(Strict):
+    model: str = Field("base", description="'base', the base model's id, or a prompt (its virtual tokens count "
+                                           "against max_model_len)")
+    prompt: str = Field(description="the text, as /v1/completions would tokenize it")
+    add_special_tokens: bool = Field(False, description="add the tokenizer's special tokens (/v1/completions does not)")
+    return_token_strs: bool = Field(False, description="also each token's text")
+
+
+class TokenizeChat(Strict):
+    model: str = "base"
+    messages: list[ChatMessage] = Field(min_length=1, description="rendered as /v1/chat/completions renders them")
+    add_generation_prompt: Refused("the template always ends with the assistant's turn", True) = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="text tokens (input + output) a request with this model can have")
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Strict):
+    model: str = "base"
+    tokens: list[TokenId] = Field(description="token ids")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, summary="Tokenize a text or chat messages (vLLM)")
+async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
+                   services: Services = Depends(get_services)):
+    admit(request, prompt_name(body.model, services) or "base")
+    prompt = await resolve_prompt(body.model, services)
+    if isinstance(body, TokenizeChat):
+        ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
+    elif body.add_special_tokens:
+        services.encoder.check_length(len(body.prompt), "prompt")
+        ids = services.tokenizer.hf.encode(body.prompt, add_special_tokens=True)
+    else:
+        ids = await services.encoder.encode(body.prompt, "prompt")
+    room = services.engine.config.max_seq_len - (0 if prompt is None else prompt.num_virtual_tokens)
+    strs = services.tokenizer.hf.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": room, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text (vLLM)")
+async def detokenize(body: DetokenizeRequest, request: Request, services: Services = Depends(get_services)):
+    admit(request, prompt_name(body.model, services) or "base")
+    await resolve_prompt(body.model, services)  # 404 for an unknown model, as elsewhere
+    vocab = services.loaded.args.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise APIError(400, f"tokens: ids must be below the vocabulary size {vocab}", "invalid_token", "tokens")
+    return {"prompt": services.tokenizer.decode(body.tokens)}
