@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import openai, ops, prompts, tasks, tokenize
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware, kv
 from app.config import Settings
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # redirect_slashes=False: `PUT /v1/prompts/` (an empty name) is a JSON 404/405, not a redirect to another route
     app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan, openapi_tags=OPENAPI_TAGS,
-                  redirect_slashes=False,
+                  redirect_slashes=False, docs_url=None, redoc_url=None,
                   description="Many tasks from one frozen LLM through learned soft prompts, continuously batched. "
                               "Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; every response carries "
                               "`x-request-id`.")
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokenize.router)
     app.include_router(tasks.router)
     app.include_router(prompts.router)
+    install_docs(app)
     return app
 
 

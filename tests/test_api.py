@@ -98,6 +98,29 @@ def test_docs_and_openapi_describe_every_endpoint(client):
     assert "ErrorResponse" in schemas
 
 
+def test_openapi_tells_the_truth_and_docs_work_offline(client):
+    spec = client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            for status, response in op["responses"].items():
+                if int(status) >= 400:  # every error has the one documented shape
+                    assert response["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), \
+                        (path, method, status)
+            expected = (None if path in ("/health", "/metrics") else
+                        [{"adminToken": []}] if method in ("put", "delete") else [{"apiKey": []}])
+            assert op.get("security") == expected, (path, method)
+    assert set(spec["components"]["securitySchemes"]) == {"apiKey", "adminToken"}
+    for path, chunk in (("/v1/chat/completions", "ChatCompletion"), ("/v1/completions", "Completion")):
+        content = spec["paths"][path]["post"]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"]["$ref"].endswith("/" + chunk)
+        assert "text/event-stream" in content
+    html = client.get("/docs").text
+    assert "cdn" not in html and "/docs/assets/swagger-ui-bundle.js" in html
+    bundle = client.get("/docs/assets/swagger-ui-bundle.js")
+    assert bundle.status_code == 200 and b"SwaggerUIBundle" in bundle.content
+    assert client.get("/docs/assets/secret.txt").status_code == 404
+
+
 # ---- OpenAI routes ---------------------------------------------------------------------------------
 
 def test_models_list_base_and_prompts(client, prompts):

@@ -30,7 +30,16 @@ from app.api.common import (
 )
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
-from app.api.openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from app.api.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    OpenAIRequest,
+    streamed,
+)
 from app.api.schemas import error_responses
 from app.engine.grammar import GrammarError, GrammarMatcher, Grammars
 from app.engine.sampling import SEED_RANGE
@@ -77,14 +86,14 @@ def _model_cards(services: Services) -> list[dict]:
     return cards
 
 
-@router.get("/models", summary="List models: the base and every registered prompt")
+@router.get("/models", response_model=ModelList, summary="List models: the base and every registered prompt")
 async def list_models(services: Services = Depends(get_services)):
     """The base model (its id, and `base`) and one entry per served prompt, with its task; pass an id as
     `model` (a prompt's `name@N` pins stored version N)."""
     return {"object": "list", "data": _model_cards(services)}
 
 
-@router.get("/models/{model_id}", summary="One model: the base or a registered prompt")
+@router.get("/models/{model_id}", response_model=ModelCard, summary="One model: the base or a registered prompt")
 async def get_model(model_id: str, services: Services = Depends(get_services)):
     for card in _model_cards(services):
         if card["id"] == model_id:
@@ -92,7 +101,8 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
     raise APIError(404, f"no model named {model_id!r}; GET /v1/models lists them", "model_not_found")
 
 
-@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
+@router.post("/chat/completions", response_model=ChatCompletion, responses=streamed("chat.completion.chunk"),
+             summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     admit(request, prompt_name(body.model, services) or BASE)
@@ -102,7 +112,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
 
 
-@router.post("/completions", summary="Text completion (OpenAI-compatible)")
+@router.post("/completions", response_model=Completion, responses=streamed("text_completion"),
+             summary="Text completion (OpenAI-compatible)")
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""

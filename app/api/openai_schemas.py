@@ -221,3 +221,76 @@ class CompletionRequest(OpenAIRequest):
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             return [p]
         return list(p)
+
+
+# ---- responses (documentation: the routes build these shapes as plain JSON) ---------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="each prompt counted once, however many choices it has")
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str = Field(description="'stop' (end of sequence, stop string or token, grammar complete) or 'length'")
+    logprobs: dict | None = Field(None, description="`content`: per token `token`, `logprob`, `top_logprobs`")
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="prompt i's choice j is i * n + j")
+    text: str = Field(description="with echo: the prompt, then the completion")
+    finish_reason: str
+    logprobs: dict | None = Field(None, description="`tokens`, `token_logprobs`, `top_logprobs` (with echo the "
+                                                    "prompt's tokens first; its first token's logprob is null)")
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str = Field(description="the base model's id")
+    parent: str | None = Field(description="prompts: the base model's id")
+    max_model_len: int
+    task: str
+    alias_of: str | None = Field(None, description="`base`: the id it stands for")
+    kind: str | None = None
+    version: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def streamed(chunk: str) -> dict:
+    """OpenAPI `responses` entry of a route that streams Server-Sent Events with `stream: true`."""
+    return {200: {"content": {"text/event-stream": {"schema": {
+        "type": "string", "description": f"with stream: true, `data: {{{chunk} JSON}}` events, then `data: [DONE]`; "
+                                         "with stream_options.include_usage a last chunk with `choices: []` and "
+                                         "`usage`"}}}}}

@@ -1,6 +1,7 @@
-"""Structured output's cost per generated token: the same chat requests, free and constrained by a JSON
-schema (xgrammar masks), through one AsyncEngine; plus the grammar work alone (mask fill, mask apply,
-advance) per token. Prints a table and writes JSON.
+"""Structured output's cost per generated token: the same chat requests constrained by a JSON schema
+(xgrammar masks) and free with exactly the same output lengths, through one AsyncEngine (each run's wall time
+includes its prefill); plus the grammar work alone (mask fill, mask apply, advance) per token. Prints a
+table and writes JSON.
 
     python -m app.bench.structured --batch 1 8 --json bench_results/structured.json
 """
@@ -32,11 +33,13 @@ SCHEMA = {"type": "object", "properties": {
 QUESTION = "Describe a made-up person as JSON with name, age, city and a list of hobbies."
 
 
-async def _batch(engine: AsyncEngine, ids: list[int], batch: int, new: int, compiled, vocab: int):
-    """(seconds, generated tokens) of `batch` copies at once, each at most `new` tokens, sampled."""
+async def _batch(engine: AsyncEngine, ids: list[int], lengths: list[int], compiled, vocab: int):
+    """(seconds, generated tokens, outputs) of one copy per entry of `lengths` at once, each at most that many
+    tokens, sampled; free rows (compiled None) generate exactly that many (ignore_eos)."""
     seqs = []
-    for i in range(batch):
-        seq = engine.make_sequence(None, ids, Mode.GENERATE, SamplingParams(max_tokens=new, temperature=0.7, seed=i))
+    for i, new in enumerate(lengths):
+        params = SamplingParams(max_tokens=new, temperature=0.7, seed=i, ignore_eos=compiled is None)
+        seq = engine.make_sequence(None, ids, Mode.GENERATE, params)
         if compiled is not None:
             seq.grammar = GrammarMatcher(compiled, vocab)
         seqs.append(seq)
@@ -83,12 +86,14 @@ def main() -> None:
     async def run():
         engine.start()
         try:
-            await _batch(engine, ids, 1, 8, compiled, vocab)  # warm-up
+            await _batch(engine, ids, [8], compiled, vocab)  # warm-up
             for batch in args.batch:
-                free_s, free_n, _ = min([await _batch(engine, ids, batch, args.new, None, vocab)
-                                         for _ in range(args.repeat)], key=lambda r: r[0] / r[1])
-                json_s, json_n, outs = min([await _batch(engine, ids, batch, args.new, compiled, vocab)
+                # constrained first; then free rows of exactly the same lengths, so both do the same work
+                json_s, json_n, outs = min([await _batch(engine, ids, [args.new] * batch, compiled, vocab)
                                             for _ in range(args.repeat)], key=lambda r: r[0] / r[1])
+                lengths = [o.completion_tokens for o in outs]
+                free_s, free_n, _ = min([await _batch(engine, ids, lengths, None, vocab)
+                                         for _ in range(args.repeat)], key=lambda r: r[0] / r[1])
                 valid = sum(_parses(o.text) for o in outs)
                 rows.append({"batch": batch, "free_ms_per_token": free_s / free_n * 1e3 * batch,
                              "json_ms_per_token": json_s / json_n * 1e3 * batch, "free_tokens": free_n,
