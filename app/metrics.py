@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -77,6 +78,13 @@ class Metrics:
         self.time_to_first_token = Histogram("softserve_time_to_first_token_seconds",
                                              "from arrival to the first generated token",
                                              ["prompt"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "softserve_time_per_output_token_seconds",
+            "a generation's mean inter-token latency: from its first to its last token, per token after the first",
+            ["prompt"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e_latency = Histogram("softserve_e2e_request_latency_seconds",
+                                     "a sequence's latency from arrival to its last output, by model (prompt)",
+                                     ["prompt"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("softserve_queue_time_seconds",
                                     "from arrival to admission into the running batch",
                                     ["route"], buckets=LATENCY_BUCKETS, registry=r)

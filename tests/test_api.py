@@ -459,8 +459,10 @@ def test_prompt_changes_only_from_loopback_without_admin_token(client, base):
 
 # ---- metrics ---------------------------------------------------------------------------------------
 
-def test_metrics(client, prompts):
-    complete(client, "Hello", "gen", max_tokens=3)
+def test_metrics(client, prompts, server):
+    r = client.post("/v1/completions", json={"model": "gen", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True},
+                    headers={"x-request-id": "metrics-probe"})
+    assert r.status_code == 200
     client.post("/v1/classify", json={"prompt": "cls", "inputs": "x"})
     text = client.get("/metrics").text
     assert 'softserve_requests_total{prompt="gen",route="/v1/completions",status="200"}' in text
@@ -480,3 +482,22 @@ def test_metrics(client, prompts):
     assert samples["softserve_kv_blocks_used"] == 0  # nothing runs: every block is free or cached
     assert samples['softserve_time_to_first_token_seconds_count{prompt="gen"}'] >= 1
     assert samples['softserve_generated_tokens_total{prompt="gen",route="/v1/completions"}'] >= 3
+    assert samples['softserve_time_per_output_token_seconds_count{prompt="gen"}'] >= 1
+    assert samples['softserve_e2e_request_latency_seconds_count{prompt="gen"}'] >= 1
+    usage = r.json()["usage"]  # the access log line carries the request's tokens
+    line = next(line for line in server.output().splitlines() if "request_id=metrics-probe" in line)
+    assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens=3" in line
+
+
+def test_grafana_dashboard_charts_served_metrics(client, prompts):
+    """Every series deploy/grafana/softserve.json queries is one the server exports."""
+    from pathlib import Path
+    import re
+
+    complete(client, "Hello", "gen", max_tokens=3, ignore_eos=True)  # labelled series appear once observed
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/softserve.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = {name for expr in exprs for name in re.findall(r"softserve_\w+", expr)}
+    exported = {line.split("{")[0].split(" ")[0] for line in client.get("/metrics").text.splitlines()
+                if line and not line.startswith("#")}
+    assert names and names <= exported, names - exported

@@ -125,14 +125,23 @@ def _ms(seconds: float) -> str:
     return str(max(0, round(seconds * 1000)))
 
 
-def record(metrics: Metrics, route: str, seq: Sequence, out: Output, end: float) -> None:
+def record(request: Request, route: str, seq: Sequence, out: Output, end: float) -> None:
+    """A finished sequence's metrics, and its tokens added to the request's access-log line."""
+    metrics: Metrics = request.app.state.metrics
+    state = request.state
+    state.prompt_tokens = getattr(state, "prompt_tokens", 0) + out.prompt_tokens
+    state.completion_tokens = getattr(state, "completion_tokens", 0) + out.completion_tokens
     prompt = seq.prompt.name if seq.prompt is not None else "base"
     metrics.prompt_tokens.labels(route, prompt).inc(out.prompt_tokens)
+    metrics.e2e_latency.labels(prompt).observe(end - seq.arrival)
     if out.completion_tokens:
         metrics.generated_tokens.labels(route, prompt).inc(out.completion_tokens)
         metrics.tokens_per_request.labels(route).observe(out.completion_tokens)
     if seq.first_token_time is not None:
         metrics.time_to_first_token.labels(prompt).observe(seq.first_token_time - seq.arrival)
+        if out.completion_tokens > 1:
+            metrics.time_per_output_token.labels(prompt).observe(
+                (end - seq.first_token_time) / (out.completion_tokens - 1))
     admitted = admitted_at(seq)
     if admitted is not None:
         metrics.queue_time.labels(route).observe(admitted - seq.arrival)

@@ -178,7 +178,6 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
                     logprobs: int | None, request: Request, services: Services, chat: bool):
     engine = services.engine
     route = "/v1/chat/completions" if chat else "/v1/completions"
-    metrics = request.app.state.metrics
     vocab = services.loaded.args.vocab_size
     _check_token_fields(body, vocab)
     grammar = await _compile_grammar(body, request, services)
@@ -218,7 +217,7 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
     if not body.stream:
         outs, end = await run_all(request, services, seqs)
         for seq, out in zip(seqs, outs):
-            record(metrics, route, seq, out, end)
+            record(request, route, seq, out, end)
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
                              "choices": [choice(k, out, True) for k, out in enumerate(outs)],
                              "usage": _usage(outs, first_of_prompt)},
@@ -244,7 +243,7 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
                 payload["usage"] = _usage([out], [True])
             yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
-                record(metrics, route, seqs[k], out, time.monotonic())
+                record(request, route, seqs[k], out, time.monotonic())
         if include_usage:
             payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model, "choices": [],
                        "usage": _usage(last, first_of_prompt)}

@@ -41,7 +41,7 @@ async def _run(request: Request, services: Services, route: str, seqs):
     check_tokens(services, seqs)
     outs, end = await run_all(request, services, seqs)
     for seq, out in zip(seqs, outs):
-        record(request.app.state.metrics, route, seq, out, end)
+        record(request, route, seq, out, end)
     return outs, timing_headers(seqs, outs, end)
 
 
