@@ -108,6 +108,28 @@ class PromptFile:
     digest: str = ""
 
 
+    @property
+    def meta(self) -> PromptMeta:
+        return PromptMeta(self.name, self.kind, self.task, self.num_virtual_tokens, tuple(self.labels),
+                          self.description, self.source, self.version, self.created_at, self.digest)
+
+
+@dataclass(frozen=True)
+class PromptMeta:
+    """A prompt file's fields without its tensors: what an index of thousands of prompts holds."""
+
+    name: str
+    kind: str
+    task: str
+    num_virtual_tokens: int
+    labels: tuple[str, ...]
+    description: str
+    source: str
+    version: int
+    created_at: str
+    digest: str
+
+
 def validate_name(name: str) -> None:
     """Names become folder names and API model ids, so only a safe, short alphabet is accepted."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):

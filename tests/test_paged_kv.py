@@ -236,7 +236,7 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, [])
     seen = []
-    for method in ("put", "remove"):
+    for method in ("register", "remove"):
         inner = getattr(engine.prompts, method)
         monkeypatch.setattr(engine.prompts, method,
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))
@@ -246,5 +246,5 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
         engine.remove_prompt("shallow")
     finally:
         asyncio.run(engine.shutdown(1))
-    assert seen == ["softserve-engine", "softserve-engine"]
+    assert len(seen) >= 2 and set(seen) == {"softserve-engine"}
     assert len(served.tokens) == 3 and "shallow" not in engine.prompts

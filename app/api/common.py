@@ -10,6 +10,7 @@ from fastapi import Request
 
 from app.api.errors import APIError
 from app.engine.sequence import Output, Sequence
+from app.engine.task_prompt import TaskPrompt
 from app.metrics import Metrics
 from app.services import Services
 
@@ -125,6 +126,16 @@ def record(metrics: Metrics, route: str, seq: Sequence, out: Output, end: float)
 
 
 BASE = "base"  # the `model`/`prompt` name of the bare base model
+
+
+async def resolve_prompt(services: Services, name: str) -> TaskPrompt | None:
+    """A request's prompt, resolved once (all its inputs run this version). A prompt not used lately is read
+    and its prefix computed on the engine thread: that wait happens in a worker thread, not on the event
+    loop."""
+    engine, name = services.engine, prompt_name(name, services)
+    if engine.prompt_is_loaded(name):
+        return engine.get_prompt(name)
+    return await asyncio.to_thread(engine.get_prompt, name)
 
 
 def prompt_name(name: str, services) -> str | None:

@@ -17,8 +17,8 @@ from app.api.common import (
     admit,
     cancel_on_disconnect,
     check_tokens,
-    prompt_name,
     record,
+    resolve_prompt,
     run_all,
     timing_headers,
 )
@@ -53,10 +53,10 @@ def _model_cards(services: Services) -> list[dict]:
     created = int(time.time())
     cards = [{"id": BASE, "object": "model", "created": created, "owned_by": "softserve",
               "root": services.model_name, "task": "generate"}]
-    for name, prompt in sorted(services.engine.prompts.items()):
-        cards.append({"id": name, "object": "model", "created": created, "owned_by": "softserve",
-                      "root": services.model_name, "parent": BASE, "task": prompt.task, "kind": prompt.kind,
-                      "version": prompt.version})
+    for info in services.registry.list():  # (sorted by name)
+        cards.append({"id": info.name, "object": "model", "created": created, "owned_by": "softserve",
+                      "root": services.model_name, "parent": BASE, "task": info.task, "kind": info.kind,
+                      "version": info.version})
     return cards
 
 
@@ -78,7 +78,7 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     admit(request, body.model)
-    prompt = services.engine.get_prompt(prompt_name(body.model, services))  # 404 before tokenizing
+    prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _complete(body, prompt, ids, logprobs, request, services, chat=True)
@@ -88,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
     """`prompt` is continued as raw text; `model` is `base` or a generate prompt."""
     admit(request, body.model)
-    prompt = services.engine.get_prompt(prompt_name(body.model, services))
+    prompt = await resolve_prompt(services, body.model)
     ids = await services.encoder.encode(body.prompt, "prompt")
     return await _complete(body, prompt, ids, body.logprobs, request, services, chat=False)
 
