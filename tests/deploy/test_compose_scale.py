@@ -98,6 +98,7 @@ def test_upload_through_the_balancer_serves_from_every_replica(stack, record):
 class Outcome:
     stream: bool
     started: float
+    ended: float
     ok: bool
     served_by: str | None
     error: str = ""
@@ -108,7 +109,7 @@ def client_loop(lb: str, stream: bool, stop: threading.Event, outcomes: list[Out
     with httpx.Client(base_url=lb, timeout=60) as client:
         while not stop.is_set():
             started, served_by = time.monotonic(), None
-            body = {"model": "chat", "prompt": "Once upon a time", "max_tokens": 24 if stream else 6,
+            body = {"model": "chat", "prompt": "Once upon a time", "max_tokens": 48 if stream else 6,
                     "ignore_eos": True, "temperature": 0, "stream": stream}
             try:
                 with client.stream("POST", "/v1/completions", json=body) as r:
@@ -117,9 +118,10 @@ def client_loop(lb: str, stream: bool, stop: threading.Event, outcomes: list[Out
                         ok = r.status_code == 200 and sse_events(r)[-1:] == ["[DONE]"]
                     else:
                         ok = r.status_code == 200 and bool(r.read())
-                    outcomes.append(Outcome(stream, started, ok, served_by, "" if ok else f"status {r.status_code}"))
+                outcomes.append(Outcome(stream, started, time.monotonic(), ok, served_by,
+                                        "" if ok else f"status {r.status_code}"))
             except httpx.HTTPError as e:
-                outcomes.append(Outcome(stream, started, False, served_by, f"{type(e).__name__}: {e}"))
+                outcomes.append(Outcome(stream, started, time.monotonic(), False, served_by, f"{type(e).__name__}: {e}"))
 
 
 def slot_of(stack: Stack, container: str) -> str:
@@ -138,7 +140,7 @@ def test_a_replica_killed_under_load(stack, record):
     victim_slot = slot_of(stack, victim)
     stop, outcomes = threading.Event(), []
     clients = [threading.Thread(target=client_loop, args=(stack.lb, stream, stop, outcomes))
-               for stream in (False, False, False, True, True)]
+               for stream in (False, False, False, True, True, True)]
     for t in clients:
         t.start()
     time.sleep(6)  # load on all three
@@ -176,7 +178,9 @@ def test_a_replica_killed_under_load(stack, record):
     record("replica killed under load: HAProxy marked it down after", f"{marked_down:.1f} s")
     record("replica killed under load: non-streaming requests",
            f"{len(plain)} sent, {sum(not o.ok for o in plain)} failed")
-    record("replica killed under load: streams", f"{len(streams)} sent, {sum(not o.ok for o in streams)} cut "
+    on_victim = [o for o in streams if o.served_by == victim_slot and o.started < killed < o.ended]
+    record("replica killed under load: streams", f"{len(streams)} sent, {len(on_victim)} of them running on the "
+           f"killed replica when it died, {sum(not o.ok for o in streams)} cut "
            f"({', '.join(sorted({o.error for o in failed})) or 'none'})")
     record("restarted replica while loading", f"{len(requests_before_ready)} requests reached it, all /health checks")
     assert len(plain) >= 10 and len(streams) >= 4
