@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+import yaml
 
 from tests.deploy.docker import REPO, compose_command, docker, exec_request, run, wait_healthy
 from tests.live_server import free_port, sse_events
@@ -68,6 +69,20 @@ def stack(image, record):
         yield s
     finally:
         run(*compose, "down", "-v", "--remove-orphans", "-t", "5", env=env, check=False, timeout=300)
+
+
+def test_every_profile_is_valid_and_stops_after_the_drain():
+    """The gpu profile cannot run here (no GPU); Compose must still accept it."""
+    env = {**os.environ, "COMPOSE_PROFILES": "gpu,scale"}
+    config = yaml.safe_load(run(*compose_command(), "-f", str(REPO / "docker-compose.yml"), "config", env=env).stdout)
+    services = config["services"]
+    assert set(services) == {"softserve", "softserve-gpu", "replica", "lb"}
+    (device,) = services["softserve-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    for name in ("softserve", "softserve-gpu", "replica"):
+        drain_s = float(services[name]["environment"]["SOFTSERVE_SHUTDOWN_GRACE_S"]) + 5  # + uvicorn's close
+        grace = services[name]["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) > drain_s, (name, grace)
 
 
 def test_upload_through_the_balancer_serves_from_every_replica(stack, record):
