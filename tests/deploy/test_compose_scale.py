@@ -36,7 +36,7 @@ class Stack:
         return [docker("inspect", "--format", "{{.Name}}", i).stdout.strip().lstrip("/") for i in ids]
 
     def servers(self) -> dict[str, dict]:
-        """HAProxy's view of each replica slot: status (UP, DOWN, MAINT), stot (requests sent there)."""
+        """HAProxy's view of each replica slot (server-template replica1..10): its status is UP, DOWN or MAINT."""
         lines = httpx.get(self.stats + "/stats;csv", timeout=5).text.lstrip("# ").splitlines()
         header = lines[0].split(",")
         rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
@@ -55,8 +55,8 @@ def stack(image, record):
            "SOFTSERVE_LB_STATS_HOST_PORT": str(stats_port)}
     s = Stack(compose, env, f"http://127.0.0.1:{lb_port}", f"http://127.0.0.1:{stats_port}")
     start = time.monotonic()
-    run(*compose, "up", "-d", "--no-build", "replica", "lb", env=env, timeout=300)
     try:
+        run(*compose, "up", "-d", "--no-build", "replica", "lb", env=env, timeout=300)
         replicas = s.replicas()
         assert len(replicas) == 3
         for name in replicas:
