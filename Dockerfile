@@ -1,6 +1,10 @@
 # softserve: one frozen base model, many soft-prompt tasks, over HTTP.
 #
-#   CPU (default):  docker build -t softserve .
+#   CPU (default):  docker build -t softserve:cpu .
+#                   docker run -p 8000:8000 --stop-timeout 40 -e SOFTSERVE_ADMIN_TOKEN=... softserve:cpu
+#
+# --stop-timeout: on SIGTERM the server drains for SOFTSERVE_SHUTDOWN_GRACE_S (+5 s); Docker's default 10 s
+# would kill it before running requests finish.
 #   GPU (CUDA):     docker build -t softserve:gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 .
 #
 # TORCH_INDEX must carry torch==${TORCH_VERSION}: check which CUDA indices a torch release is built for
