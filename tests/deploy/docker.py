@@ -70,7 +70,3 @@ def exec_request(container: str, method: str, path: str, body: dict | None = Non
               "except urllib.error.HTTPError as e:\n    print(e.code)\n")
     out = docker("exec", container, "python", "-c", script, method, path, json.dumps(body))
     return int(out.stdout.strip())
-
-
-def container_ip(container: str) -> str:
-    return docker("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container).stdout.strip()
