@@ -46,14 +46,18 @@ def compose_command() -> list[str]:
 
 
 def health(container: str) -> str:
-    return docker("inspect", "--format", "{{.State.Health.Status}}", container).stdout.strip()
+    try:
+        return docker("inspect", "--format", "{{.State.Health.Status}}", container, timeout=30).stdout.strip()
+    except subprocess.TimeoutExpired:  # dockerd answers slowly on an overloaded machine; ask again
+        return "no answer from dockerd"
 
 
 def wait_healthy(container: str, timeout: float = 300) -> float:
-    """Seconds until Docker's HEALTHCHECK (the image's, on /health) reports the container healthy."""
+    """Seconds until Docker's HEALTHCHECK (the image's, on /health) reports the container healthy. An
+    `unhealthy` on the way is not final: on an overloaded machine the check itself can time out a few times."""
     start = time.monotonic()
     while (status := health(container)) != "healthy":
-        if status == "unhealthy" or time.monotonic() - start > timeout:
+        if time.monotonic() - start > timeout:
             logs = docker("logs", "--tail", "40", container, check=False)
             raise AssertionError(f"{container} is {status} after {time.monotonic() - start:.0f} s:\n{logs.stdout}{logs.stderr}")
         time.sleep(1)
