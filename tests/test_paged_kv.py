@@ -236,7 +236,7 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, [])
     seen = []
-    for method in ("register", "remove"):
+    for method in ("register", "mark_loaded", "remove"):
         inner = getattr(engine.prompts, method)
         monkeypatch.setattr(engine.prompts, method,
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))

@@ -175,7 +175,7 @@ class AsyncEngine:
                 entry.loaded = build_task_prompt(self.model, pf, self.tokenizer.encode)
             except ValueError as e:  # e.g. a file put in the store by hand with labels the LM head cannot score
                 raise PromptFormatError(f"prompt {entry.name!r} cannot be served: {e}") from e
-            self.prompts.register(entry)  # most recently used; others may be unloaded to fit the budget
+            self.prompts.mark_loaded(entry)  # others may be unloaded to fit the budget
         return entry.loaded
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:

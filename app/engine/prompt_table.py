@@ -29,45 +29,46 @@ class PromptEntry:
 class PromptTable:
     def __init__(self, budget_bytes: int | None = None):
         self.budget_bytes = budget_bytes  # None: no limit
-        self._entries: OrderedDict[str, PromptEntry] = OrderedDict()  # least recently used first
+        self._entries: dict[str, PromptEntry] = {}
+        self._loaded: OrderedDict[str, PromptEntry] = OrderedDict()  # loaded entries, least recently used first
+        self.loaded_bytes = 0
 
     def register(self, entry: PromptEntry) -> None:
+        """Serve this entry under its name from now on (replacing the name's previous entry)."""
+        self.remove(entry.name)
         self._entries[entry.name] = entry
-        self._entries.move_to_end(entry.name)
-        self._fit()
+        if entry.loaded is not None:
+            self.mark_loaded(entry)
+
+    def mark_loaded(self, entry: PromptEntry) -> None:
+        """entry.loaded was just set: count it, most recently used, and unload others beyond the budget."""
+        self._loaded[entry.name] = entry
+        self.loaded_bytes += entry.loaded.nbytes
+        while self.budget_bytes is not None and self.loaded_bytes > self.budget_bytes and len(self._loaded) > 1:
+            _, oldest = self._loaded.popitem(last=False)  # the newest stays, whatever its size
+            self.loaded_bytes -= oldest.loaded.nbytes
+            oldest.loaded = None
 
     def remove(self, name: str) -> None:
         self._entries.pop(name, None)
+        entry = self._loaded.pop(name, None)
+        if entry is not None:
+            self.loaded_bytes -= entry.loaded.nbytes
 
     def entry(self, name: str) -> PromptEntry | None:
         return self._entries.get(name)
 
     def use(self, name: str) -> TaskPrompt | None:
         """The loaded prompt of this name (now the most recently used), or None if it is not loaded."""
-        entry = self._entries.get(name)
-        if entry is None or entry.loaded is None:
+        entry = self._loaded.get(name)
+        if entry is None:
             return None
-        self._entries.move_to_end(name)
+        self._loaded.move_to_end(name)
         return entry.loaded
-
-    def _fit(self) -> None:
-        if self.budget_bytes is None:
-            return
-        loaded = [e for e in self._entries.values() if e.loaded is not None]  # least recently used first
-        total = sum(e.loaded.nbytes for e in loaded)
-        for entry in loaded[:-1]:  # the newest stays, whatever its size
-            if total <= self.budget_bytes:
-                return
-            total -= entry.loaded.nbytes
-            entry.loaded = None
-
-    @property
-    def loaded_bytes(self) -> int:
-        return sum(e.loaded.nbytes for e in self._entries.values() if e.loaded is not None)
 
     @property
     def num_loaded(self) -> int:
-        return sum(1 for e in self._entries.values() if e.loaded is not None)
+        return len(self._loaded)
 
     def version_of(self, name: str) -> int | None:
         entry = self._entries.get(name)
