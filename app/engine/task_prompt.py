@@ -40,10 +40,6 @@ class TaskPrompt:
         return self.k.shape[2]
 
     @property
-    def kv_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    @property
     def nbytes(self) -> int:
         heads = [t for t in (self.head_weight, self.head_bias) if t is not None]
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, *heads))
