@@ -4,19 +4,31 @@ PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 SOFTSERVE ?= softserve
 
-.PHONY: install run test bench data docker
+.PHONY: torch install install-dev run test deploy-test bench data docker
 
-# torch is pinned first and on its own: on a CPU machine this pin resolves to the CPU build, and the project
-# install below then finds torch satisfied. Both steps are no-ops (seconds) when already installed.
-install:
-	$(PIP) install "torch==$(TORCH_VERSION)"
+# torch first, on its own, in the build that fits the machine (CPU build unless nvidia-smi shows a GPU;
+# scripts/install_torch.sh), so that the project install after it finds torch satisfied. Every step is a
+# no-op (seconds) when already installed.
+torch:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) sh scripts/install_torch.sh
+
+# what serving needs
+install: torch
+	$(PIP) install -e .
+
+# what the tests need too: pytest, peft, openai, triton, kubernetes-validate, kubectl
+install-dev: torch
 	$(PIP) install -e '.[dev]'
 
 run: install
 	$(SOFTSERVE) serve
 
-test: install
+test: install-dev
 	$(PYTHON) -m pytest -q
+
+# builds the image and runs it, and the compose scale-out, against a real Docker engine (skipped without one)
+deploy-test: install-dev
+	$(PYTHON) -m pytest -q -m deploy tests/deploy
 
 bench:
 	$(SOFTSERVE) bench
@@ -25,4 +37,4 @@ data:
 	$(PYTHON) scripts/make_example_data.py
 
 docker:
-	docker build -t softserve .
+	docker build -t softserve:cpu .

@@ -47,8 +47,9 @@ def cmd_serve(args) -> int:
     if settings.model != DEFAULT_MODEL and not Path(settings.model).expanduser().exists():
         raise ModelLoadError(f"model path {settings.model!r} does not exist (give an HF model directory, "
                              f"a .gguf file, or 'default')")
+    # access_log=False: softserve's middleware already logs one line per request (with its request id).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
     return 0
 
 

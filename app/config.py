@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, le=256, description="positions per KV cache block")
     prefix_caching: bool = Field(True, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
     max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
+    prompt_cache_mb: float = Field(1024, gt=0, description="CPU memory for loaded prompts (files read, prefixes computed on first use); beyond it the least recently used are unloaded")
     max_waiting: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(

@@ -43,7 +43,9 @@ class EngineCollector:
             "softserve_kv_block_size": ("positions per KV cache block", s.block_size),
             "softserve_kv_usage_ratio": ("fraction of KV cache blocks referenced by running sequences",
                                          s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0),
-            "softserve_prompts_loaded": ("task prompts the engine serves", len(engine.prompts)),
+            "softserve_prompts_registered": ("task prompts the engine serves", len(engine.prompts)),
+            "softserve_prompts_loaded": ("task prompts loaded (file read, prefix computed) in CPU memory",
+                                         engine.prompts.num_loaded),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)

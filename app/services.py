@@ -51,19 +51,21 @@ def base_identity(loaded: LoadedModel) -> BaseIdentity:
 
 
 def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
-    """Serve every stored prompt, follow the store's changes (ours and other replicas'), keep watching."""
+    """Serve every stored prompt (each loaded on first use), follow the store's changes (ours and other
+    replicas'), keep watching."""
+    def serve(name: str, version: int) -> None:
+        digest = registry.meta(name, version).digest
+        engine.register_prompt(name, version, digest, lambda: registry.get(name, version))
+
     def follow(event: str, name: str, version: int) -> None:
         if event == "added":
-            engine.load_prompt(registry.get(name, version))
+            serve(name, version)
         else:
             engine.remove_prompt(name)
 
     registry.subscribe(follow)
     for info in registry.list():
-        try:
-            engine.load_prompt(registry.get(info.name))
-        except ValueError as e:  # e.g. label words the LM head cannot tell apart: skip it, serve the rest
-            log.warning("not serving prompt %s: %s", info.name, e)
+        serve(info.name, info.version)
     registry.start_watching(interval_s)
 
 
@@ -88,6 +90,7 @@ def load_services(settings: Settings) -> Services:
                           block_size=settings.block_size, prefix_caching=settings.prefix_caching,
                           max_batched_tokens=settings.max_batched_tokens, max_num_seqs=settings.max_num_seqs,
                           max_waiting=settings.max_waiting, static_decode=None if settings.cuda_graphs else False,
+                          prompt_cache_bytes=int(settings.prompt_cache_mb * (1 << 20)),
                           decode_attention=settings.decode_attention)
     engine = AsyncEngine(loaded.model, tokenizer, config)
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)

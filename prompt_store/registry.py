@@ -31,6 +31,7 @@ from prompt_store.format import (
     BaseIdentity,
     PromptFile,
     PromptFormatError,
+    PromptMeta,
     dump_prompt,
     file_digest,
     load_prompt_file,
@@ -85,11 +86,11 @@ class PromptInfo:
 class _StoredVersion:
     path: Path
     stat: tuple[int, ...]  # (inode, size, mtime_ns, ctime_ns): a changed or replaced file is re-read
-    prompt: PromptFile
+    meta: PromptMeta  # no tensors: a store of thousands of prompts is indexed, not held in memory
 
 
 class PromptRegistry:
-    """Versioned prompts on disk, indexed and cached in memory.
+    """Versioned prompts on disk, indexed in memory (fields and digests, no tensors: get() reads the file).
 
     base=None opens the store read-only: files are checked for format but not against a base, and add()
     is refused. keep_versions is how many versions besides the current one are kept per name.
@@ -120,9 +121,21 @@ class PromptRegistry:
     # --- reading -----------------------------------------------------------------------------------
 
     def get(self, name: str, version: int | None = None) -> PromptFile:
-        """The cached PromptFile (shared: do not modify it)."""
+        """The prompt file, read from disk (validated when it was indexed)."""
         with self._lock:
-            return self._stored(name, version).prompt
+            stored = self._stored(name, version)
+        try:
+            pf = load_prompt_file(stored.path)
+        except FileNotFoundError:  # deleted or pruned by another replica since the last scan
+            raise PromptNotFound(f"prompt {name!r} v{stored.meta.version} is no longer stored") from None
+        if pf.digest != stored.meta.digest:  # replaced on disk since the last scan: rescan, then read that
+            self.refresh()
+            return self.get(name, version)
+        return pf
+
+    def meta(self, name: str, version: int | None = None) -> PromptMeta:
+        with self._lock:
+            return self._stored(name, version).meta
 
     def path(self, name: str, version: int | None = None) -> Path:
         with self._lock:
@@ -161,7 +174,7 @@ class PromptRegistry:
     @staticmethod
     def _info(name: str, versions: dict[int, _StoredVersion]) -> PromptInfo:
         current = versions[max(versions)]
-        pf = current.prompt
+        pf = current.meta
         return PromptInfo(
             name=name,
             kind=pf.kind,
@@ -203,7 +216,7 @@ class PromptRegistry:
                     "this upload was not stored: retry it"
                 )
             versions = self._index.setdefault(pf.name, {})
-            versions[stored.version] = _StoredVersion(path, _stat(path), stored)
+            versions[stored.version] = _StoredVersion(path, _stat(path), stored.meta)
             self._prune(pf.name, folder)
         self._notify("added", pf.name, stored.version)
         return stored
@@ -253,7 +266,7 @@ class PromptRegistry:
     def _current(versions: dict[int, _StoredVersion]) -> tuple[int, str]:
         """(version, digest) of the current version: a re-created v1 with other content is a change."""
         current = max(versions)
-        return current, versions[current].prompt.digest
+        return current, versions[current].meta.digest
 
     def _scan(self) -> dict[str, dict[int, _StoredVersion]]:
         index: dict[str, dict[int, _StoredVersion]] = {}
@@ -288,7 +301,7 @@ class PromptRegistry:
             self._rejected[path] = stat
             return None
         self._rejected.pop(path, None)
-        return _StoredVersion(path, stat, pf)
+        return _StoredVersion(path, stat, pf.meta)
 
     def start_watching(self, interval_s: float = 2.0, on_change: ChangeCallback | None = None) -> None:
         """Poll the folder in a daemon thread; on_change(changed, removed) runs after each refresh that found any."""

@@ -236,7 +236,7 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, [])
     seen = []
-    for method in ("put", "remove"):
+    for method in ("register", "mark_loaded", "remove"):
         inner = getattr(engine.prompts, method)
         monkeypatch.setattr(engine.prompts, method,
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))
@@ -246,5 +246,40 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
         engine.remove_prompt("shallow")
     finally:
         asyncio.run(engine.shutdown(1))
-    assert seen == ["softserve-engine", "softserve-engine"]
+    assert len(seen) >= 2 and set(seen) == {"softserve-engine"}
     assert len(served.tokens) == 3 and "shallow" not in engine.prompts
+
+
+def test_stored_prompts_load_on_first_use_within_the_memory_budget(tiny_llama, tokenizer):
+    """Registering a prompt reads nothing; its first request reads the file and computes the prefix; past
+    the budget the least recently used are unloaded, and come back (same outputs) when used again."""
+    _, loaded = tiny_llama
+    files = {f"p{i}": dataclasses.replace(make_prompt(loaded, f"p{i}", ["prompt", "prefix"][i % 2], "generate",
+                                                      seed=i), version=1, digest=f"digest{i}") for i in range(40)}
+    reads = []
+
+    def reader(name):
+        return lambda: reads.append(name) or files[name]
+
+    reference = new_engine(loaded, tokenizer, [])
+    engine = new_engine(loaded, tokenizer, [], prompt_cache_bytes=1)  # room for one loaded prompt at a time
+    try:
+        for name in files:
+            engine.register_prompt(name, 1, f"digest{name[1:]}", reader(name))
+        assert (len(engine.prompts), engine.prompts.num_loaded, reads) == (40, 0, [])
+        request = lambda name: (name, ids(20, 3), Mode.GENERATE, greedy(5, logprobs=2))  # noqa: E731
+        first = run(engine, [request("p3")])[0]
+        assert reads == ["p3"] and engine.prompts.num_loaded == 1
+        run(engine, [request("p4")])
+        assert reads == ["p3", "p4"] and engine.prompts.num_loaded == 1  # p3 unloaded to fit the budget
+        hits = engine.stats().prefix_cache_hits
+        again = run(engine, [request("p3")])[0]
+        assert reads == ["p3", "p4", "p3"]
+        assert engine.stats().prefix_cache_hits > hits  # the reloaded p3 found its cached blocks
+        reference.load_prompt(files["p3"])
+        want = run(reference, [request("p3")])[0]
+    finally:
+        asyncio.run(engine.shutdown(1))
+        asyncio.run(reference.shutdown(1))
+    assert_same_logprobs(first, want)
+    assert_same_logprobs(again, want)

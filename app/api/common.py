@@ -14,6 +14,7 @@ from fastapi import Request
 
 from app.api.errors import APIError
 from app.engine.sequence import Output, Sequence
+from app.engine.task_prompt import TaskPrompt
 from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL
 from app.metrics import Metrics
 from app.services import Services
@@ -151,6 +152,19 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
 BASE = "base"  # the `model`/`prompt` name of the bare base model (an alias of its served id)
 
 
+async def resolve_prompt(services: Services, name: str) -> TaskPrompt | None:
+    """A request's prompt, resolved once (all its inputs run this version). A prompt not used lately is read
+    and its prefix computed on the engine thread: that wait happens in a worker thread, not on the event
+    loop. `name@N` pins stored version N (404 once the store no longer has it); `name` is the newest."""
+    engine, name = services.engine, prompt_name(name, services)
+    base_name, at, version = (name or "").rpartition("@")
+    if at and base_name and version.isdigit():
+        return await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, int(version))))
+    if engine.prompt_is_loaded(name):
+        return engine.get_prompt(name)
+    return await asyncio.to_thread(engine.get_prompt, name)
+
+
 def prompt_name(name: str, services) -> str | None:
     """A route's model/prompt field -> the engine's prompt name (None: the bare base model)."""
     return None if name in (BASE, services.model_name, served_model_id(services)) else name
@@ -174,16 +188,3 @@ def served_model_id(services) -> str:
     """The base model's id: SOFTSERVE_SERVED_MODEL_NAME, else its hub id, else its folder or file name."""
     return _model_id(services.settings.served_model_name, services.settings.model, services.loaded.directory,
                      services.model_name)
-
-
-async def resolve_prompt(model: str, services: Services):
-    """`model` -> the TaskPrompt to run (None: the bare model). `name@N` pins stored version N (404 once the
-    store no longer has it); `name` is the newest."""
-    name = prompt_name(model, services)
-    if name is None:
-        return None
-    base_name, at, version = name.rpartition("@")
-    if not at or not version.isdigit() or not base_name:
-        return services.engine.get_prompt(name)
-    prompt_file = services.registry.get(base_name, int(version))
-    return await asyncio.to_thread(services.engine.pinned_prompt, prompt_file)

@@ -80,9 +80,9 @@ def _model_cards(services: Services) -> list[dict]:
             "max_model_len": services.engine.config.max_seq_len}
     cards = [card | {"id": root, "parent": None, "task": "generate"},
              card | {"id": BASE, "parent": None, "task": "generate", "alias_of": root}]
-    for name, prompt in sorted(services.engine.prompts.items()):
-        cards.append(card | {"id": name, "parent": root, "task": prompt.task, "kind": prompt.kind,
-                             "version": prompt.version})
+    for info in services.registry.list():  # (sorted by name)
+        cards.append(card | {"id": info.name, "parent": root, "task": info.task, "kind": info.kind,
+                             "version": info.version})
     return cards
 
 
@@ -106,7 +106,7 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     admit(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(body.model, services)  # 404 before tokenizing
+    prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
@@ -118,7 +118,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
     admit(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(body.model, services)
+    prompt = await resolve_prompt(services, body.model)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
     vocab = services.loaded.args.vocab_size

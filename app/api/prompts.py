@@ -50,15 +50,14 @@ MULTIPART_SCHEMA = {
 
 def _info(services: Services, info, history: bool = False) -> dict:
     data = dataclasses.asdict(info)
-    served = services.engine.prompts.get(info.name)
-    data["serving"] = served is not None and served.version == info.version
+    data["serving"] = services.engine.prompts.version_of(info.name) == info.version
     if history:
         data["history"] = [_version_info(services, info.name, v) for v in info.versions]
     return data
 
 
 def _version_info(services: Services, name: str, version: int) -> dict:
-    stored = services.registry.get(name, version)
+    stored = services.registry.meta(name, version)
     return {"version": version, "created_at": stored.created_at, "size_bytes": _size(services, name, version),
             "digest": stored.digest}
 

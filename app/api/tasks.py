@@ -10,7 +10,7 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.common import admit, check_inputs, check_tokens, prompt_name, record, run_all, timing_headers
+from app.api.common import admit, check_inputs, check_tokens, record, resolve_prompt, run_all, timing_headers
 from app.api.deps import get_services, require_api_key
 from app.api.schemas import (
     ClassifyRequest,
@@ -45,20 +45,20 @@ async def _run(request: Request, services: Services, route: str, seqs):
     return outs, timing_headers(seqs, outs, end)
 
 
-def _resolve(request: Request, services: Services, body):
+async def _resolve(request: Request, services: Services, body):
     """(inputs, prompt): the prompt is resolved once, so every input of the request (and the labels in
     the answer) uses the same version even if an upload lands meanwhile; 404 before any tokenizing."""
     admit(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    return inputs, services.engine.get_prompt(prompt_name(body.prompt, services))
+    return inputs, await resolve_prompt(services, body.prompt)
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text for one or many inputs")
 async def generate(body: GenerateRequest, request: Request, services: Services = Depends(get_services)):
     """Continue each input with the named generate prompt (or `base`). Inputs are raw text, or, with
     `chat: true`, one user message each rendered with the chat template."""
-    inputs, prompt = _resolve(request, services, body)
+    inputs, prompt = await _resolve(request, services, body)
     encoder = services.encoder
     ids = [await encoder.chat([{"role": "user", "content": text}], f"inputs.{i}") if body.chat
            else await encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
@@ -76,7 +76,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     """Per input: every token with its character offsets, label and score, and the entities merged from
     BIO/IOB tags (`B-X` starts an entity, `I-X` continues one of type X, `O` is outside; a tag without a
     prefix counts as `I-`). An entity's score is the mean of its tokens' scores."""
-    inputs, prompt = _resolve(request, services, body)
+    inputs, prompt = await _resolve(request, services, body)
     encoded = [await services.encoder.encode_with_offsets(text, f"inputs.{i}") for i, text in enumerate(inputs)]
     seqs = [services.engine.make_sequence(prompt, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
             for ids, _ in encoded]
@@ -93,7 +93,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
 @router.post("/classify", response_model=ClassifyResponse, summary="Classify texts")
 async def classify(body: ClassifyRequest, request: Request, services: Services = Depends(get_services)):
     """Per input: the most probable label, its probability, and every label's probability."""
-    inputs, prompt = _resolve(request, services, body)
+    inputs, prompt = await _resolve(request, services, body)
     ids = [await services.encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
     seqs = [services.engine.make_sequence(prompt, i, Mode.CLASSIFY, HEAD_ONLY, services.settings.request_timeout_s)
             for i in ids]

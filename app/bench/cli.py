@@ -43,6 +43,9 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     paged = p.add_mutually_exclusive_group()
     paged.add_argument("--capacity", action="store_true",
                        help="how many workload requests run at once in the default KV budgets, paged vs fixed slots")
+    paged.add_argument("--stored-prompts", type=int, default=None, metavar="N",
+                       help="start-up with N stored prompts (default model, CPU): time to healthy, memory, a cold "
+                            "prompt's first use")
     paged.add_argument("--system-prompt-tokens", type=int, default=None, metavar="N",
                        help="the shared-system-prompt workload (--n chat requests, one N-token system prompt, "
                             "--lo/--hi unique tokens, --new new), with prefix caching on and off")
@@ -86,7 +89,12 @@ def cmd_bench(args) -> int:
     cache_dir = args.cache_dir or (Path(os.environ["SOFTSERVE_CACHE_DIR"]).expanduser()
                                    if os.environ.get("SOFTSERVE_CACHE_DIR") else default_cache_dir())
     path = args.json or Path("bench_results") / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    if args.capacity or args.system_prompt_tokens:
+    if args.stored_prompts:
+        from app.bench.many_prompts import format_many_prompts, run_many_prompts
+
+        result = run_many_prompts(args.stored_prompts, cache_dir)
+        print(format_many_prompts(result))
+    elif args.capacity or args.system_prompt_tokens:
         result = _run_paged_bench(args, cache_dir)
     elif args.http or args.http_spawn:
         from app.bench.http import format_sweep, run_sweep

@@ -127,13 +127,16 @@ async def sweep_engine(engine, ids: list[list[int]], new: int, concurrency: int)
 
 
 class SpawnedServer:
-    """`softserve serve` on a free loopback port, an empty temporary prompt store, no example prompts."""
+    """`softserve serve` on a free loopback port, no example prompts, and the given prompt store (default: an
+    empty temporary one)."""
 
-    def __init__(self, cache_dir: Path, device: str, dtype: str, startup_timeout_s: float = 600):
+    def __init__(self, cache_dir: Path, device: str, dtype: str, startup_timeout_s: float = 600,
+                 store: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store = tempfile.TemporaryDirectory(prefix="softserve-bench-store-")
-        env = dict(os.environ, SOFTSERVE_PROMPT_STORE=self.store.name, SOFTSERVE_EXAMPLE_PROMPTS="false",
+        self.store = tempfile.TemporaryDirectory(prefix="softserve-bench-store-") if store is None else None
+        store_dir = str(store) if store is not None else self.store.name
+        env = dict(os.environ, SOFTSERVE_PROMPT_STORE=store_dir, SOFTSERVE_EXAMPLE_PROMPTS="false",
                    SOFTSERVE_CACHE_DIR=str(cache_dir), SOFTSERVE_DEVICE=device, SOFTSERVE_DTYPE=dtype)
         cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning"]
@@ -164,7 +167,8 @@ class SpawnedServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.store.cleanup()
+        if self.store is not None:
+            self.store.cleanup()
 
 
 def _local_tokenizer(cache_dir: Path):

@@ -268,6 +268,9 @@ def format_table(r: dict) -> str:
                      f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
     elif r["config"]["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
+    pc = ours["prefix_cache"]
+    lines.append(f"softserve KV: {ours['kv_cache_blocks']:,} blocks; prefix cache: {pc['hits']:,} of {pc['queries']:,} "
+                 f"prompt tokens reused; {pc['preemptions']} preemptions")
     s = ours["steps"]
     lines.append(f"softserve steps: {s['prefill_steps']} with prefill ({s['prefill_tokens']} tokens, "
                  f"{s['prefill_s']:.2f} s), {s['decode_steps']} decode-only ({s['decode_tokens']} tokens, "

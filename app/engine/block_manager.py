@@ -108,6 +108,3 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
-
-    def is_shared_or_cached(self, block: int) -> bool:
-        return self.ref_counts[block] > 1 or self.block_hash[block] is not None

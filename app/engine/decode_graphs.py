@@ -65,14 +65,15 @@ class StaticDecoder:
         n = len(tokens)
         rows = _pick(self.row_buckets, n)
         length = _pick(self.length_buckets, max(positions) + 1)
-        host_inputs = torch.zeros(2, rows, dtype=torch.long)
-        host_inputs[0, :n] = torch.tensor(tokens)
-        host_inputs[1, :n] = torch.tensor(positions)
-        host_tables = torch.full((rows, self.max_blocks), SCRATCH_BLOCK, dtype=torch.long)
-        for r, table in enumerate(tables):
-            host_tables[r, :len(table)] = torch.tensor(table)
+        pad = rows - n
+        host_inputs = torch.tensor([tokens + [0] * pad, positions + [0] * pad], dtype=torch.long)
+        # Only the columns some row uses: a row reads its table only below its own length (the kernel) or
+        # masks what lies beyond it (SDPA), so older entries further right are never used.
+        width = max(len(t) for t in tables)
+        host_tables = torch.tensor([t + [SCRATCH_BLOCK] * (width - len(t)) for t in tables]
+                                   + [[SCRATCH_BLOCK] * width] * pad, dtype=torch.long)
         self.inputs[:, :rows].copy_(host_inputs)
-        self.tables[:rows].copy_(host_tables)
+        self.tables[:rows, :width].copy_(host_tables)
         if not self.use_graphs:
             self._forward(rows, length)
         else:

@@ -21,12 +21,13 @@ from app.engine.decode_graphs import StaticDecoder
 from app.engine.block_manager import BlockManager
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
-from app.engine.prompt_table import PromptTable
+from app.engine.prompt_table import PromptEntry, PromptTable
 from app.engine.runner import ModelRunner
 from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler, StepResult
 from app.engine.sequence import Mode, Output, Sequence, Status
 from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
+from prompt_store.format import PromptFile, PromptFormatError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +63,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
     max_num_seqs: int = 256  # sequences running at once (the static decode steps' largest bucket)
     max_waiting: int = 256  # requests waiting, each with all its inputs
+    prompt_cache_bytes: int | None = None  # CPU memory for loaded prompts; beyond it LRU ones are unloaded
     # Decode-only steps at static shapes (app/engine/decode_graphs.py). None: on CUDA, replayed as CUDA
     # graphs; off on CPU. True on CPU runs the static steps eagerly (tests); False: always the dynamic path.
     static_decode: bool | None = None
@@ -109,7 +111,7 @@ class AsyncEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
         self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids)
-        self.prompts = PromptTable()
+        self.prompts = PromptTable(config.prompt_cache_bytes)
         self._pinned: dict[tuple, TaskPrompt] = {}  # (name, version, digest) -> older versions asked for by number
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}
@@ -142,31 +144,38 @@ class AsyncEngine:
         event loop."""
         check_servable(self.model, prompt_file, self.tokenizer.encode)
 
-    def load_prompt(self, prompt_file) -> TaskPrompt:
-        """Compute a prompt's prefix once and serve it; requests already admitted keep their version.
-        Runs on the engine thread (the caller waits): no other thread changes the prompt table or runs the
-        model beside the engine's steps."""
+    def register_prompt(self, name: str, version: int, digest: str, read: Callable[[], PromptFile]) -> None:
+        """Serve this version of a stored prompt from the next request on; its file is read and its prefix
+        computed on first use. Requests already admitted keep their version."""
+        def register() -> None:
+            entry = self.prompts.entry(name)
+            if entry is None or (entry.version, entry.digest) != (version, digest):
+                self.prompts.register(PromptEntry(name, version, digest, read))
+
+        self._on_engine_thread(register)
+
+    def load_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
+        """Serve this prompt (its prefix computed now, unless this version is already loaded)."""
         def load() -> TaskPrompt:
-            current = self.prompts.get(prompt_file.name)
-            if current is not None and prompt_file.version and (current.version, getattr(current, "digest", None)) == (prompt_file.version, prompt_file.digest):
-                return current
-            task_prompt = build_task_prompt(self.model, prompt_file, self.tokenizer.encode)
-            self.prompts.put(task_prompt)
-            return task_prompt
+            pf = prompt_file
+            entry = self.prompts.entry(pf.name)
+            if entry is None or (entry.version, entry.digest) != (pf.version, pf.digest) or not pf.version:
+                entry = PromptEntry(pf.name, pf.version, pf.digest, lambda: pf)
+                self.prompts.register(entry)
+            return self._loaded(entry)
 
         return self._on_engine_thread(load)
 
-    def pinned_prompt(self, prompt_file) -> TaskPrompt:
+    def pinned_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
         """A stored version asked for by number (`name@3`): the served one if it is that version, else built
-        on the engine thread (kept for the next request pinning it, up to PINNED_KEPT versions) without
-        changing which version the name serves."""
-        current = self.prompts.get(prompt_file.name)
-        if current is not None and (current.version, getattr(current, "digest", None)) == (prompt_file.version,
-                                                                                          prompt_file.digest):
-            return current
+        (kept for the next request pinning it, up to PINNED_KEPT versions) without changing which version the
+        name serves. Runs on the engine thread: call it off the event loop."""
         key = (prompt_file.name, prompt_file.version, prompt_file.digest)
 
         def build() -> TaskPrompt:
+            entry = self.prompts.entry(prompt_file.name)
+            if entry is not None and (entry.version, entry.digest) == key[1:]:
+                return self._loaded(entry)
             if key not in self._pinned:
                 if len(self._pinned) >= PINNED_KEPT:
                     self._pinned.pop(next(iter(self._pinned)))
@@ -177,6 +186,17 @@ class AsyncEngine:
 
     def remove_prompt(self, name: str) -> None:
         self._on_engine_thread(lambda: self.prompts.remove(name))
+
+    def _loaded(self, entry: PromptEntry) -> TaskPrompt:
+        """On the engine thread: the entry's prompt, read and its prefix computed if it is not loaded."""
+        if entry.loaded is None:
+            pf = entry.read()
+            try:
+                entry.loaded = build_task_prompt(self.model, pf, self.tokenizer.encode)
+            except ValueError as e:  # e.g. a file put in the store by hand with labels the LM head cannot score
+                raise PromptFormatError(f"prompt {entry.name!r} cannot be served: {e}") from e
+            self.prompts.mark_loaded(entry)  # others may be unloaded to fit the budget
+        return entry.loaded
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:
         """Run fn between two steps of the engine thread and return its result; inline when no engine thread
@@ -201,12 +221,28 @@ class AsyncEngine:
                 done.set_exception(e)
 
     def get_prompt(self, name: str | None) -> TaskPrompt | None:
+        """The current version of a prompt, for a new request (None: the bare model). A prompt not loaded is
+        loaded on the engine thread, which waits for the step in progress: call it off the event loop unless
+        `prompt_is_loaded` says it is."""
         if name is None:
             return None
-        try:
-            return self.prompts.use(name)
-        except KeyError:
-            raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them") from None
+        loaded = self.prompts.use(name)
+        if loaded is not None:
+            return loaded
+        if self.prompts.entry(name) is None:
+            raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them")
+
+        def load() -> TaskPrompt:
+            entry = self.prompts.entry(name)
+            if entry is None:  # removed meanwhile
+                raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them")
+            return self._loaded(entry)
+
+        return self._on_engine_thread(load)
+
+    def prompt_is_loaded(self, name: str | None) -> bool:
+        entry = None if name is None else self.prompts.entry(name)
+        return name is None or (entry is not None and entry.loaded is not None)
 
     # ---- requests ------------------------------------------------------------------------------------
     def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], mode: Mode, sampling,

@@ -7,6 +7,7 @@ Deep prompts (prefix tuning / P-Tuning v2) already are per-layer K,V: PEFT's `ge
 """
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field
 
@@ -29,17 +30,14 @@ class TaskPrompt:
     head_weight: torch.Tensor | None = None  # (labels, hidden), on the model's device
     head_bias: torch.Tensor | None = None
     label_token_ids: list[int] | None = None  # classify without a head: first token of each label word
-    # The prefix cache's root for its requests: unique to this loaded prompt, so no other prompt, version or
-    # reload ever shares a KV block with it.
+    digest: str = ""  # of its stored file ("" for a prompt that was never stored)
+    # The prefix cache's root for its requests: from its name, version and digest (a reload of the same file
+    # finds its cached blocks again; no other prompt or version ever shares one), unique when unstored.
     cache_key: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
 
     @property
     def num_virtual_tokens(self) -> int:
         return self.k.shape[2]
-
-    @property
-    def kv_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -130,4 +128,8 @@ def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
     head_w = None if pf.head_weight is None else pf.head_weight.to(device, dtype)
     head_b = None if pf.head_bias is None else pf.head_bias.to(device, dtype)
     label_ids = label_first_tokens(pf.labels, encode) if pf.task == "classify" and head_w is None else None
-    return TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids)
+    prompt = TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids,
+                        pf.digest)
+    if pf.digest:
+        prompt.cache_key = hashlib.blake2b(f"{pf.name}\0{pf.version}\0{pf.digest}".encode(), digest_size=16).digest()
+    return prompt

