@@ -107,6 +107,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     admit(request, prompt_name(body.model, services) or BASE)
     prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
+    _check_seqs(services, body.n)
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
