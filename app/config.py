@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line (app/logs.py)")
     # prompts
     prompt_store: Path = Field(Path("~/.local/share/softserve/prompts"), description="the prompt registry's folder")
     example_prompts: bool = Field(True, description="add the shipped chat, ner and spam prompts when their names are free")

@@ -22,6 +22,7 @@ from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware, kv
 from app.config import Settings
+from app.logs import use_json_lines
 from app.metrics import Metrics
 from app.services import Services, load_services
 
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     if not logging.getLogger().handlers:  # run as `uvicorn --factory app.server:create_app`: still log ours
         logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    if settings.log_format == "json":
+        use_json_lines()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -96,10 +96,11 @@ class RequestMiddleware:
             self.metrics.request_duration.labels(route_path).observe(duration)
             client = scope.get("client")
             state = scope.get("state") or {}
-            log.info(kv(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
-                        status=status, duration_ms=f"{duration * 1000:.1f}", prompt=prompt or None,
-                        prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
-                        client=client[0] if client else None))
+            fields = dict(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
+                          status=status, duration_ms=round(duration * 1000, 1), prompt=prompt or None,
+                          prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
+                          client=client[0] if client else None)
+            log.info(kv(**fields), extra={"fields": fields})  # (the JSON log format keeps the fields as keys)
             request_id_var.reset(token)
 
     def _prompt_label(self, scope) -> str:
