@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
 
     # the model
-    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF model directory, or a .gguf file")
+    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF model directory, a .gguf file, "
+                                         "or a Hugging Face hub id (HF_HUB_OFFLINE=1: from the hub cache only)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and KV dtype; auto: bfloat16 on CUDA, float32 on CPU")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")

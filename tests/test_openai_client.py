@@ -95,6 +95,7 @@ def test_served_model_id_sources(tmp_path):
 
     assert _model_id("my-name", "default", tmp_path, "x") == "my-name"
     assert _model_id(None, "default", tmp_path, "x") == HUB_ID
+    assert _model_id(None, "acme/smol", tmp_path, "x") == "acme/smol"  # --model given as a hub id
     for name_or_path, want in (("org/model-7b", "org/model-7b"), ("/home/me/checkpoints/run3", "folder")):
         directory = tmp_path / want.replace("/", "_")
         directory.mkdir()

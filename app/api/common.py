@@ -15,7 +15,7 @@ from fastapi import Request
 from app.api.errors import APIError
 from app.engine.sequence import Output, Sequence
 from app.engine.task_prompt import TaskPrompt
-from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL
+from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL, is_hub_id
 from app.metrics import Metrics
 from app.services import Services
 
@@ -176,6 +176,8 @@ def _model_id(setting: str | None, model: str, directory: Path, fallback: str) -
         return setting
     if model == DEFAULT_MODEL:
         return DEFAULT_HUB_ID
+    if is_hub_id(model):
+        return model
     try:
         name = json.loads((directory / "config.json").read_text()).get("_name_or_path") or ""
     except (OSError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import zipfile
@@ -61,17 +62,40 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                cache_dir: Path = Path(".cache")) -> LoadedModel:
-    """spec: "default", an HF model directory, or a .gguf file."""
+    """spec: "default", an HF model directory, a .gguf file, or a Hugging Face hub id ("org/name")."""
     if spec == DEFAULT_MODEL:
         directory, name = fetch_default_model(cache_dir), DEFAULT_NAME
+    elif is_hub_id(spec):
+        directory, name = fetch_hub_model(spec), spec
     else:
         path = Path(spec).expanduser()
         if not path.exists():
             raise ModelLoadError(f"model path {str(path)!r} does not exist (give an HF model directory, "
-                                 f"a .gguf file, or 'default')")
+                                 f"a .gguf file, a hub id or 'default')")
         directory = convert_gguf(path, cache_dir) if path.suffix == ".gguf" else path
         name = path.stem if path.suffix == ".gguf" else path.name
     return load_hf_directory(directory, dtype, device, name)
+
+
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
+             "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt"]
+
+
+def is_hub_id(spec: str) -> bool:
+    """"org/name" that is not a path on this machine."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).expanduser().exists()
+
+
+def fetch_hub_model(repo_id: str) -> Path:
+    """The model's files from the Hugging Face hub cache (HF_HUB_CACHE / HF_HOME), downloaded there first
+    unless HF_HUB_OFFLINE=1, in which case only the cache is read."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline and not cached, unknown repo, no network: say which and what to do
+        raise ModelLoadError(f"cannot get {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                             f"check the id, the network, or HF_HUB_OFFLINE and the hub cache") from e
 
 
 def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: str) -> LoadedModel:
