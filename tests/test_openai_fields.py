@@ -136,19 +136,18 @@ def test_default_max_tokens_is_the_rest_of_the_context(client):
     assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 0  # not cut at 16
 
 
-def test_stop_strings_stop_token_ids_and_min_tokens(client, server):
+def test_stop_strings_stop_token_ids_and_min_tokens(client, tokenizer):
     free = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0)
     text = free.choices[0].text
     word = text.split()[1]
     for stop in (word, [word, "zzzz"]):
         cut = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0, stop=stop)
         assert cut.choices[0].text == text[:text.index(word)] and cut.choices[0].finish_reason == "stop"
-    tokenizer = _tokenizer()
-    ids = tokenizer.encode("The sea is")
+    ids = tokenizer.hf.encode("The sea is")
     generated = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, logprobs=0)
-    fourth = tokenizer.encode(generated.choices[0].logprobs.tokens[3])[0]
+    fourth = tokenizer.hf.encode(generated.choices[0].logprobs.tokens[3])[0]
     first_at = next(i for i, t in enumerate(generated.choices[0].logprobs.tokens)
-                    if tokenizer.encode(t)[0] == fourth)
+                    if tokenizer.hf.encode(t)[0] == fourth)
     stopped = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0,
                                         extra_body={"stop_token_ids": [fourth]})
     assert stopped.usage.completion_tokens == first_at + 1 and stopped.choices[0].finish_reason == "stop"
@@ -166,12 +165,11 @@ def test_developer_role_is_system(client):
 
 # ---- prompts and choices -------------------------------------------------------------------------------
 
-def test_prompt_forms_and_choice_indexes(client):
+def test_prompt_forms_and_choice_indexes(client, tokenizer):
     one = lambda p: client.completions.create(model="base", prompt=p, max_tokens=6, temperature=0).choices[0].text  # noqa: E731
-    tokenizer = _tokenizer()
     texts = ["The sea is", "Paris is"]
     want = [one(t) for t in texts]
-    ids = [tokenizer.encode(t) for t in texts]
+    ids = [tokenizer.hf.encode(t) for t in texts]
     assert one(ids[0]) == want[0]
     for prompt in (texts, ids):
         r = client.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, n=2)
@@ -219,14 +217,13 @@ def test_stream_usage_chunk_and_continuous_stats(client):
 
 # ---- penalties and bias --------------------------------------------------------------------------------
 
-def test_logit_bias_forces_and_bans_tokens(client):
-    tokenizer = _tokenizer()
-    token = tokenizer.encode(" sea")[0]
+def test_logit_bias_forces_and_bans_tokens(client, tokenizer):
+    token = tokenizer.hf.encode(" sea")[0]
     forced = client.completions.create(model="base", prompt="Hi", max_tokens=5, temperature=0,
                                        logit_bias={str(token): 100}, logprobs=0)
     assert forced.choices[0].text == " sea" * 5
     free = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0)
-    banned_id = tokenizer.encode(free.choices[0].logprobs.tokens[0])[0]
+    banned_id = tokenizer.hf.encode(free.choices[0].logprobs.tokens[0])[0]
     banned = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0,
                                        logit_bias={str(banned_id): -100})
     assert banned.choices[0].text != free.choices[0].text
@@ -243,16 +240,15 @@ def test_greedy_penalties_apply(client):
 
 # ---- echo and prompt log-probabilities -----------------------------------------------------------------
 
-def test_echo_logprobs_equal_the_models_own(client, default_model):
+def test_echo_logprobs_equal_the_models_own(client, default_model, tokenizer):
     text = "The quick brown fox jumps over the lazy dog."
-    tokenizer = _tokenizer()
-    ids = tokenizer.encode(text)
+    ids = tokenizer.hf.encode(text)
     for _ in range(2):  # the second time the prompt's blocks are cached: they must be computed again
         r = client.completions.create(model="base", prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2)
         lp = r.choices[0].logprobs
         assert r.choices[0].text.startswith(text)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-        assert lp.tokens[:len(ids)] == [tokenizer.decode([i]) for i in ids]
+        assert lp.tokens[:len(ids)] == [tokenizer.hf.decode([i]) for i in ids]
         with torch.inference_mode():
             model = default_model.model
             hidden = model(torch.arange(len(ids))[None], DenseAttention(), tokens=torch.tensor([ids]))
@@ -312,17 +308,3 @@ def test_guided_choice_and_regex(client):
     regex = client.completions.create(model="base", prompt="A phone number:", temperature=1.0, max_tokens=20,
                                       extra_body={"guided_regex": r"\d{3}-\d{4}"})
     assert re.fullmatch(r"\d{3}-\d{4}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
-
-
-_TOKENIZER = None
-
-
-def _tokenizer():
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from transformers import AutoTokenizer
-
-        from tests.conftest import CACHE_DIR
-        from app.engine.weights import fetch_default_model
-        _TOKENIZER = AutoTokenizer.from_pretrained(fetch_default_model(CACHE_DIR))
-    return _TOKENIZER
