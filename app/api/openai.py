@@ -188,8 +188,8 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
         max_tokens = body.new_tokens or default_max_tokens(services, prompt, prompt_ids, len(ids) * body.n)
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j * COPY_SEED_STRIDE) % SEED_RANGE
-            seq = engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, body.sampling_params(max_tokens, logprobs, seed),
-                                       services.settings.request_timeout_s)
+            params = body.sampling_params(max_tokens, logprobs, seed)
+            seq = engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, params, services.settings.request_timeout_s)
             if grammar is not None:
                 seq.grammar = GrammarMatcher(grammar, vocab)
             if echo and logprobs is not None:
