@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 
 FORMAT_VERSION = 1
+MAX_VIRTUAL_TOKENS = 512  # the default limit; a server may lower or raise it (SOFTSERVE_MAX_VIRTUAL_TOKENS)
 KINDS = ("prompt", "prefix")
 TASKS = ("generate", "tag", "classify")
 RESERVED_NAMES = ("base",)  # "base" addresses the bare model in the API
@@ -141,7 +142,7 @@ def validate_name(name: str) -> None:
         raise PromptFormatError(f"prompt name {name!r} is reserved")
 
 
-def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_tokens: int = 512) -> None:
+def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_tokens: int = MAX_VIRTUAL_TOKENS) -> None:
     """Raise PromptFormatError naming the first problem. With base=None the base-dependent checks are skipped."""
     validate_name(pf.name)
     if pf.kind not in KINDS:

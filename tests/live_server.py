@@ -17,11 +17,13 @@ from pathlib import Path
 
 import httpx
 
+from app.config import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def model_cache_dir() -> str:
-    return os.environ.get("SOFTSERVE_CACHE_DIR") or str(Path("~/.cache/softserve").expanduser())
+    return str(Settings().cache_dir)
 
 
 def free_port() -> int:

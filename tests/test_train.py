@@ -292,6 +292,7 @@ def test_the_cli_trains_writes_a_valid_prompt_and_metrics(tiny, tmp_path, capsys
 def test_push_uploads_the_file_with_the_admin_token(monkeypatch):
     import httpx
 
+    from app.config import Settings
     from app.train.cli import push
 
     seen = {}
@@ -302,7 +303,7 @@ def test_push_uploads_the_file_with_the_admin_token(monkeypatch):
 
     monkeypatch.setattr(httpx, "put", fake_put)
     monkeypatch.setenv("SOFTSERVE_ADMIN_TOKEN", "s3cret")
-    assert push("http://server:8000/", "spam", b"bytes") == 0
+    assert push("http://server:8000/", "spam", b"bytes", Settings().admin_token) == 0
     assert seen["url"] == "http://server:8000/v1/prompts/spam"
     assert seen["files"]["file"][1] == b"bytes"
     assert seen["headers"] == {"Authorization": "Bearer s3cret"}

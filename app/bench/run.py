@@ -21,6 +21,7 @@ from app.bench.measure import (PeakMemory, copy_bandwidth, decode_bound, device_
 from app.bench.ours import StepTimer, engine_config, run_ours
 from app.bench.peer import RequestResult, run_peer
 from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_files, prompt_tensors, workload
+from app.config import DEFAULT_CACHE_DIR
 from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
 
@@ -45,7 +46,7 @@ class BenchConfig:
     max_batched_tokens: int = 2048
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
-    cache_dir: Path = Path(".cache")
+    cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
     warmup: bool = True
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from app.config import DEFAULT_CACHE_DIR
 from app.engine.model import ModelArgs, Transformer, rope_inv_freq
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               cache_dir: Path = Path(".cache")) -> LoadedModel:
+               cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
     """spec: "default", an HF model directory, or a .gguf file."""
     if spec == DEFAULT_MODEL:
         directory, name = fetch_default_model(cache_dir), DEFAULT_NAME

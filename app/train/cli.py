@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
 from pathlib import Path
+
+from app.config import Settings, add_setting_flags
 
 log = logging.getLogger(__name__)
 
 
 def add_train_command(sub) -> None:
-    from app.cli import add_model_flags
-
     p = sub.add_parser("train", help="learn a task prompt (and head) on a JSONL file; see docs/TRAINING.md")
     p.add_argument("data", type=Path, help="training data, JSON Lines")
     p.add_argument("--name", required=True, help="the prompt's name (the API's model id)")
@@ -48,25 +47,24 @@ def add_train_command(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--push", metavar="URL", help="upload to a running server: PUT URL/v1/prompts/NAME "
                                                  "(Authorization from SOFTSERVE_ADMIN_TOKEN)")
-    add_model_flags(p, ("--model", "--dtype", "--device", "--cache-dir"))
+    add_setting_flags(p, ("--model", "--dtype", "--device", "--cache-dir"))
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, settings: Settings) -> int:
     from app.train.data import DataError
     from prompt_store.format import PromptFormatError
 
     try:
-        return run_train(args)
+        return run_train(args, settings)
     except (DataError, PromptFormatError) as e:
         print(f"softserve train: {e}", file=sys.stderr)
         return 2
 
 
-def run_train(args) -> int:
+def run_train(args, settings: Settings) -> int:
     import torch
 
-    from app.cli import settings_from
     from app.engine.tokenizer import Tokenizer
     from app.engine.weights import load_model, resolve_dtype
     from app.train.data import DataError, bio_labels, infer_labels, load_examples, read_jsonl
@@ -95,7 +93,6 @@ def run_train(args) -> int:
     rows = rows[:args.limit]
     heldout_rows = heldout_rows[:args.heldout_limit]
 
-    settings = settings_from(args)
     device = settings.resolved_device()
     dtype = resolve_dtype("float32" if settings.dtype == "auto" and device == "cpu"
                           else "bfloat16" if settings.dtype == "auto" else settings.dtype)
@@ -124,7 +121,7 @@ def run_train(args) -> int:
     print(f"wrote {out} ({len(data)} bytes); held-out: "
           + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
     if args.push:
-        return push(args.push, args.name, data)
+        return push(args.push, args.name, data, settings.admin_token)
     return 0
 
 
@@ -141,12 +138,10 @@ def infer_task(row: dict, path: Path, line: int) -> str:
                     f"text+entities or text+label); pass --task")
 
 
-def push(url: str, name: str, data: bytes) -> int:
+def push(url: str, name: str, data: bytes, token: str | None) -> int:
     import httpx
 
-    headers = {}
-    if token := os.environ.get("SOFTSERVE_ADMIN_TOKEN"):
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     target = f"{url.rstrip('/')}/v1/prompts/{name}"
     try:
         response = httpx.put(target, files={"file": (f"{name}.safetensors", data, "application/octet-stream")},
