@@ -45,8 +45,7 @@ def cmd_prompts(args, settings: Settings) -> int:
     the configured model, as the server would load it."""
     import torch
 
-    from app.engine.weights import load_model
-    from app.services import base_identity
+    from app.engine.weights import base_identity, load_model
     from prompt_store.cli import run_prompts_command
 
     def base_loader():

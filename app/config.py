@@ -70,16 +70,15 @@ class Settings(BaseSettings):
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def resolved_device(self) -> str:
-        import torch
+        from app.engine.weights import resolve_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
-    def resolved_dtype(self) -> str:
-        if self.dtype == "auto":
-            return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
-        return self.dtype
+    def resolved_dtype(self):
+        """The torch dtype of the weights and the KV cache."""
+        from app.engine.weights import resolve_dtype
+
+        return resolve_dtype(self.dtype, self.resolved_device())
 
     def with_flags(self, args: argparse.Namespace, **extra) -> Settings:
         """These settings with the flags that were given (and `extra`) on top, validated like the environment."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from app.config import Settings
+from prompt_store.format import embedding_width
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def make_prompt_bytes(base: dict, name: str, task: str = "generate", kind: str =
 
     identity = BaseIdentity.from_dict(base)
     g = torch.Generator().manual_seed(seed)
-    width = identity.hidden_size if kind == "prompt" else identity.prefix_width
+    width = embedding_width(kind, identity)
     labels = list(labels)
     with_head = task == "tag" or (task == "classify" and head)
     pf = PromptFile(

@@ -12,8 +12,8 @@ from app.engine.engine import AsyncEngine, EngineConfig, InvalidRequest, Overloa
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
 from app.engine.task_prompt import PrefixCounter
-from app.services import base_identity
-from prompt_store.format import PromptFile
+from app.engine.weights import base_identity
+from prompt_store.format import PromptFile, embedding_width
 
 P = 5
 
@@ -21,7 +21,7 @@ P = 5
 def make_prompt(loaded, name, kind, task, labels=(), head=True, seed=0) -> PromptFile:
     a = loaded.args
     g = torch.Generator().manual_seed(seed)
-    width = a.hidden_size if kind == "prompt" else a.num_layers * 2 * a.kv_width
+    width = embedding_width(kind, a)
     head_w = torch.randn(len(labels), a.hidden_size, generator=g) if labels and head else None
     head_b = torch.randn(len(labels), generator=g) if head_w is not None else None
     return PromptFile(name=name, kind=kind, task=task, num_virtual_tokens=P, labels=list(labels), description="",

@@ -19,8 +19,7 @@ from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
 from app.engine.task_prompt import build_task_prompt
-from app.engine.weights import load_hf_directory
-from app.services import base_identity
+from app.engine.weights import base_identity, load_hf_directory
 from prompt_store.peft_import import import_peft_dir
 from tests.conftest import make_tiny_hf
 

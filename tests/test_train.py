@@ -178,7 +178,7 @@ def test_shipped_prompts_reach_their_recorded_heldout_scores(default_model, toke
 
 
 def test_shipped_prompt_files_are_small_and_for_the_default_model(default_model):
-    from app.train.trainer import base_identity
+    from app.engine.weights import base_identity
     from prompt_store.format import load_prompt_file, validate_prompt
 
     for name, task in (("chat", "generate"), ("ner", "tag"), ("spam", "classify")):

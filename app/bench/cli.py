@@ -58,6 +58,7 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
     import torch
 
     from app.bench import paged
+    from app.engine.weights import resolve_device, resolve_dtype
 
     if args.capacity:
         rows = [paged.run_capacity(paged.CapacityConfig()),
@@ -65,10 +66,8 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
                                                         dtype=torch.bfloat16, new=128))]
         print(paged.format_capacity(rows))
         return {"capacity": rows}
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     cfg = paged.SharedPrefixConfig(shape=args.shape, n=args.n, system_tokens=args.system_prompt_tokens, lo=args.lo,
                                    hi=args.hi, new=args.new, virtual=args.virtual, device=device, dtype=dtype,
                                    max_batched_tokens=args.max_batched_tokens, seed=args.seed)

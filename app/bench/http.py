@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from app.bench.measure import percentile
+from app.engine.weights import resolve_device
 
 log = logging.getLogger("softserve.bench")
 
@@ -233,8 +234,7 @@ def run_sweep(url: str | None, spawn: bool, levels: list[int], n: int, new: int,
                 await engine.shutdown(grace_s=0)
 
         asyncio.run(engine_sweep())
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(resolve_device(device))
     return dict(mode="http", url=url, spawned=spawn, server=health, new=new, lo=lo, hi=hi,
                 machine=dict(device=device_name(dev) if spawn else "see server", torch=torch.__version__),
                 levels=rows)

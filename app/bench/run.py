@@ -24,6 +24,7 @@ from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_f
 from app.config import DEFAULT_CACHE_DIR
 from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
+from app.engine.weights import resolve_device, resolve_dtype
 
 log = logging.getLogger("softserve.bench")
 
@@ -57,15 +58,10 @@ class BenchConfig:
             raise ValueError("need 1 <= --lo <= --hi")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return torch.device(resolve_device(self.device))
 
     def resolved_dtype(self) -> torch.dtype:
-        name = self.dtype
-        if name == "auto":
-            name = "bfloat16" if self.resolved_device().type == "cuda" else "float32"
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return resolve_dtype(self.dtype, str(self.resolved_device()))
 
 
 def summarize(results: list[RequestResult], wall: float, peak: PeakMemory | None) -> dict:

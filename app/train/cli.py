@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from app.config import Settings, add_setting_flags
+from prompt_store.format import KINDS, TASKS, Kind, Task
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,8 @@ def add_train_command(sub) -> None:
     p = sub.add_parser("train", help="learn a task prompt (and head) on a JSONL file; see docs/TRAINING.md")
     p.add_argument("data", type=Path, help="training data, JSON Lines")
     p.add_argument("--name", required=True, help="the prompt's name (the API's model id)")
-    p.add_argument("--task", choices=("generate", "tag", "classify"), help="default: inferred from the first line")
-    p.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
+    p.add_argument("--task", choices=TASKS, help="default: inferred from the first line")
+    p.add_argument("--kind", choices=KINDS, default=Kind.PROMPT.value,
                    help="prompt: shallow [P, hidden] embeddings; prefix: deep per-layer K,V (default: prompt)")
     p.add_argument("--virtual-tokens", type=int, default=20, help="P, the number of virtual tokens (default: 20)")
     p.add_argument("--out", type=Path, help="the prompt file to write (default: NAME.safetensors)")
@@ -66,7 +67,7 @@ def run_train(args, settings: Settings) -> int:
     import torch
 
     from app.engine.tokenizer import Tokenizer
-    from app.engine.weights import load_model, resolve_dtype
+    from app.engine.weights import load_model
     from app.train.data import DataError, bio_labels, infer_labels, load_examples, read_jsonl
     from app.train.trainer import TrainConfig, to_prompt_file, train
     from prompt_store.format import dump_prompt, validate_name
@@ -87,16 +88,13 @@ def run_train(args, settings: Settings) -> int:
         heldout_rows, rows = rows[:cut], rows[cut:]
     if args.labels:
         given = [x.strip() for x in args.labels.split(",") if x.strip()]
-        labels = bio_labels(given) if task == "tag" else sorted(set(given))
+        labels = bio_labels(given) if task == Task.TAG else sorted(set(given))
     else:
         labels = infer_labels(task, rows, args.data)  # from every training line, before --limit
     rows = rows[:args.limit]
     heldout_rows = heldout_rows[:args.heldout_limit]
 
-    device = settings.resolved_device()
-    dtype = resolve_dtype("float32" if settings.dtype == "auto" and device == "cpu"
-                          else "bfloat16" if settings.dtype == "auto" else settings.dtype)
-    loaded = load_model(settings.model, dtype, device, settings.cache_dir)
+    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device(), settings.cache_dir)
     tokenizer = Tokenizer(loaded.directory)
     train_set = load_examples(args.data, task, tokenizer, labels, args.max_length, rows=rows)
     heldout_path = args.heldout or args.data
@@ -129,11 +127,11 @@ def infer_task(row: dict, path: Path, line: int) -> str:
     from app.train.data import DataError
 
     if "messages" in row or "prompt" in row or "completion" in row:
-        return "generate"
+        return Task.GENERATE.value
     if "entities" in row:
-        return "tag"
+        return Task.TAG.value
     if "label" in row:
-        return "classify"
+        return Task.CLASSIFY.value
     raise DataError(f"{path}:{line}: cannot tell the task from this line (expected messages, prompt/completion, "
                     f"text+entities or text+label); pass --task")
 
