@@ -1,14 +1,14 @@
 """Prompt training: frozen base, lower held-out loss, prompts that serve as they trained, shipped scores, bad data."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from app.engine.engine import AsyncEngine, EngineConfig
+from app import LLM
+from app.engine.engine import EngineConfig
 from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
@@ -95,16 +95,9 @@ def test_a_step_gives_gradients_only_to_the_prompt_and_head(tiny, tokenizer):
 
 
 def engine_outputs(loaded, tokenizer, pf, requests):
-    engine = AsyncEngine(loaded.model, tokenizer, EngineConfig(max_seq_len=256, kv_cache_bytes=1 << 24))
-    engine.load_prompt(pf)
-    engine.start()
-    try:
-        async def go():
-            seqs = [engine.make_sequence(pf.name, ids, mode, params) for ids, mode, params in requests]
-            return await asyncio.gather(*(engine.run_to_end(s) for s in seqs))
-        return asyncio.run(go())
-    finally:
-        asyncio.run(engine.shutdown(1))
+    with LLM.from_model(loaded.model, tokenizer, EngineConfig(max_seq_len=256, kv_cache_bytes=1 << 24)) as llm:
+        llm.load_prompt(pf)
+        return llm.run([(pf.name, ids, mode, params) for ids, mode, params in requests])
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
