@@ -54,11 +54,6 @@ class TaskPrompt:
         return sanitize(logits).softmax(-1)
 
 
-class PrefixCounter:
-    """Counts forward passes over virtual tokens (a prefix must be computed once per prompt version)."""
-    passes = 0
-
-
 @torch.inference_mode()
 def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT-layout prompt_embeddings -> k, v each (layers, kv_heads, P, head_dim) on the model's device."""
@@ -67,7 +62,6 @@ def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[
     emb = embeddings.to(weight.device, weight.dtype)
     P = emb.shape[0]
     if kind == Kind.PROMPT:
-        PrefixCounter.passes += 1
         attention = DenseAttention(record=True)
         model(torch.arange(P, device=emb.device)[None], attention, embeds=emb[None])
         k = torch.stack([k[0] for k, _ in attention.recorded])
