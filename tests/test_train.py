@@ -279,7 +279,9 @@ def test_the_cli_trains_writes_a_valid_prompt_and_metrics(tiny, tmp_path, capsys
     assert pf.base.fingerprint == tiny.fingerprint and pf.head_weight.shape == (2, 64)
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["train_examples"] == 15 and metrics["heldout"]["examples"] == 5
-    assert 0 <= metrics["heldout"]["accuracy"] <= 1
+    accuracy = metrics["heldout"]["accuracy"]
+    assert accuracy * 5 == round(accuracy * 5)  # a share of the 5 held-out messages
+    assert f"accuracy={accuracy:.4f}" in capsys.readouterr().out  # what the command printed
 
 
 def test_push_uploads_the_file_with_the_admin_token(monkeypatch):
