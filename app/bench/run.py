@@ -108,6 +108,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    """The workload through softserve's engine, then through the peer, then the decode bound and memory."""
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     load_before = os.getloadavg()
     log.info("building %s on %s (%s)", cfg.shape, device, dtype)
@@ -117,7 +118,34 @@ def run_bench(cfg: BenchConfig) -> dict:
     warm = workload(min(6, cfg.n), args.vocab_size, cfg.lo, cfg.hi, cfg.seed + 1000)
     tensors = prompt_tensors(args, cfg.virtual)
 
-    # ---- softserve ----
+    ours, ours_results, per_prompt, prompt_load_s = _run_softserve(cfg, models, tensors, reqs, warm, device)
+    _free(device)  # the peer runs without our KV cache beside it
+    peer, agree = None, None
+    if not cfg.skip_peer:
+        peer, peer_results = _run_peer(cfg, models, tensors, reqs, warm, device, dtype)
+        agree = agreement(ours_results, peer_results, AGREE_K)
+    bound, memory = _bound_and_memory(cfg, models, device, dtype, ours, per_prompt)
+
+    result = dict(
+        config={**asdict(cfg), "cache_dir": str(cfg.cache_dir), "device": str(device), "dtype": str(dtype).split(".")[-1]},
+        machine=dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                     loadavg_1m_before=load_before[0], loadavg_1m_after=os.getloadavg()[0]),
+        model=dict(name=models.name, shape=cfg.shape, fingerprint=models.fingerprint,
+                   weight_bytes=memory["weight_bytes"]),
+        workload=dict(tasks={t: TASK_KINDS[t] for t in tensors}, prompt_tokens=sum(len(r.token_ids) for r in reqs),
+                      mean_prompt_len=sum(len(r.token_ids) for r in reqs) / len(reqs), prompt_load_s=prompt_load_s),
+        softserve=ours, peer=peer,
+        ratio=None if peer is None else ours["tok_s"] / peer["tok_s"],
+        agreement=agree, bound=bound, memory=memory,
+    )
+    del models
+    _free(device)
+    return result
+
+
+def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
+    """A warm-up, then the workload through one engine; (summary, per-request results, bytes per prompt,
+    prompt load seconds)."""
     from app.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(models.directory) if models.directory is not None else NullTokenizer()
@@ -158,30 +186,31 @@ def run_bench(cfg: BenchConfig) -> dict:
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
-    del engine, task_prompts, timer  # the peer runs without our KV cache beside it
-    _free(device)
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
+    return ours, ours_results, per_prompt, prompt_load_s
 
-    # ---- peer ----
-    peer, agree = None, None
-    if not cfg.skip_peer:
-        peer_prompts = {t: x.to(device, dtype) for t, x in tensors.items()}
-        if cfg.warmup:
-            run_peer(models.hf, peer_prompts, warm, 4, cfg.batch)
-        bar, update = _progress(cfg.n, "peer", cfg.progress)
-        with PeakMemory(device) as peer_peak:
-            peer_results, peer_wall, split = run_peer(models.hf, peer_prompts, reqs, cfg.new, cfg.batch, update)
-        if bar:
-            bar.close()
-        peer = summarize(peer_results, peer_wall, peer_peak)
-        peer["split"] = split
-        agree = agreement(ours_results, peer_results, AGREE_K)
-        log.info("peer: %.1f tokens/s in %.1f s", peer["tok_s"], peer_wall)
 
-    # ---- the bound and the memory per prompt ----
+def _run_peer(cfg: BenchConfig, models, tensors, reqs, warm, device, dtype):
+    """A warm-up, then the workload through HF generate() per task group; (summary, per-request results)."""
+    peer_prompts = {t: x.to(device, dtype) for t, x in tensors.items()}
+    if cfg.warmup:
+        run_peer(models.hf, peer_prompts, warm, 4, cfg.batch)
+    bar, update = _progress(cfg.n, "peer", cfg.progress)
+    with PeakMemory(device) as peer_peak:
+        peer_results, peer_wall, split = run_peer(models.hf, peer_prompts, reqs, cfg.new, cfg.batch, update)
+    if bar:
+        bar.close()
+    peer = summarize(peer_results, peer_wall, peer_peak)
+    peer["split"] = split
+    log.info("peer: %.1f tokens/s in %.1f s", peer["tok_s"], peer_wall)
+    return peer, peer_results
+
+
+def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, per_prompt: dict) -> tuple[dict, dict]:
+    """The decode bound from measured copy bandwidth (and ours' share of it); the memory per prompt."""
     bandwidth = copy_bandwidth(device)
     weights = model_bytes(models.ours)
-    kv_per_token = KVCache.bytes_per_token(args, dtype)
+    kv_per_token = KVCache.bytes_per_token(models.args, dtype)
     mean_context = cfg.virtual + (cfg.lo + cfg.hi) / 2 + cfg.new / 2
     bound = decode_bound(bandwidth, weights, kv_per_token, cfg.n, mean_context,
                          matmul_flops(device, dtype), flops_per_token(models.ours, mean_context))
@@ -193,21 +222,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     memory = dict(device_total_bytes=total, weight_bytes=weights, kv_cache_bytes=ours["kv_cache_bytes"],
                   bytes_per_prompt={f"{n} ({TASK_KINDS[n]})": b for n, b in per_prompt.items()},
                   prompts_fit=max(0, room) // max(per_prompt.values()))
-
-    result = dict(
-        config={**asdict(cfg), "cache_dir": str(cfg.cache_dir), "device": str(device), "dtype": str(dtype).split(".")[-1]},
-        machine=dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                     loadavg_1m_before=load_before[0], loadavg_1m_after=os.getloadavg()[0]),
-        model=dict(name=models.name, shape=cfg.shape, fingerprint=models.fingerprint, weight_bytes=weights),
-        workload=dict(tasks={t: TASK_KINDS[t] for t in tensors}, prompt_tokens=sum(len(r.token_ids) for r in reqs),
-                      mean_prompt_len=sum(len(r.token_ids) for r in reqs) / len(reqs), prompt_load_s=prompt_load_s),
-        softserve=ours, peer=peer,
-        ratio=None if peer is None else ours["tok_s"] / peer["tok_s"],
-        agreement=agree, bound=bound, memory=memory,
-    )
-    del models
-    _free(device)
-    return result
+    return bound, memory
 
 
 def _free(device: torch.device) -> None:
