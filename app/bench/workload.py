@@ -1,7 +1,7 @@
 """The benchmark's inputs: model shapes, the three task prompts, and the mixed request stream.
 
-Shapes, prompt tensors and the request stream follow shared/bench/peer_baseline.py (SHAPES,
-make_prompts with seed 7, workload with seed 1), so numbers here compare with the peer script's.
+Shapes, prompt tensors and the request stream follow the shared peer script, peer_baseline.py, kept beside the repository
+(SHAPES, make_prompts with seed 7, workload with seed 1), so numbers here compare with the peer script's.
 Both sides always run identical weights: random shapes build one HF LlamaForCausalLM (seed 0) and
 our Transformer takes the very same tensors (no copy, nothing written to disk).
 """
