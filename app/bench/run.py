@@ -240,8 +240,20 @@ def _fmt(x, unit="", digits=2) -> str:
 
 
 def format_table(r: dict) -> str:
+    """The result as the table softserve bench prints: a header, softserve vs peer, then notes."""
+    return "\n".join([_header(r), "", *_comparison(r), "", *_notes(r), _bound_line(r), _memory_line(r)])
+
+
+def _header(r: dict) -> str:
+    c = r["config"]
+    return (f"softserve bench: {r['model']['name']} ({c['shape']}), {r['machine']['device']}, {c['dtype']}; "
+            f"{c['n']} requests over {len(r['workload']['tasks'])} tasks "
+            f"({', '.join(f'{t}={k}' for t, k in r['workload']['tasks'].items())}, {c['virtual']} virtual tokens), "
+            f"prompts {c['lo']}-{c['hi']} tokens (mean {r['workload']['mean_prompt_len']:.0f}), {c['new']} new each")
+
+
+def _comparison(r: dict) -> list[str]:
     ours, peer = r["softserve"], r["peer"] or {}
-    c, mach = r["config"], r["machine"]
     ratio = lambda a, b, inv=False: "-" if not a or not b else f"{(b / a if inv else a / b):.2f}x"  # noqa: E731
     rows = [
         ("tokens/s", "tok_s", 1, False),
@@ -253,12 +265,7 @@ def format_table(r: dict) -> str:
         ("first token p99 (s)", "ttft_p99_s", 2, True),
         ("wall (s)", "wall_s", 2, True),
     ]
-    lines = [f"softserve bench: {r['model']['name']} ({c['shape']}), {r['machine']['device']}, {c['dtype']}; "
-             f"{c['n']} requests over {len(r['workload']['tasks'])} tasks "
-             f"({', '.join(f'{t}={k}' for t, k in r['workload']['tasks'].items())}, {c['virtual']} virtual tokens), "
-             f"prompts {c['lo']}-{c['hi']} tokens (mean {r['workload']['mean_prompt_len']:.0f}), {c['new']} new each",
-             "",
-             "| metric | softserve | peer (HF generate per task) | softserve vs peer |",
+    lines = ["| metric | softserve | peer (HF generate per task) | softserve vs peer |",
              "|---|---:|---:|---:|"]
     for label, key, digits, lower_better in rows:
         lines.append(f"| {label} | {_fmt(ours.get(key), digits=digits)} | {_fmt(peer.get(key), digits=digits)} | "
@@ -266,9 +273,14 @@ def format_table(r: dict) -> str:
     lines.append(f"| peak memory (MiB) | {_fmt(ours.get('peak_memory_bytes'), 'MiB')} | "
                  f"{_fmt(peer.get('peak_memory_bytes'), 'MiB')} | |")
     lines.append(f"| generated tokens | {ours['generated_tokens']} | {peer.get('generated_tokens', '-')} | |")
-    lines.append("")
-    lines.append(f"machine load (1-min average) before / after: {mach['loadavg_1m_before']:.1f} / "
-                 f"{mach['loadavg_1m_after']:.1f} on {os.cpu_count()} CPUs")
+    return lines
+
+
+def _notes(r: dict) -> list[str]:
+    """Machine load, the ratio and greedy agreement, CUDA graphs, the split of steps on both sides."""
+    ours, peer, c, mach = r["softserve"], r["peer"], r["config"], r["machine"]
+    lines = [f"machine load (1-min average) before / after: {mach['loadavg_1m_before']:.1f} / "
+             f"{mach['loadavg_1m_after']:.1f} on {os.cpu_count()} CPUs"]
     if r["ratio"] is not None:
         lines.append(f"ratio (tokens/s): {r['ratio']:.2f}x")
         a = r["agreement"]
@@ -278,7 +290,7 @@ def format_table(r: dict) -> str:
     if ours["decode_graphs"]:
         lines.append(f"softserve decode steps replay {ours['decode_graphs']} CUDA graphs captured at engine start "
                      f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
-    elif r["config"]["device"].startswith("cuda"):
+    elif c["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
     s = ours["steps"]
     lines.append(f"softserve steps: {s['prefill_steps']} with prefill ({s['prefill_tokens']} tokens, "
@@ -288,21 +300,27 @@ def format_table(r: dict) -> str:
         p = peer["split"]
         lines.append(f"peer: {p['batches']} generate() batches; first step (prefill) {p['prefill_s']:.2f} s, "
                      f"decode {p['decode_s']:.2f} s")
-    b = r["bound"]
+    return lines
+
+
+def _bound_line(r: dict) -> str:
+    ours, b = r["softserve"], r["bound"]
     compute = (f"; compute: {b['matmul_tflops'] * 1e3:,.0f} GFLOP/s matmul / {b['flops_per_token'] / 1e6:,.1f} MFLOP "
                f"per token = {b['compute_bound_tok_s']:,.0f} tokens/s" if "compute_bound_tok_s" in b else "")
-    lines.append(f"decode bound: memory: copy bandwidth {b['bandwidth_gb_s']:.1f} GB/s / {b['step_bytes'] / 1e6:,.0f} MB "
-                 f"per step (weights + KV of {b['batch']} rows at mean context {b['mean_context']:.0f}) x "
-                 f"{b['batch']} = {b['memory_bound_tok_s']:,.0f} tokens/s{compute}; bound {b['bound_tok_s']:,.0f} "
-                 f"tokens/s ({b['limited_by']}); softserve reaches {100 * b['share_overall']:.1f}% "
-                 f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
-                               f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else ""))
+    return (f"decode bound: memory: copy bandwidth {b['bandwidth_gb_s']:.1f} GB/s / {b['step_bytes'] / 1e6:,.0f} MB "
+            f"per step (weights + KV of {b['batch']} rows at mean context {b['mean_context']:.0f}) x "
+            f"{b['batch']} = {b['memory_bound_tok_s']:,.0f} tokens/s{compute}; bound {b['bound_tok_s']:,.0f} "
+            f"tokens/s ({b['limited_by']}); softserve reaches {100 * b['share_overall']:.1f}% "
+            f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
+                          f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else ""))
+
+
+def _memory_line(r: dict) -> str:
     m = r["memory"]
     per = ", ".join(f"{k}: {v / 1024:,.0f} KiB" for k, v in m["bytes_per_prompt"].items())
-    lines.append(f"memory per registered prompt: {per}; beside the model ({m['weight_bytes'] / (1 << 20):,.0f} MiB) "
-                 f"and the KV cache ({m['kv_cache_bytes'] / (1 << 20):,.0f} MiB), "
-                 f"{m['device_total_bytes'] / (1 << 30):,.1f} GiB holds {m['prompts_fit']:,} prompts")
-    return "\n".join(lines)
+    return (f"memory per registered prompt: {per}; beside the model ({m['weight_bytes'] / (1 << 20):,.0f} MiB) "
+            f"and the KV cache ({m['kv_cache_bytes'] / (1 << 20):,.0f} MiB), "
+            f"{m['device_total_bytes'] / (1 << 30):,.1f} GiB holds {m['prompts_fit']:,} prompts")
 
 
 def write_json(result: dict, path: Path) -> Path:
