@@ -1,14 +1,20 @@
 """Every setting in one object, read from SOFTSERVE_* environment variables and overridden by CLI flags.
 
 The README's settings table lists the same fields; `Settings` is passed down, never read globally.
+The command line builds it once (`Settings()` reads the environment), then `with_flags` applies the flags.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from prompt_store.format import MAX_VIRTUAL_TOKENS
+
+DEFAULT_CACHE_DIR = Path("~/.cache/softserve").expanduser()
 
 
 class Settings(BaseSettings):
@@ -23,7 +29,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="the base model's id in /v1/models and `model`; unset: its hub id (the default model's, "
                           "or a directory's config `_name_or_path`), else the folder name")
-    cache_dir: Path = Field(Path("~/.cache/softserve"), description="where the default model is fetched and GGUF files are converted")
+    cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the default model is fetched and GGUF files are converted")
     # the server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -35,7 +41,7 @@ class Settings(BaseSettings):
     example_prompts_dir: Path = Field(Path(__file__).resolve().parents[1] / "examples" / "prompts",
                                       description="where the shipped example prompt files are")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
-    max_virtual_tokens: int = Field(512, ge=1)
+    max_virtual_tokens: int = Field(MAX_VIRTUAL_TOKENS, ge=1)
     # the engine
     max_seq_len: int = Field(2048, ge=16, description="positions per request: virtual tokens + input + max_tokens")
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
@@ -69,13 +75,48 @@ class Settings(BaseSettings):
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def resolved_device(self) -> str:
-        import torch
+        from app.engine.weights import resolve_device
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return resolve_device(self.device)
 
-    def resolved_dtype(self) -> str:
-        if self.dtype == "auto":
-            return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
-        return self.dtype
+    def resolved_dtype(self):
+        """The torch dtype of the weights and the KV cache."""
+        from app.engine.weights import resolve_dtype
+
+        return resolve_dtype(self.dtype, self.resolved_device())
+
+    def with_flags(self, args: argparse.Namespace, **extra) -> Settings:
+        """These settings with the flags that were given (and `extra`) on top, validated like the environment."""
+        overrides = {field: getattr(args, field) for field, _ in FLAGS.values() if getattr(args, field, None) is not None}
+        return Settings.model_validate({**self.model_dump(), **overrides, **extra})
+
+
+FLAGS = {  # flag -> (Settings field, help); the values are validated by Settings, as the environment's are
+    "--model": ("model", "'default', an HF model directory, or a .gguf file"),
+    "--dtype": ("dtype", "auto | float32 | bfloat16 | float16"),
+    "--device": ("device", "auto | cpu | cuda | cuda:N"),
+    "--host": ("host", "address to listen on"),
+    "--port": ("port", "port to listen on"),
+    "--cache-dir": ("cache_dir", "where the default model is fetched and GGUF files converted"),
+    "--prompt-store": ("prompt_store", "the prompt registry's folder"),
+    "--max-seq-len": ("max_seq_len", "positions per request"),
+    "--kv-cache-gb": ("kv_cache_gb", "KV cache budget in GiB"),
+    "--log-level": ("log_level", "debug | info | warning | error"),
+}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, names=tuple(FLAGS)) -> None:
+    for flag in names:
+        field, help_text = FLAGS[flag]
+        parser.add_argument(flag, dest=field, default=None, help=f"{help_text} (env SOFTSERVE_{field.upper()})")
+
+
+def describe(error: ValidationError) -> str:
+    """A validation error as one line that names the flag and the environment variable."""
+    flags = {field: flag for flag, (field, _) in FLAGS.items()}
+    parts = []
+    for e in error.errors():
+        field = ".".join(map(str, e["loc"]))
+        where = " / ".join(filter(None, (flags.get(field), f"SOFTSERVE_{field.upper()}")))
+        parts.append(f"{field} ({where}): {e['msg']}, got {e['input']!r}")
+    return "bad setting: " + "; ".join(parts)

@@ -11,8 +11,8 @@ from app.config import Settings
 from app.encoder import TextEncoder
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.tokenizer import Tokenizer
-from app.engine.weights import LoadedModel, load_model, resolve_dtype
-from prompt_store.format import BaseIdentity, PromptFile, load_prompt_file
+from app.engine.weights import LoadedModel, base_identity, load_model
+from prompt_store.format import PromptFile, load_prompt_file
 from prompt_store.registry import PromptRegistry
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ def kv_cache_bytes(settings: Settings, device: str) -> int:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free * 0.9)
     return CPU_KV_CACHE_BYTES
-
-
-def base_identity(loaded: LoadedModel) -> BaseIdentity:
-    a = loaded.args
-    return BaseIdentity(a.architecture, a.hidden_size, a.num_layers, a.num_kv_heads, a.head_dim, a.vocab_size,
-                        loaded.fingerprint)
 
 
 def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
@@ -83,7 +77,7 @@ def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
 
 def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
-    loaded = load_model(settings.model, resolve_dtype(settings.resolved_dtype()), device, settings.cache_dir)
+    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir)
     tokenizer = Tokenizer(loaded.directory)
     max_seq_len = min(settings.max_seq_len, loaded.args.max_context)
     config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
@@ -98,6 +92,6 @@ def load_services(settings: Settings) -> Services:
         add_example_prompts(registry, settings.example_prompts_dir)
     connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d", loaded.name, device,
-             settings.resolved_dtype(), engine.blocks.num_usable, settings.block_size, max_seq_len)
+             str(settings.resolved_dtype()).removeprefix("torch."), engine.blocks.num_usable, settings.block_size, max_seq_len)
     return Services(settings, loaded, tokenizer, engine, registry,
                     TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads))

@@ -1,16 +1,13 @@
 """`softserve prompts ...`: list, show, remove and import prompts in a store folder.
 
-app/cli.py wires it up:
-    add_prompt_commands(subparsers)
-    ...
-    if args.command == "prompts": return run_prompts_command(args, base_loader)
+app/cli.py wires it up: add_prompt_commands(subparsers), then run_prompts_command(args, base_loader) with
+args.store set (to --store, else the server's store folder, Settings.prompt_store).
 base_loader() is called only by commands that write (import-peft): reading a store needs no model.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 
@@ -18,17 +15,12 @@ from prompt_store.format import BaseIdentity, PromptFormatError
 from prompt_store.peft_import import import_peft_dir
 from prompt_store.registry import PromptExists, PromptNotFound, PromptRegistry
 
-DEFAULT_STORE = "prompt_store_data"
-STORE_ENV = "SOFTSERVE_PROMPT_STORE"
 
-
-def add_prompt_commands(subparsers: argparse._SubParsersAction, default_store: str | None = None
-                        ) -> argparse.ArgumentParser:
+def add_prompt_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # --store on every subcommand, so it may be given after the subcommand name as users expect
-    default_store = default_store or os.environ.get(STORE_ENV, DEFAULT_STORE)
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument("--store", default=default_store,
-                       help=f"prompt store folder (default: ${STORE_ENV}, else {default_store})")
+    store.add_argument("--store", default=None,
+                       help="prompt store folder (default: the server's, SOFTSERVE_PROMPT_STORE)")
 
     prompts = subparsers.add_parser("prompts", help="manage the task prompts in a prompt store")
     actions = prompts.add_subparsers(dest="prompts_action", required=True)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,24 @@ import safetensors.torch
 import torch
 
 FORMAT_VERSION = 1
-KINDS = ("prompt", "prefix")
-TASKS = ("generate", "tag", "classify")
+MAX_VIRTUAL_TOKENS = 512  # the default limit; a server may lower or raise it (SOFTSERVE_MAX_VIRTUAL_TOKENS)
+
+
+class Task(StrEnum):
+    """What a prompt serves; a str, so `task == "tag"`, f-strings and JSON keep working."""
+    GENERATE = "generate"
+    TAG = "tag"
+    CLASSIFY = "classify"
+
+
+class Kind(StrEnum):
+    """A shallow prompt (input embeddings) or a deep prefix (per-layer K,V)."""
+    PROMPT = "prompt"
+    PREFIX = "prefix"
+
+
+KINDS = tuple(kind.value for kind in Kind)
+TASKS = tuple(task.value for task in Task)
 RESERVED_NAMES = ("base",)  # "base" addresses the bare model in the API
 # Matched with fullmatch: `$` alone would accept a trailing newline ("evil\n" -> a folder named so).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -34,6 +51,14 @@ META_PREFIX = "softserve."
 
 # torch.save writes a zip archive (new format) or a bare pickle stream (legacy / protocol >= 2).
 PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def embedding_width(kind: str, shape) -> int:
+    """Width of one row of prompt_embeddings for a model `shape` (a BaseIdentity or the engine's ModelArgs):
+    a shallow prompt is hidden_size wide, a deep prefix holds K and V for every layer (PEFT layout)."""
+    if kind == Kind.PROMPT:
+        return shape.hidden_size
+    return shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim
 
 
 class PromptFormatError(ValueError):
@@ -51,11 +76,6 @@ class BaseIdentity:
     head_dim: int
     vocab_size: int
     fingerprint: str
-
-    @property
-    def prefix_width(self) -> int:
-        """Width of one deep-prompt row: K and V for every layer, PEFT layout."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,7 +168,7 @@ def validate_name(name: str) -> None:
         raise PromptFormatError(f"prompt name {name!r} is reserved")
 
 
-def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_tokens: int = 512) -> None:
+def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_tokens: int = MAX_VIRTUAL_TOKENS) -> None:
     """Raise PromptFormatError naming the first problem. With base=None the base-dependent checks are skipped."""
     validate_name(pf.name)
     if pf.kind not in KINDS:
@@ -188,9 +208,9 @@ def _validate_width(pf: PromptFile, base: BaseIdentity) -> None:
         raise PromptFormatError(
             f"shallow prompt_embeddings must be {base.hidden_size} wide (hidden_size), got {width}"
         )
-    if pf.kind == "prefix" and width != base.prefix_width:
+    if pf.kind == "prefix" and width != embedding_width(Kind.PREFIX, base):
         raise PromptFormatError(
-            f"prefix prompt_embeddings must be {base.prefix_width} wide "
+            f"prefix prompt_embeddings must be {embedding_width(Kind.PREFIX, base)} wide "
             f"(num_layers*2*num_kv_heads*head_dim = {base.num_layers}*2*{base.num_kv_heads}*{base.head_dim}), "
             f"got {width}"
         )

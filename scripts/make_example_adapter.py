@@ -7,13 +7,13 @@ instruction (PEFT's TEXT init) and are not trained: it shows the upload path, it
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from app.config import Settings
 from app.engine.weights import fetch_default_model
 
 INSTRUCTION = "Answer in one short sentence."
@@ -21,7 +21,7 @@ OUT = Path(__file__).resolve().parents[1] / "examples" / "peft" / "concise"
 
 
 def main() -> None:
-    model_dir = fetch_default_model(Path(os.environ.get("SOFTSERVE_CACHE_DIR", "~/.cache/softserve")).expanduser())
+    model_dir = fetch_default_model(Settings().cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(tokenizer(INSTRUCTION)["input_ids"]),
                                 prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=INSTRUCTION,

@@ -1,16 +1,16 @@
 """Shared fixtures: the default model (fetched once into the cache), tiny random Llama/Qwen2 checkpoints."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from app.config import Settings
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_hf_directory, load_model
 
-CACHE_DIR = Path(os.environ.get("SOFTSERVE_CACHE_DIR", Path.home() / ".cache" / "softserve")).expanduser()
+CACHE_DIR = Settings().cache_dir  # SOFTSERVE_CACHE_DIR, else the default
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512)

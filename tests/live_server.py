@@ -17,11 +17,14 @@ from pathlib import Path
 
 import httpx
 
+from app.config import Settings
+from prompt_store.format import embedding_width
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def model_cache_dir() -> str:
-    return os.environ.get("SOFTSERVE_CACHE_DIR") or str(Path("~/.cache/softserve").expanduser())
+    return str(Settings().cache_dir)
 
 
 def free_port() -> int:
@@ -119,7 +122,7 @@ def make_prompt_bytes(base: dict, name: str, task: str = "generate", kind: str =
 
     identity = BaseIdentity.from_dict(base)
     g = torch.Generator().manual_seed(seed)
-    width = identity.hidden_size if kind == "prompt" else identity.prefix_width
+    width = embedding_width(kind, identity)
     labels = list(labels)
     with_head = task == "tag" or (task == "classify" and head)
     pf = PromptFile(

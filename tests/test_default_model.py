@@ -2,14 +2,11 @@
 transformers' greedy tokens for the same prompt, with transformers reading the GGUF itself."""
 from __future__ import annotations
 
-import asyncio
-
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.engine.engine import AsyncEngine, EngineConfig
-from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
+from app import LLM
+from app.engine.engine import EngineConfig
 from app.engine.weights import DEFAULT_GGUF
 
 
@@ -26,17 +23,8 @@ def test_greedy_matches_transformers_reading_the_gguf(default_model, tokenizer, 
     questions = ["What is the capital of France?", "Give me two tips for sleeping well.", "Spell 'cat' backwards."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
 
-    async def ours():
-        engine = AsyncEngine(default_model.model, tokenizer, EngineConfig(max_seq_len=256, kv_cache_bytes=1 << 28))
-        engine.start()
-        try:  # all three in one batch
-            seqs = [engine.make_sequence(None, ids, Mode.GENERATE, SamplingParams(max_tokens=24, temperature=0))
-                    for ids in prompts]
-            return await asyncio.gather(*(engine.run_to_end(s) for s in seqs))
-        finally:
-            await engine.shutdown(1)
-
-    outputs = asyncio.run(ours())
+    with LLM.from_model(default_model.model, tokenizer, EngineConfig(max_seq_len=256, kv_cache_bytes=1 << 28)) as llm:
+        outputs = llm.generate(prompts, max_tokens=24, temperature=0)  # all three in one batch
     for ids, out in zip(prompts, outputs):
         want = reference.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
         got = [t.token_id for t in out.tokens]

@@ -11,9 +11,9 @@ import torch
 from app.engine.engine import AsyncEngine, EngineConfig, InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
-from app.engine.task_prompt import PrefixCounter
-from app.services import base_identity
-from prompt_store.format import PromptFile
+from app.engine import task_prompt
+from app.engine.weights import base_identity
+from prompt_store.format import PromptFile, embedding_width
 
 P = 5
 
@@ -21,7 +21,7 @@ P = 5
 def make_prompt(loaded, name, kind, task, labels=(), head=True, seed=0) -> PromptFile:
     a = loaded.args
     g = torch.Generator().manual_seed(seed)
-    width = a.hidden_size if kind == "prompt" else a.num_layers * 2 * a.kv_width
+    width = embedding_width(kind, a)
     head_w = torch.randn(len(labels), a.hidden_size, generator=g) if labels and head else None
     head_b = torch.randn(len(labels), generator=g) if head_w is not None else None
     return PromptFile(name=name, kind=kind, task=task, num_virtual_tokens=P, labels=list(labels), description="",
@@ -244,17 +244,20 @@ def test_chunked_prefill_gives_the_unchunked_result(tiny_llama, tokenizer, promp
         assert_same(a, b)
 
 
-def test_a_prefix_is_computed_once_and_a_request_keeps_its_version(tiny_llama, tokenizer, prompts):
+def test_a_prefix_is_computed_once_and_a_request_keeps_its_version(tiny_llama, tokenizer, prompts, monkeypatch):
     _, loaded = tiny_llama
+    passes = []  # forward passes over virtual tokens
+    compute = task_prompt.prefix_kv
+    monkeypatch.setattr(task_prompt, "prefix_kv", lambda *a: passes.append(1) or compute(*a))
     v1 = dataclasses.replace(prompts[0], version=1)
     v2 = dataclasses.replace(make_prompt(loaded, "shallow", "prompt", "generate", seed=77), version=2)
     engine = new_engine(loaded, tokenizer, [])
     try:
-        before = PrefixCounter.passes
+        before = len(passes)
         engine.load_prompt(v1)
         request = ("shallow", ids(6, 5), Mode.GENERATE, greedy(8))
         alone_v1 = run(engine, [request] * 3)[0]
-        assert PrefixCounter.passes == before + 1  # three requests, one pass over the virtual tokens
+        assert len(passes) == before + 1  # three requests, one pass over the virtual tokens
 
         async def replaced_while_admitted():
             seq = engine.make_sequence(*request)  # resolves v1

@@ -7,20 +7,18 @@ and head probabilities for SEQ_CLS / TOKEN_CLS.
 """
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-from app.engine.engine import AsyncEngine, EngineConfig
+from app import LLM
+from app.engine.engine import EngineConfig
 from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
 from app.engine.task_prompt import build_task_prompt
-from app.engine.weights import load_hf_directory
-from app.services import base_identity
+from app.engine.weights import base_identity, load_hf_directory
 from prompt_store.peft_import import import_peft_dir
 from tests.conftest import make_tiny_hf
 
@@ -38,17 +36,10 @@ CAUSAL_CONFIGS = {
 
 def run_engine(loaded, tokenizer, prompt_files, requests, max_seq_len=256):
     """requests: (prompt name | None, token ids, mode, SamplingParams) -> Outputs, all submitted together."""
-    async def go():
-        engine = AsyncEngine(loaded.model, tokenizer, EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=1 << 26))
+    with LLM.from_model(loaded.model, tokenizer, EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=1 << 26)) as llm:
         for pf in prompt_files:
-            engine.load_prompt(pf)
-        engine.start()
-        try:
-            seqs = [engine.make_sequence(name, ids, mode, params) for name, ids, mode, params in requests]
-            return await asyncio.gather(*(engine.run_to_end(s) for s in seqs))
-        finally:
-            await engine.shutdown(1)
-    return asyncio.run(go())
+            llm.load_prompt(pf)
+        return llm.run(requests)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from prompt_store import (
     validate_prompt,
 )
 from prompt_store import registry as registry_module
+from prompt_store.format import embedding_width
 from prompt_store.registry import VersionConflict
 
 # The tiny Llama of the PEFT tests: hidden 64, 2 layers, 2 KV heads of 16.
@@ -37,7 +38,7 @@ BASE = BaseIdentity("llama", 64, 2, 2, 16, 128, "llama-tiny-fingerprint")
 
 
 def make_prompt(name="task", kind="prompt", task="generate", P=4, labels=(), head=False, bias=False, base=BASE):
-    width = base.hidden_size if kind == "prompt" else base.prefix_width
+    width = embedding_width(kind, base)
     n = len(labels)
     return PromptFile(
         name=name,

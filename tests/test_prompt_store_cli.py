@@ -1,4 +1,4 @@
-"""`softserve prompts list | show | rm | import-peft`, driven through argparse as app/cli.py will."""
+"""`softserve prompts list | show | rm | import-peft`, driven through argparse as app/cli.py does."""
 
 import argparse
 import json
@@ -6,6 +6,7 @@ import json
 import safetensors.torch
 import torch
 
+from app.config import Settings
 from prompt_store import BaseIdentity
 from prompt_store.cli import add_prompt_commands, run_prompts_command
 
@@ -15,7 +16,9 @@ BASE = BaseIdentity("llama", 64, 2, 2, 16, 128, "llama-tiny-fingerprint")
 def run(argv, capsys, base_loader=lambda: BASE):
     parser = argparse.ArgumentParser(prog="softserve")
     add_prompt_commands(parser.add_subparsers(dest="command", required=True))
-    code = run_prompts_command(parser.parse_args(argv), base_loader)
+    args = parser.parse_args(argv)
+    args.store = args.store or Settings().prompt_store  # as app/cli.py does
+    code = run_prompts_command(args, base_loader)
     out, err = capsys.readouterr()
     return code, out, err
 

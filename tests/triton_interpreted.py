@@ -2,7 +2,7 @@
 because the interpreter is chosen when a kernel is defined. Exits non-zero with a message on a mismatch.
 
 fp32 only: the interpreter's tl.dot gives garbage for bf16 inputs (a limitation of the interpreter; on a
-GPU the engine checks bf16 against SDPA at start-up, and scripts/gpu_check.py checks the engine)."""
+GPU the engine checks bf16 against SDPA at start-up, and tests/test_cuda.py checks the engine)."""
 from __future__ import annotations
 
 import sys

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
+
+from app.config import Settings, add_setting_flags
 
 log = logging.getLogger("softserve.bench")
 
@@ -33,8 +34,7 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every engine step eagerly (to measure the graphs)")
     p.add_argument("--decode-attention", default="auto", choices=("auto", "triton", "sdpa"),
                    help="decode attention in the CUDA graphs (auto: the Triton kernel where it works)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where the default model lives (env SOFTSERVE_CACHE_DIR, else ~/.cache/softserve)")
+    add_setting_flags(p, ("--cache-dir",))
     http = p.add_mutually_exclusive_group()
     http.add_argument("--http", metavar="URL", help="sweep a running server on a loopback address")
     http.add_argument("--http-spawn", action="store_true", help="start `softserve serve` on a free loopback port, "
@@ -58,6 +58,7 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
     import torch
 
     from app.bench import paged
+    from app.engine.weights import resolve_device, resolve_dtype
 
     if args.capacity:
         rows = [paged.run_capacity(paged.CapacityConfig()),
@@ -65,10 +66,8 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
                                                         dtype=torch.bfloat16, new=128))]
         print(paged.format_capacity(rows))
         return {"capacity": rows}
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if args.device == "auto" else args.device)
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     cfg = paged.SharedPrefixConfig(shape=args.shape, n=args.n, system_tokens=args.system_prompt_tokens, lo=args.lo,
                                    hi=args.hi, new=args.new, virtual=args.virtual, device=device, dtype=dtype,
                                    max_batched_tokens=args.max_batched_tokens, seed=args.seed)
@@ -77,17 +76,11 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
     return result
 
 
-def default_cache_dir() -> Path:
-    from app.config import Settings
-
-    return Settings().cache_dir
-
-
-def cmd_bench(args) -> int:
+def cmd_bench(args, settings: Settings) -> int:
+    """--device and --dtype are the bench's own (default auto); the model cache is the server's setting."""
     from app.bench.run import BenchConfig, format_table, write_json
 
-    cache_dir = args.cache_dir or (Path(os.environ["SOFTSERVE_CACHE_DIR"]).expanduser()
-                                   if os.environ.get("SOFTSERVE_CACHE_DIR") else default_cache_dir())
+    cache_dir = settings.cache_dir
     path = args.json or Path("bench_results") / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.stored_prompts:
         from app.bench.many_prompts import format_many_prompts, run_many_prompts

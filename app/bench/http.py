@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from app.bench.measure import percentile
+from app.engine.weights import resolve_device
 
 log = logging.getLogger("softserve.bench")
 
@@ -199,45 +200,57 @@ def run_sweep(url: str | None, spawn: bool, levels: list[int], n: int, new: int,
             url = server.url
             log.info("starting softserve serve on %s", url)
         url = check_loopback(url)
-        if server is not None:
-            health = server.wait_ready()
-        else:
-            import httpx
-
-            health = httpx.get(url + "/health", timeout=10).json()
-        rows = []
-        asyncio.run(sweep_http(url, texts[:2], 2, 1))  # warm-up
-        for c in levels:
-            m = max(n, c)
-            log.info("HTTP: %d requests, %d concurrent", m, c)
-            rows.append(dict(concurrency=c, requests=m, api=asyncio.run(sweep_http(url, texts[:m], new, c))))
+        health = server.wait_ready() if server is not None else _health(url)
+        rows = _sweep_server(url, texts, levels, n, new)
     finally:
         if server is not None:
             server.stop()
     if spawn and tokenizer is not None:
-        from app.config import Settings
-        from app.services import load_services
-
-        services = load_services(Settings(cache_dir=cache_dir, device=device, dtype=dtype, example_prompts=False))
-        engine = services.engine
-        ids = [services.tokenizer.encode(t) for t in texts]
-
-        async def engine_sweep():
-            engine.start()
-            try:
-                await sweep_engine(engine, ids[:2], 2, 1)  # warm-up
-                for row in rows:
-                    log.info("engine: %d requests, %d concurrent", row["requests"], row["concurrency"])
-                    row["engine"] = await sweep_engine(engine, ids[:row["requests"]], new, row["concurrency"])
-            finally:
-                await engine.shutdown(grace_s=0)
-
-        asyncio.run(engine_sweep())
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+        _sweep_bare_engine(rows, texts, new, cache_dir, device, dtype)
+    dev = torch.device(resolve_device(device))
     return dict(mode="http", url=url, spawned=spawn, server=health, new=new, lo=lo, hi=hi,
                 machine=dict(device=device_name(dev) if spawn else "see server", torch=torch.__version__),
                 levels=rows)
+
+
+def _health(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+def _sweep_server(url: str, texts: list[str], levels: list[int], n: int, new: int) -> list[dict]:
+    """A warm-up, then one row per concurrency level: {concurrency, requests, api: measurements}."""
+    rows = []
+    asyncio.run(sweep_http(url, texts[:2], 2, 1))  # warm-up
+    for c in levels:
+        m = max(n, c)
+        log.info("HTTP: %d requests, %d concurrent", m, c)
+        rows.append(dict(concurrency=c, requests=m, api=asyncio.run(sweep_http(url, texts[:m], new, c))))
+    return rows
+
+
+def _sweep_bare_engine(rows: list[dict], texts: list[str], new: int, cache_dir: Path, device: str,
+                       dtype: str) -> None:
+    """The same rows through the engine the server loads, without HTTP: adds `engine` to each row."""
+    from app.config import Settings
+    from app.services import load_services
+
+    services = load_services(Settings(cache_dir=cache_dir, device=device, dtype=dtype, example_prompts=False))
+    engine = services.engine
+    ids = [services.tokenizer.encode(t) for t in texts]
+
+    async def engine_sweep():
+        engine.start()
+        try:
+            await sweep_engine(engine, ids[:2], 2, 1)  # warm-up
+            for row in rows:
+                log.info("engine: %d requests, %d concurrent", row["requests"], row["concurrency"])
+                row["engine"] = await sweep_engine(engine, ids[:row["requests"]], new, row["concurrency"])
+        finally:
+            await engine.shutdown(grace_s=0)
+
+    asyncio.run(engine_sweep())
 
 
 def format_sweep(r: dict) -> str:

@@ -15,9 +15,8 @@ import httpx
 import torch
 
 from app.bench.http import SpawnedServer
-from app.engine.weights import load_model
-from app.services import base_identity
-from prompt_store.format import PromptFile, dump_prompt
+from app.engine.weights import base_identity, load_model
+from prompt_store.format import Kind, PromptFile, Task, dump_prompt, embedding_width
 
 VIRTUAL = 20
 
@@ -27,11 +26,10 @@ def write_store(directory: Path, base, n: int) -> None:
     this measures)."""
     g = torch.Generator().manual_seed(0)
     for i in range(n):
-        kind = "prompt" if i % 2 == 0 else "prefix"
-        width = base.hidden_size if kind == "prompt" else base.prefix_width
-        pf = PromptFile(name=f"p{i}", kind=kind, task="generate", num_virtual_tokens=VIRTUAL, labels=[],
+        kind = Kind.PROMPT if i % 2 == 0 else Kind.PREFIX
+        pf = PromptFile(name=f"p{i}", kind=kind.value, task=Task.GENERATE.value, num_virtual_tokens=VIRTUAL, labels=[],
                         description="bench", base=base, source="softserve-bench", version=1,
-                        prompt_embeddings=torch.randn(VIRTUAL, width, generator=g) * 0.02)
+                        prompt_embeddings=torch.randn(VIRTUAL, embedding_width(kind, base), generator=g) * 0.02)
         folder = directory / pf.name
         folder.mkdir(parents=True)
         (folder / "v1.safetensors").write_bytes(dump_prompt(pf))

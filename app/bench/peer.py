@@ -1,4 +1,5 @@
-"""The peer: what a user would run without softserve. Follows shared/bench/peer_baseline.py.
+"""The peer: what a user would run without softserve. Follows the project's peer_baseline.py
+(shared/bench/, kept beside the repository, not in it).
 
 HF transformers generate() on the same frozen base. PEFT cannot mix prompt-learning adapters in one
 batch, so requests are grouped per task and each group is generated batch by batch (--batch rows).
@@ -7,7 +8,7 @@ input embeddings (inputs_embeds); a deep prefix (P-Tuning v2) is handed over as 
 PEFT's get_prompt reshape, the text starting at position P. Left padding, greedy, and
 min_new_tokens = max_new_tokens = new, so every request gets exactly `new` tokens.
 PeftModel.generate() itself is not used: with transformers 5.x it is wrong for prompt learning (see
-docs/ARCHITECTURE.md, "PEFT compatibility").
+tests/test_peft_equivalence.py, which checks our outputs against PeftModel's forward instead).
 
 Timing per request: all requests arrive at t0; a request's first token is when its batch's first decoding
 step ends (a stopping criterion records it), its latency is when its batch's generate() returns.

@@ -21,8 +21,10 @@ from app.bench.measure import (PeakMemory, copy_bandwidth, decode_bound, device_
 from app.bench.ours import StepTimer, engine_config, run_ours
 from app.bench.peer import RequestResult, run_peer
 from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_files, prompt_tensors, workload
+from app.config import DEFAULT_CACHE_DIR
 from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
+from app.engine.weights import resolve_device, resolve_dtype
 
 log = logging.getLogger("softserve.bench")
 
@@ -45,7 +47,7 @@ class BenchConfig:
     max_batched_tokens: int = 2048
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
-    cache_dir: Path = Path(".cache")
+    cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
     warmup: bool = True
 
@@ -56,15 +58,10 @@ class BenchConfig:
             raise ValueError("need 1 <= --lo <= --hi")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return torch.device(resolve_device(self.device))
 
     def resolved_dtype(self) -> torch.dtype:
-        name = self.dtype
-        if name == "auto":
-            name = "bfloat16" if self.resolved_device().type == "cuda" else "float32"
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return resolve_dtype(self.dtype, str(self.resolved_device()))
 
 
 def summarize(results: list[RequestResult], wall: float, peak: PeakMemory | None) -> dict:
@@ -111,6 +108,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def run_bench(cfg: BenchConfig) -> dict:
+    """The workload through softserve's engine, then through the peer, then the decode bound and memory."""
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     load_before = os.getloadavg()
     log.info("building %s on %s (%s)", cfg.shape, device, dtype)
@@ -120,7 +118,34 @@ def run_bench(cfg: BenchConfig) -> dict:
     warm = workload(min(6, cfg.n), args.vocab_size, cfg.lo, cfg.hi, cfg.seed + 1000)
     tensors = prompt_tensors(args, cfg.virtual)
 
-    # ---- softserve ----
+    ours, ours_results, per_prompt, prompt_load_s = _run_softserve(cfg, models, tensors, reqs, warm, device)
+    _free(device)  # the peer runs without our KV cache beside it
+    peer, agree = None, None
+    if not cfg.skip_peer:
+        peer, peer_results = _run_peer(cfg, models, tensors, reqs, warm, device, dtype)
+        agree = agreement(ours_results, peer_results, AGREE_K)
+    bound, memory = _bound_and_memory(cfg, models, device, dtype, ours, per_prompt)
+
+    result = dict(
+        config={**asdict(cfg), "cache_dir": str(cfg.cache_dir), "device": str(device), "dtype": str(dtype).split(".")[-1]},
+        machine=dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                     loadavg_1m_before=load_before[0], loadavg_1m_after=os.getloadavg()[0]),
+        model=dict(name=models.name, shape=cfg.shape, fingerprint=models.fingerprint,
+                   weight_bytes=memory["weight_bytes"]),
+        workload=dict(tasks={t: TASK_KINDS[t] for t in tensors}, prompt_tokens=sum(len(r.token_ids) for r in reqs),
+                      mean_prompt_len=sum(len(r.token_ids) for r in reqs) / len(reqs), prompt_load_s=prompt_load_s),
+        softserve=ours, peer=peer,
+        ratio=None if peer is None else ours["tok_s"] / peer["tok_s"],
+        agreement=agree, bound=bound, memory=memory,
+    )
+    del models
+    _free(device)
+    return result
+
+
+def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
+    """A warm-up, then the workload through one engine; (summary, per-request results, bytes per prompt,
+    prompt load seconds)."""
     from app.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(models.directory) if models.directory is not None else NullTokenizer()
@@ -161,30 +186,31 @@ def run_bench(cfg: BenchConfig) -> dict:
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
-    del engine, task_prompts, timer  # the peer runs without our KV cache beside it
-    _free(device)
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
+    return ours, ours_results, per_prompt, prompt_load_s
 
-    # ---- peer ----
-    peer, agree = None, None
-    if not cfg.skip_peer:
-        peer_prompts = {t: x.to(device, dtype) for t, x in tensors.items()}
-        if cfg.warmup:
-            run_peer(models.hf, peer_prompts, warm, 4, cfg.batch)
-        bar, update = _progress(cfg.n, "peer", cfg.progress)
-        with PeakMemory(device) as peer_peak:
-            peer_results, peer_wall, split = run_peer(models.hf, peer_prompts, reqs, cfg.new, cfg.batch, update)
-        if bar:
-            bar.close()
-        peer = summarize(peer_results, peer_wall, peer_peak)
-        peer["split"] = split
-        agree = agreement(ours_results, peer_results, AGREE_K)
-        log.info("peer: %.1f tokens/s in %.1f s", peer["tok_s"], peer_wall)
 
-    # ---- the bound and the memory per prompt ----
+def _run_peer(cfg: BenchConfig, models, tensors, reqs, warm, device, dtype):
+    """A warm-up, then the workload through HF generate() per task group; (summary, per-request results)."""
+    peer_prompts = {t: x.to(device, dtype) for t, x in tensors.items()}
+    if cfg.warmup:
+        run_peer(models.hf, peer_prompts, warm, 4, cfg.batch)
+    bar, update = _progress(cfg.n, "peer", cfg.progress)
+    with PeakMemory(device) as peer_peak:
+        peer_results, peer_wall, split = run_peer(models.hf, peer_prompts, reqs, cfg.new, cfg.batch, update)
+    if bar:
+        bar.close()
+    peer = summarize(peer_results, peer_wall, peer_peak)
+    peer["split"] = split
+    log.info("peer: %.1f tokens/s in %.1f s", peer["tok_s"], peer_wall)
+    return peer, peer_results
+
+
+def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, per_prompt: dict) -> tuple[dict, dict]:
+    """The decode bound from measured copy bandwidth (and ours' share of it); the memory per prompt."""
     bandwidth = copy_bandwidth(device)
     weights = model_bytes(models.ours)
-    kv_per_token = KVCache.bytes_per_token(args, dtype)
+    kv_per_token = KVCache.bytes_per_token(models.args, dtype)
     mean_context = cfg.virtual + (cfg.lo + cfg.hi) / 2 + cfg.new / 2
     bound = decode_bound(bandwidth, weights, kv_per_token, cfg.n, mean_context,
                          matmul_flops(device, dtype), flops_per_token(models.ours, mean_context))
@@ -196,21 +222,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     memory = dict(device_total_bytes=total, weight_bytes=weights, kv_cache_bytes=ours["kv_cache_bytes"],
                   bytes_per_prompt={f"{n} ({TASK_KINDS[n]})": b for n, b in per_prompt.items()},
                   prompts_fit=max(0, room) // max(per_prompt.values()))
-
-    result = dict(
-        config={**asdict(cfg), "cache_dir": str(cfg.cache_dir), "device": str(device), "dtype": str(dtype).split(".")[-1]},
-        machine=dict(device=device_name(device), torch=torch.__version__, threads=torch.get_num_threads(),
-                     loadavg_1m_before=load_before[0], loadavg_1m_after=os.getloadavg()[0]),
-        model=dict(name=models.name, shape=cfg.shape, fingerprint=models.fingerprint, weight_bytes=weights),
-        workload=dict(tasks={t: TASK_KINDS[t] for t in tensors}, prompt_tokens=sum(len(r.token_ids) for r in reqs),
-                      mean_prompt_len=sum(len(r.token_ids) for r in reqs) / len(reqs), prompt_load_s=prompt_load_s),
-        softserve=ours, peer=peer,
-        ratio=None if peer is None else ours["tok_s"] / peer["tok_s"],
-        agreement=agree, bound=bound, memory=memory,
-    )
-    del models
-    _free(device)
-    return result
+    return bound, memory
 
 
 def _free(device: torch.device) -> None:
@@ -228,8 +240,20 @@ def _fmt(x, unit="", digits=2) -> str:
 
 
 def format_table(r: dict) -> str:
+    """The result as the table softserve bench prints: a header, softserve vs peer, then notes."""
+    return "\n".join([_header(r), "", *_comparison(r), "", *_notes(r), _bound_line(r), _memory_line(r)])
+
+
+def _header(r: dict) -> str:
+    c = r["config"]
+    return (f"softserve bench: {r['model']['name']} ({c['shape']}), {r['machine']['device']}, {c['dtype']}; "
+            f"{c['n']} requests over {len(r['workload']['tasks'])} tasks "
+            f"({', '.join(f'{t}={k}' for t, k in r['workload']['tasks'].items())}, {c['virtual']} virtual tokens), "
+            f"prompts {c['lo']}-{c['hi']} tokens (mean {r['workload']['mean_prompt_len']:.0f}), {c['new']} new each")
+
+
+def _comparison(r: dict) -> list[str]:
     ours, peer = r["softserve"], r["peer"] or {}
-    c, mach = r["config"], r["machine"]
     ratio = lambda a, b, inv=False: "-" if not a or not b else f"{(b / a if inv else a / b):.2f}x"  # noqa: E731
     rows = [
         ("tokens/s", "tok_s", 1, False),
@@ -241,12 +265,7 @@ def format_table(r: dict) -> str:
         ("first token p99 (s)", "ttft_p99_s", 2, True),
         ("wall (s)", "wall_s", 2, True),
     ]
-    lines = [f"softserve bench: {r['model']['name']} ({c['shape']}), {r['machine']['device']}, {c['dtype']}; "
-             f"{c['n']} requests over {len(r['workload']['tasks'])} tasks "
-             f"({', '.join(f'{t}={k}' for t, k in r['workload']['tasks'].items())}, {c['virtual']} virtual tokens), "
-             f"prompts {c['lo']}-{c['hi']} tokens (mean {r['workload']['mean_prompt_len']:.0f}), {c['new']} new each",
-             "",
-             "| metric | softserve | peer (HF generate per task) | softserve vs peer |",
+    lines = ["| metric | softserve | peer (HF generate per task) | softserve vs peer |",
              "|---|---:|---:|---:|"]
     for label, key, digits, lower_better in rows:
         lines.append(f"| {label} | {_fmt(ours.get(key), digits=digits)} | {_fmt(peer.get(key), digits=digits)} | "
@@ -254,9 +273,14 @@ def format_table(r: dict) -> str:
     lines.append(f"| peak memory (MiB) | {_fmt(ours.get('peak_memory_bytes'), 'MiB')} | "
                  f"{_fmt(peer.get('peak_memory_bytes'), 'MiB')} | |")
     lines.append(f"| generated tokens | {ours['generated_tokens']} | {peer.get('generated_tokens', '-')} | |")
-    lines.append("")
-    lines.append(f"machine load (1-min average) before / after: {mach['loadavg_1m_before']:.1f} / "
-                 f"{mach['loadavg_1m_after']:.1f} on {os.cpu_count()} CPUs")
+    return lines
+
+
+def _notes(r: dict) -> list[str]:
+    """Machine load, the ratio and greedy agreement, CUDA graphs, the split of steps on both sides."""
+    ours, peer, c, mach = r["softserve"], r["peer"], r["config"], r["machine"]
+    lines = [f"machine load (1-min average) before / after: {mach['loadavg_1m_before']:.1f} / "
+             f"{mach['loadavg_1m_after']:.1f} on {os.cpu_count()} CPUs"]
     if r["ratio"] is not None:
         lines.append(f"ratio (tokens/s): {r['ratio']:.2f}x")
         a = r["agreement"]
@@ -266,7 +290,7 @@ def format_table(r: dict) -> str:
     if ours["decode_graphs"]:
         lines.append(f"softserve decode steps replay {ours['decode_graphs']} CUDA graphs captured at engine start "
                      f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
-    elif r["config"]["device"].startswith("cuda"):
+    elif c["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
     pc = ours["prefix_cache"]
     lines.append(f"softserve KV: {ours['kv_cache_blocks']:,} blocks; prefix cache: {pc['hits']:,} of {pc['queries']:,} "
@@ -279,21 +303,27 @@ def format_table(r: dict) -> str:
         p = peer["split"]
         lines.append(f"peer: {p['batches']} generate() batches; first step (prefill) {p['prefill_s']:.2f} s, "
                      f"decode {p['decode_s']:.2f} s")
-    b = r["bound"]
+    return lines
+
+
+def _bound_line(r: dict) -> str:
+    ours, b = r["softserve"], r["bound"]
     compute = (f"; compute: {b['matmul_tflops'] * 1e3:,.0f} GFLOP/s matmul / {b['flops_per_token'] / 1e6:,.1f} MFLOP "
                f"per token = {b['compute_bound_tok_s']:,.0f} tokens/s" if "compute_bound_tok_s" in b else "")
-    lines.append(f"decode bound: memory: copy bandwidth {b['bandwidth_gb_s']:.1f} GB/s / {b['step_bytes'] / 1e6:,.0f} MB "
-                 f"per step (weights + KV of {b['batch']} rows at mean context {b['mean_context']:.0f}) x "
-                 f"{b['batch']} = {b['memory_bound_tok_s']:,.0f} tokens/s{compute}; bound {b['bound_tok_s']:,.0f} "
-                 f"tokens/s ({b['limited_by']}); softserve reaches {100 * b['share_overall']:.1f}% "
-                 f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
-                               f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else ""))
+    return (f"decode bound: memory: copy bandwidth {b['bandwidth_gb_s']:.1f} GB/s / {b['step_bytes'] / 1e6:,.0f} MB "
+            f"per step (weights + KV of {b['batch']} rows at mean context {b['mean_context']:.0f}) x "
+            f"{b['batch']} = {b['memory_bound_tok_s']:,.0f} tokens/s{compute}; bound {b['bound_tok_s']:,.0f} "
+            f"tokens/s ({b['limited_by']}); softserve reaches {100 * b['share_overall']:.1f}% "
+            f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
+                          f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else ""))
+
+
+def _memory_line(r: dict) -> str:
     m = r["memory"]
     per = ", ".join(f"{k}: {v / 1024:,.0f} KiB" for k, v in m["bytes_per_prompt"].items())
-    lines.append(f"memory per registered prompt: {per}; beside the model ({m['weight_bytes'] / (1 << 20):,.0f} MiB) "
-                 f"and the KV cache ({m['kv_cache_bytes'] / (1 << 20):,.0f} MiB), "
-                 f"{m['device_total_bytes'] / (1 << 30):,.1f} GiB holds {m['prompts_fit']:,} prompts")
-    return "\n".join(lines)
+    return (f"memory per registered prompt: {per}; beside the model ({m['weight_bytes'] / (1 << 20):,.0f} MiB) "
+            f"and the KV cache ({m['kv_cache_bytes'] / (1 << 20):,.0f} MiB), "
+            f"{m['device_total_bytes'] / (1 << 30):,.1f} GiB holds {m['prompts_fit']:,} prompts")
 
 
 def write_json(result: dict, path: Path) -> Path:

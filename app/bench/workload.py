@@ -1,7 +1,7 @@
 """The benchmark's inputs: model shapes, the three task prompts, and the mixed request stream.
 
-Shapes, prompt tensors and the request stream follow shared/bench/peer_baseline.py (SHAPES,
-make_prompts with seed 7, workload with seed 1), so numbers here compare with the peer script's.
+Shapes, prompt tensors and the request stream follow the shared peer script, peer_baseline.py, kept beside the repository
+(SHAPES, make_prompts with seed 7, workload with seed 1), so numbers here compare with the peer script's.
 Both sides always run identical weights: random shapes build one HF LlamaForCausalLM (seed 0) and
 our Transformer takes the very same tensors (no copy, nothing written to disk).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from app.engine.model import ModelArgs, Transformer, rope_inv_freq
-from app.engine.weights import load_model, weights_fingerprint
-from prompt_store.format import BaseIdentity, PromptFile
+from app.engine.weights import base_identity, load_model, weights_fingerprint
+from prompt_store.format import KINDS, Kind, PromptFile, Task, embedding_width
 
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -26,7 +26,7 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1000, head_dim=16, tie_word_embeddings=True),
 }
 TASKS = ("t0", "t1", "t2")
-TASK_KINDS = {"t0": "prompt", "t1": "prefix", "t2": "prompt"}  # shallow, deep, and a second shallow
+TASK_KINDS = {"t0": Kind.PROMPT.value, "t1": Kind.PREFIX.value, "t2": Kind.PROMPT.value}  # shallow, deep, and a second shallow
 
 
 @dataclass
@@ -88,19 +88,13 @@ def build_models(shape: str, device: str, dtype: torch.dtype, cache_dir: Path) -
     return BenchModels(hf, ours, args, f"random-{shape}", weights_fingerprint(state), None)
 
 
-def base_identity(models: BenchModels) -> BaseIdentity:
-    a = models.args
-    return BaseIdentity(a.architecture, a.hidden_size, a.num_layers, a.num_kv_heads, a.head_dim, a.vocab_size,
-                        models.fingerprint)
-
-
 def prompt_tensors(args: ModelArgs, n_virtual: int) -> dict[str, torch.Tensor]:
     """PEFT-shaped prompts as peer_baseline.make_prompts draws them (0.02 * randn, seed 7), float32 on CPU:
     shallow [P, hidden], deep [P, layers*2*kv_heads*head_dim]; each task takes its kind's draw."""
     out = {}
-    for kind in ("prompt", "prefix"):
+    for kind in KINDS:
         g = torch.Generator().manual_seed(7)
-        width = args.hidden_size if kind == "prompt" else args.num_layers * 2 * args.kv_width
+        width = embedding_width(kind, args)
         draws = {t: torch.randn(n_virtual, width, generator=g) * 0.02 for t in TASKS}
         out.update({t: draws[t] for t in TASKS if TASK_KINDS[t] == kind})
     return {t: out[t] for t in TASKS}
@@ -108,7 +102,7 @@ def prompt_tensors(args: ModelArgs, n_virtual: int) -> dict[str, torch.Tensor]:
 
 def prompt_files(models: BenchModels, tensors: dict[str, torch.Tensor]) -> list[PromptFile]:
     base = base_identity(models)
-    return [PromptFile(name=task, kind=TASK_KINDS[task], task="generate", num_virtual_tokens=emb.shape[0],
+    return [PromptFile(name=task, kind=TASK_KINDS[task], task=Task.GENERATE.value, num_virtual_tokens=emb.shape[0],
                        labels=[], description=f"bench task {task}", base=base, prompt_embeddings=emb,
                        source="softserve-bench")
             for task, emb in tensors.items()]

@@ -15,15 +15,15 @@ import torch
 
 from app.engine.model import DenseAttention, ModelArgs, Transformer
 from app.engine.sampling import sanitize
-from prompt_store.format import PromptFile
+from prompt_store.format import Kind, PromptFile, Task
 
 
 @dataclass(eq=False)  # identity: two versions of one name are different prompts, whatever their fields
 class TaskPrompt:
     name: str
     version: int
-    kind: str  # "prompt" (shallow) | "prefix" (deep)
-    task: str  # "generate" | "tag" | "classify"
+    kind: str  # a Kind: "prompt" (shallow) | "prefix" (deep)
+    task: str  # a Task: "generate" | "tag" | "classify"
     labels: list[str]
     k: torch.Tensor  # (layers, kv_heads, P, head_dim), in CPU memory: KV blocks are filled from it on use
     v: torch.Tensor
@@ -50,11 +50,6 @@ class TaskPrompt:
         return sanitize(logits).softmax(-1)
 
 
-class PrefixCounter:
-    """Counts forward passes over virtual tokens (a prefix must be computed once per prompt version)."""
-    passes = 0
-
-
 @torch.inference_mode()
 def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT-layout prompt_embeddings -> k, v each (layers, kv_heads, P, head_dim) on the model's device."""
@@ -62,8 +57,7 @@ def prefix_kv(model: Transformer, kind: str, embeddings: torch.Tensor) -> tuple[
     weight = model.embed_tokens.weight
     emb = embeddings.to(weight.device, weight.dtype)
     P = emb.shape[0]
-    if kind == "prompt":
-        PrefixCounter.passes += 1
+    if kind == Kind.PROMPT:
         attention = DenseAttention(record=True)
         model(torch.arange(P, device=emb.device)[None], attention, embeds=emb[None])
         k = torch.stack([k[0] for k, _ in attention.recorded])
@@ -127,7 +121,7 @@ def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
     head_w = None if pf.head_weight is None else pf.head_weight.to(device, dtype)
     head_b = None if pf.head_bias is None else pf.head_bias.to(device, dtype)
-    label_ids = label_first_tokens(pf.labels, encode) if pf.task == "classify" and head_w is None else None
+    label_ids = label_first_tokens(pf.labels, encode) if pf.task == Task.CLASSIFY and head_w is None else None
     prompt = TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids,
                         pf.digest)
     if pf.digest:

@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from app.config import DEFAULT_CACHE_DIR
 from app.engine.model import ModelArgs, Transformer, rope_inv_freq
+from prompt_store.format import BaseIdentity
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,33 @@ def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_device(name: str = "auto") -> str:
+    """'auto': cuda when available, else cpu; any other name as given ('cpu', 'cuda:1', ...)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """'auto': bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
+def base_identity(model) -> BaseIdentity:
+    """What a prompt must be trained against to run on `model` (a LoadedModel, or any object with the
+    engine's ModelArgs as .args and a weights .fingerprint)."""
+    a = model.args
+    return BaseIdentity(architecture=a.architecture, hidden_size=a.hidden_size, num_layers=a.num_layers,
+                        num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size,
+                        fingerprint=model.fingerprint)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               cache_dir: Path = Path(".cache")) -> LoadedModel:
+               cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
     """spec: "default", an HF model directory, a .gguf file, or a Hugging Face hub id ("org/name")."""
     if spec == DEFAULT_MODEL:
         directory, name = fetch_default_model(cache_dir), DEFAULT_NAME

@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
 from pathlib import Path
+
+from app.config import Settings, add_setting_flags
+from prompt_store.format import KINDS, TASKS, Kind, Task
 
 log = logging.getLogger(__name__)
 
 
 def add_train_command(sub) -> None:
-    from app.cli import add_model_flags
-
     p = sub.add_parser("train", help="learn a task prompt (and head) on a JSONL file; see docs/TRAINING.md")
     p.add_argument("data", type=Path, help="training data, JSON Lines")
     p.add_argument("--name", required=True, help="the prompt's name (the API's model id)")
-    p.add_argument("--task", choices=("generate", "tag", "classify"), help="default: inferred from the first line")
-    p.add_argument("--kind", choices=("prompt", "prefix"), default="prompt",
+    p.add_argument("--task", choices=TASKS, help="default: inferred from the first line")
+    p.add_argument("--kind", choices=KINDS, default=Kind.PROMPT.value,
                    help="prompt: shallow [P, hidden] embeddings; prefix: deep per-layer K,V (default: prompt)")
     p.add_argument("--virtual-tokens", type=int, default=20, help="P, the number of virtual tokens (default: 20)")
     p.add_argument("--out", type=Path, help="the prompt file to write (default: NAME.safetensors)")
@@ -48,34 +48,50 @@ def add_train_command(sub) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--push", metavar="URL", help="upload to a running server: PUT URL/v1/prompts/NAME "
                                                  "(Authorization from SOFTSERVE_ADMIN_TOKEN)")
-    add_model_flags(p, ("--model", "--dtype", "--device", "--cache-dir"))
+    add_setting_flags(p, ("--model", "--dtype", "--device", "--cache-dir"))
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, settings: Settings) -> int:
     from app.train.data import DataError
     from prompt_store.format import PromptFormatError
 
     try:
-        return run_train(args)
+        return run_train(args, settings)
     except (DataError, PromptFormatError) as e:
         print(f"softserve train: {e}", file=sys.stderr)
         return 2
 
 
-def run_train(args) -> int:
+def run_train(args, settings: Settings) -> int:
+    """Split the data, load the model, train, write the prompt file and its metrics, push it if asked."""
     import torch
 
-    from app.cli import settings_from
     from app.engine.tokenizer import Tokenizer
-    from app.engine.weights import load_model, resolve_dtype
-    from app.train.data import DataError, bio_labels, infer_labels, load_examples, read_jsonl
-    from app.train.trainer import TrainConfig, to_prompt_file, train
-    from prompt_store.format import dump_prompt, validate_name
+    from app.engine.weights import load_model
+    from app.train.trainer import train
+    from prompt_store.format import validate_name
 
     validate_name(args.name)
     if args.threads:
         torch.set_num_threads(args.threads)
+    task, rows, heldout_rows, labels = split_data(args)
+    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device(), settings.cache_dir)
+    train_set, heldout = tokenize_data(args, task, labels, Tokenizer(loaded.directory), rows, heldout_rows)
+    log.info("training a %s prompt (%s, P=%d) on %d examples, %d held out, labels %s", task, args.kind,
+             args.virtual_tokens, len(train_set), len(heldout), labels)
+    result = train(loaded, train_config(args, task), labels, train_set, heldout)
+    data = write_outputs(args, task, loaded, labels, result, len(train_set))
+    if args.push:
+        return push(args.push, args.name, data, settings.admin_token)
+    return 0
+
+
+def split_data(args) -> tuple[str, list, list, list[str]]:
+    """The task, the training and held-out rows (shuffled, split, cut to --limit / --heldout-limit) and the
+    labels (given, else those of every training line before --limit)."""
+    from app.train.data import DataError, bio_labels, infer_labels, read_jsonl
+
     rows = read_jsonl(args.data)
     task = args.task or infer_task(rows[0][1], args.data, rows[0][0])
     heldout_rows = read_jsonl(args.heldout) if args.heldout else None
@@ -89,64 +105,65 @@ def run_train(args) -> int:
         heldout_rows, rows = rows[:cut], rows[cut:]
     if args.labels:
         given = [x.strip() for x in args.labels.split(",") if x.strip()]
-        labels = bio_labels(given) if task == "tag" else sorted(set(given))
+        labels = bio_labels(given) if task == Task.TAG else sorted(set(given))
     else:
-        labels = infer_labels(task, rows, args.data)  # from every training line, before --limit
-    rows = rows[:args.limit]
-    heldout_rows = heldout_rows[:args.heldout_limit]
+        labels = infer_labels(task, rows, args.data)
+    return task, rows[:args.limit], heldout_rows[:args.heldout_limit], labels
 
-    settings = settings_from(args)
-    device = settings.resolved_device()
-    dtype = resolve_dtype("float32" if settings.dtype == "auto" and device == "cpu"
-                          else "bfloat16" if settings.dtype == "auto" else settings.dtype)
-    loaded = load_model(settings.model, dtype, device, settings.cache_dir)
-    tokenizer = Tokenizer(loaded.directory)
+
+def tokenize_data(args, task: str, labels: list[str], tokenizer, rows: list, heldout_rows: list) -> tuple[list, list]:
+    from app.train.data import load_examples
+
     train_set = load_examples(args.data, task, tokenizer, labels, args.max_length, rows=rows)
-    heldout_path = args.heldout or args.data
-    heldout = load_examples(heldout_path, task, tokenizer, labels, args.max_length, rows=heldout_rows)
-    log.info("training a %s prompt (%s, P=%d) on %d examples, %d held out, labels %s", task, args.kind,
-             args.virtual_tokens, len(train_set), len(heldout), labels)
-    config = TrainConfig(task=task, kind=args.kind, virtual_tokens=args.virtual_tokens, epochs=args.epochs,
-                         lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
-                         weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
-                         clip=args.clip, patience=args.patience, seed=args.seed, max_steps=args.max_steps)
-    result = train(loaded, config, labels, train_set, heldout)
-    pf = to_prompt_file(loaded, result.prompt, args.name, labels, args.description)
-    data = dump_prompt(pf)
+    heldout = load_examples(args.heldout or args.data, task, tokenizer, labels, args.max_length, rows=heldout_rows)
+    return train_set, heldout
+
+
+def train_config(args, task: str):
+    from app.train.trainer import TrainConfig
+
+    return TrainConfig(task=task, kind=args.kind, virtual_tokens=args.virtual_tokens, epochs=args.epochs,
+                       lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                       weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
+                       clip=args.clip, patience=args.patience, seed=args.seed, max_steps=args.max_steps)
+
+
+def write_outputs(args, task: str, loaded, labels: list[str], result, train_examples: int) -> bytes:
+    """The prompt file (--out) and its metrics (--metrics-out); returns the file's bytes."""
+    from app.train.trainer import to_prompt_file
+    from prompt_store.format import dump_prompt
+
+    data = dump_prompt(to_prompt_file(loaded, result.prompt, args.name, labels, args.description))
     out = args.out or Path(f"{args.name}.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     metrics_out = args.metrics_out or out.with_suffix(".metrics.json")
     summary = {"name": args.name, "task": task, "kind": args.kind, "virtual_tokens": args.virtual_tokens,
-               "train_examples": len(train_set), "steps": result.steps, "heldout": result.metrics,
+               "train_examples": train_examples, "steps": result.steps, "heldout": result.metrics,
                "history": result.history}
     metrics_out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out} ({len(data)} bytes); held-out: "
           + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float)))
-    if args.push:
-        return push(args.push, args.name, data)
-    return 0
+    return data
 
 
 def infer_task(row: dict, path: Path, line: int) -> str:
     from app.train.data import DataError
 
     if "messages" in row or "prompt" in row or "completion" in row:
-        return "generate"
+        return Task.GENERATE.value
     if "entities" in row:
-        return "tag"
+        return Task.TAG.value
     if "label" in row:
-        return "classify"
+        return Task.CLASSIFY.value
     raise DataError(f"{path}:{line}: cannot tell the task from this line (expected messages, prompt/completion, "
                     f"text+entities or text+label); pass --task")
 
 
-def push(url: str, name: str, data: bytes) -> int:
+def push(url: str, name: str, data: bytes, token: str | None) -> int:
     import httpx
 
-    headers = {}
-    if token := os.environ.get("SOFTSERVE_ADMIN_TOKEN"):
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     target = f"{url.rstrip('/')}/v1/prompts/{name}"
     try:
         response = httpx.put(target, files={"file": (f"{name}.safetensors", data, "application/octet-stream")},

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.engine.tokenizer import ChatTemplateError, Tokenizer
+from prompt_store.format import TASKS, Task
 
-TASKS = ("generate", "tag", "classify")
 IGNORE = -100  # target of a position without loss
 
 
@@ -66,9 +66,9 @@ def entity_types(labels: list[str]) -> list[str]:
 
 def infer_labels(task: str, rows: list[tuple[int, dict]], path: Path) -> list[str]:
     """The label list a head is trained for, from the data (sorted; BIO for tag)."""
-    if task == "generate":
+    if task == Task.GENERATE:
         return []
-    if task == "classify":
+    if task == Task.CLASSIFY:
         return sorted({_field(row, "label", str, path, n) for n, row in rows})
     return bio_labels(_field(e, "label", str, path, n) for n, row in rows
                       for e in _field(row, "entities", list, path, n) if isinstance(e, dict))
@@ -82,7 +82,7 @@ def load_examples(path: Path, task: str, tokenizer: Tokenizer, labels: list[str]
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     path = Path(path)
     rows = read_jsonl(path) if rows is None else rows
-    convert = {"generate": _generate, "tag": _tag, "classify": _classify}[task]
+    convert = {Task.GENERATE: _generate, Task.TAG: _tag, Task.CLASSIFY: _classify}[Task(task)]
     return [convert(row, tokenizer, labels, max_length, path, n) for n, row in rows]
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from app.engine.model import DenseAttention, ModelArgs, Transformer
 from app.engine.task_prompt import deep_prefix_kv
+from prompt_store.format import KINDS, Kind, Task, embedding_width
 
 INIT_VOCAB = 5000  # Lester et al. draw init tokens from the most frequent 5,000; BPE ids are roughly by merge rank
 
@@ -24,14 +25,14 @@ INIT_VOCAB = 5000  # Lester et al. draw init tokens from the most frequent 5,000
 class TrainablePrompt(nn.Module):
     def __init__(self, args: ModelArgs, kind: str, task: str, embeddings: torch.Tensor, num_labels: int = 0):
         super().__init__()
-        if kind not in ("prompt", "prefix"):
-            raise ValueError(f"unknown prompt kind {kind!r}; expected 'prompt' or 'prefix'")
-        width = args.hidden_size if kind == "prompt" else args.num_layers * 2 * args.kv_width
+        if kind not in KINDS:
+            raise ValueError(f"unknown prompt kind {kind!r}; expected one of {', '.join(KINDS)}")
+        width = embedding_width(kind, args)
         if embeddings.dim() != 2 or embeddings.shape[1] != width:
             raise ValueError(f"{kind} embeddings must be [P, {width}], got {list(embeddings.shape)}")
         self.args, self.kind, self.task = args, kind, task
         self.embeddings = nn.Parameter(embeddings.detach().float().clone())  # PEFT's prompt_embeddings
-        self.head = nn.Linear(args.hidden_size, num_labels) if task in ("tag", "classify") else None
+        self.head = nn.Linear(args.hidden_size, num_labels) if task in (Task.TAG, Task.CLASSIFY) else None
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -47,12 +48,12 @@ class TrainablePrompt(nn.Module):
         B, T = ids.shape
         P = self.num_virtual_tokens
         dtype = model.embed_tokens.weight.dtype
-        if self.kind == "prompt" and shared_prefix:
+        if self.kind == Kind.PROMPT and shared_prefix:
             record = DenseAttention(record=True)
             model(torch.arange(P, device=ids.device)[None], record, embeds=self.embeddings.to(dtype)[None])
             positions = (P + torch.arange(T, device=ids.device))[None].expand(B, -1)
             return model(positions, DenseAttention(prefix=record.recorded, key_mask=mask), tokens=ids)
-        if self.kind == "prompt":
+        if self.kind == Kind.PROMPT:
             virtual = self.embeddings.to(dtype)[None].expand(B, -1, -1)
             embeds = torch.cat([virtual, model.embed_tokens(ids)], 1)
             positions = torch.arange(P + T, device=ids.device)[None].expand(B, -1)
@@ -84,7 +85,7 @@ def initial_embeddings(model: Transformer, kind: str, num_virtual_tokens: int,
     """
     ids = random_token_ids(model.args.vocab_size, num_virtual_tokens, generator).to(model.embed_tokens.weight.device)
     embeds = model.embed_tokens(ids)
-    if kind == "prompt":
+    if kind == Kind.PROMPT:
         return embeds.float().cpu()
     attention = DenseAttention(record=True)
     model(torch.arange(num_virtual_tokens, device=ids.device)[None], attention, embeds=embeds[None])

@@ -19,23 +19,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from app.engine.model import Transformer
-from app.engine.weights import LoadedModel
+from app.engine.weights import LoadedModel, base_identity
 from app.train.data import IGNORE, Example
 from app.train.metrics import EntityScore
 from app.train.prompt import TrainablePrompt, initial_embeddings
-from prompt_store.format import BaseIdentity, PromptFile, validate_prompt
+from prompt_store.format import Kind, PromptFile, Task, validate_prompt
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LR = {"prompt": 3e-2, "prefix": 1e-2}  # prompt tuning wants a high lr (Lester et al.: 0.3, Adafactor)
+DEFAULT_LR = {Kind.PROMPT: 3e-2, Kind.PREFIX: 1e-2}  # prompt tuning wants a high lr (Lester et al.: 0.3, Adafactor)
 DEFAULT_HEAD_LR = 1e-3
-MONITOR = {"generate": "loss", "tag": "f1", "classify": "accuracy"}  # early stopping and best-epoch choice
+MONITOR = {Task.GENERATE: "loss", Task.TAG: "f1", Task.CLASSIFY: "accuracy"}  # early stopping and best-epoch choice
 
 
 @dataclass
 class TrainConfig:
     task: str
-    kind: str = "prompt"
+    kind: str = Kind.PROMPT
     virtual_tokens: int = 20
     epochs: int = 3
     lr: float | None = None  # None: DEFAULT_LR[kind]
@@ -90,11 +90,11 @@ def batch_tensors(examples: list[Example], device) -> tuple[torch.Tensor, torch.
 def task_outputs(model: Transformer, prompt: TrainablePrompt, ids, mask, targets, lengths, shared_prefix=False):
     """-> (summed loss, number of loss terms, logits of the scored positions, their targets)."""
     hidden = prompt.text_hidden(model, ids, mask, shared_prefix)
-    if prompt.task == "generate":
+    if prompt.task == Task.GENERATE:
         scored = targets != IGNORE
         logits = model.logits(hidden[scored]).float()
         gold = targets[scored]
-    elif prompt.task == "tag":
+    elif prompt.task == Task.TAG:
         scored = mask
         logits = prompt.head_logits(hidden[scored])
         gold = targets[scored]
@@ -200,10 +200,10 @@ def evaluate(model: Transformer, prompt: TrainablePrompt, examples: list[Example
         loss, terms = loss + loss_sum.item(), terms + n
         hits = logits.argmax(-1) == gold
         correct_tokens += int(hits.sum())
-        if prompt.task == "generate":
+        if prompt.task == Task.GENERATE:
             per_row = (targets != IGNORE).sum(1).tolist()
             exact += sum(bool(part.all()) for part in hits.split(per_row))
-        elif prompt.task == "tag":
+        elif prompt.task == Task.TAG:
             predicted = logits.argmax(-1).tolist()
             offset = 0
             for e in chunk:
@@ -213,20 +213,13 @@ def evaluate(model: Transformer, prompt: TrainablePrompt, examples: list[Example
                 offset += n_tok
     prompt.train(was_training)
     metrics = {"loss": loss / max(terms, 1), "examples": len(examples)}
-    if prompt.task == "generate":
+    if prompt.task == Task.GENERATE:
         metrics.update(token_accuracy=correct_tokens / max(terms, 1), exact_match=exact / len(examples))
-    elif prompt.task == "tag":
+    elif prompt.task == Task.TAG:
         metrics.update(entities.result(), token_accuracy=correct_tokens / max(terms, 1))
     else:
         metrics.update(accuracy=correct_tokens / len(examples))
     return metrics
-
-
-def base_identity(loaded: LoadedModel) -> BaseIdentity:
-    a = loaded.args
-    return BaseIdentity(architecture=a.architecture, hidden_size=a.hidden_size, num_layers=a.num_layers,
-                        num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, vocab_size=a.vocab_size,
-                        fingerprint=loaded.fingerprint)
 
 
 def to_prompt_file(loaded: LoadedModel, prompt: TrainablePrompt, name: str, labels: list[str],
