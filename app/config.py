@@ -92,7 +92,8 @@ class Settings(BaseSettings):
 
 
 FLAGS = {  # flag -> (Settings field, help); the values are validated by Settings, as the environment's are
-    "--model": ("model", "'default', an HF model directory, or a .gguf file"),
+    "--model": ("model", "'default', an HF model directory, a .gguf file, or a Hugging Face hub id"),
+    "--served-model-name": ("served_model_name", "the base model's id in /v1/models"),
     "--dtype": ("dtype", "auto | float32 | bfloat16 | float16"),
     "--device": ("device", "auto | cpu | cuda | cuda:N"),
     "--host": ("host", "address to listen on"),
@@ -102,6 +103,7 @@ FLAGS = {  # flag -> (Settings field, help); the values are validated by Setting
     "--max-seq-len": ("max_seq_len", "positions per request"),
     "--kv-cache-gb": ("kv_cache_gb", "KV cache budget in GiB"),
     "--log-level": ("log_level", "debug | info | warning | error"),
+    "--log-format": ("log_format", "text | json"),
 }
 
 

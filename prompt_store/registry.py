@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from prompt_store.format import (
+    MAX_VIRTUAL_TOKENS,
     BaseIdentity,
     PromptFile,
     PromptFormatError,
@@ -48,7 +49,6 @@ STALE_TEMP_S = 300  # a hidden temp file or doomed folder this old was left by a
 # fn(event, name, version): "added" means `version` is now the name's current version (new or replaced);
 # "removed" means the name is gone, `version` being the one that was current.
 Subscriber = Callable[[str, str, int], None]
-ChangeCallback = Callable[[set[str], set[str]], None]
 
 
 class PromptNotFound(KeyError):
@@ -100,7 +100,7 @@ class PromptRegistry:
         self,
         directory: str | Path,
         base: BaseIdentity | None,
-        max_virtual_tokens: int = 512,
+        max_virtual_tokens: int = MAX_VIRTUAL_TOKENS,
         keep_versions: int = 3,
     ):
         self.directory = Path(directory)
@@ -303,8 +303,8 @@ class PromptRegistry:
         self._rejected.pop(path, None)
         return _StoredVersion(path, stat, pf.meta)
 
-    def start_watching(self, interval_s: float = 2.0, on_change: ChangeCallback | None = None) -> None:
-        """Poll the folder in a daemon thread; on_change(changed, removed) runs after each refresh that found any."""
+    def start_watching(self, interval_s: float = 2.0) -> None:
+        """Poll the folder in a daemon thread; subscribers hear of every change a refresh finds."""
         if self._watch_thread is not None:
             raise RuntimeError("already watching")
         self._watch_stop.clear()
@@ -312,9 +312,7 @@ class PromptRegistry:
         def watch() -> None:
             while not self._watch_stop.wait(interval_s):
                 try:
-                    changed, removed = self.refresh()
-                    if on_change is not None and (changed or removed):
-                        on_change(changed, removed)
+                    self.refresh()
                 except Exception:  # a bad poll must not kill the watcher; the next one retries
                     log.exception("prompt store refresh failed")
 

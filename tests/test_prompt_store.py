@@ -419,19 +419,20 @@ def test_watcher_reports_another_writers_changes(registry):
     seen = []
     got_change = threading.Event()
 
-    def on_change(changed, removed):
-        seen.append((changed, removed))
+    def on_change(event, name, version):
+        seen.append((event, name, version))
         got_change.set()
 
-    watcher.start_watching(interval_s=0.05, on_change=on_change)
+    watcher.subscribe(on_change)
+    watcher.start_watching(interval_s=0.05)
     try:
         registry.add(make_prompt("gen"))
         assert got_change.wait(timeout=5)
-        assert seen[0] == ({"gen"}, set())
+        assert seen[0] == ("added", "gen", 1)
         got_change.clear()
         registry.delete("gen")
         assert got_change.wait(timeout=5)
-        assert seen[-1] == (set(), {"gen"})
+        assert seen[-1] == ("removed", "gen", 1)
     finally:
         watcher.stop_watching()
 

@@ -251,7 +251,7 @@ class AsyncEngine:
         input of one request passes the same object, so they all run one version); None: the bare model."""
         if isinstance(prompt, str):
             prompt = self.get_prompt(prompt)
-        task = "generate" if prompt is None else prompt.task
+        task = Mode.GENERATE if prompt is None else prompt.task
         if task != mode.value:
             raise WrongTaskType(f"prompt {prompt.name!r} is a {task!r} prompt, not {mode.value!r}"
                                  if prompt else f"the base model only generates; {mode.value} needs a prompt")

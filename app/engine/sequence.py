@@ -11,15 +11,13 @@ import torch
 from app.engine.sampling import SamplingParams, TokenChoice
 from app.engine.task_prompt import TaskPrompt
 from app.engine.tokenizer import IncrementalDecoder
+from prompt_store.format import Task
 
 _ids = itertools.count()
 BASE_CACHE_ROOT = b"base"  # the prefix-cache identity of the bare model (no task prompt)
 
 
-class Mode(str, enum.Enum):
-    GENERATE = "generate"
-    TAG = "tag"
-    CLASSIFY = "classify"
+Mode = Task  # what a sequence does: generate, tag or classify (the prompt format's task vocabulary)
 
 
 class Status(enum.Enum):
