@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from app.bench.measure import device_name, percentile
-from app.bench.ours import engine_config
 from app.bench.workload import NullTokenizer, TASKS, build_models, prompt_files, prompt_tensors, workload
 from app.engine.block_manager import BlockManager
 from app.engine.engine import AsyncEngine, EngineConfig
@@ -109,6 +108,7 @@ class SharedPrefixConfig:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_batched_tokens: int = 2048
+    kv_cache_gb: float = 2.0  # the CPU server's default: caching decides how many requests fit at once
     seed: int = 1
 
 
@@ -124,12 +124,14 @@ def run_shared_prefix(cfg: SharedPrefixConfig, cache_dir) -> dict:
     files = prompt_files(models, prompt_tensors(models.args, cfg.virtual))[:1]  # one chat task: "t0"
     runs = {}
     for caching in (True, False):
-        config = engine_config(models.ours, cfg.n, cfg.virtual + cfg.system_tokens + cfg.hi + cfg.new,
-                               cfg.max_batched_tokens, prefix_caching=caching)
+        config = EngineConfig(max_seq_len=cfg.virtual + cfg.system_tokens + cfg.hi + cfg.new,
+                              kv_cache_bytes=int(cfg.kv_cache_gb * (1 << 30)), prefix_caching=caching,
+                              max_batched_tokens=cfg.max_batched_tokens, max_num_seqs=cfg.n, max_waiting=cfg.n)
         runs["on" if caching else "off"] = _timed_run(models, files, config, requests, cfg.new)
     on, off = runs["on"], runs["off"]
     return dict(config=dict(shape=cfg.shape, n=cfg.n, system_tokens=cfg.system_tokens, lo=cfg.lo, hi=cfg.hi,
-                            new=cfg.new, virtual=cfg.virtual, device=device_name(torch.device(cfg.device)),
+                            new=cfg.new, virtual=cfg.virtual, kv_cache_gb=cfg.kv_cache_gb,
+                            device=device_name(torch.device(cfg.device)),
                             dtype=str(cfg.dtype).split(".")[-1]),
                 caching_on={k: v for k, v in on.items() if k != "tokens"},
                 caching_off={k: v for k, v in off.items() if k != "tokens"},
@@ -160,19 +162,22 @@ def _timed_run(models, files, config: EngineConfig, requests: list[list[int]], n
     generated = sum(len(o.tokens) for o in outs)
     return dict(wall_s=wall, tok_s=generated / wall, ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
                 prefill_tokens=stats.prompt_tokens_total, prefix_cache_queries=stats.prefix_cache_queries,
-                prefix_cache_hits=stats.prefix_cache_hits, tokens=[[t.token_id for t in o.tokens] for o in outs])
+                prefix_cache_hits=stats.prefix_cache_hits, preemptions=stats.preemptions,
+                tokens=[[t.token_id for t in o.tokens] for o in outs])
 
 
 def format_shared_prefix(r: dict) -> str:
     c, on, off = r["config"], r["caching_on"], r["caching_off"]
     lines = [f"shared system prompt: {c['n']} requests, one {c['system_tokens']}-token system prompt + "
-             f"{c['lo']}-{c['hi']} unique tokens each, {c['new']} new; {c['shape']} on {c['device']} ({c['dtype']})", "",
+             f"{c['lo']}-{c['hi']} unique tokens each, {c['new']} new; {c['shape']} on {c['device']} ({c['dtype']}), "
+             f"{c['kv_cache_gb']:g} GiB of KV", "",
              "| | prefix caching on | off | on vs off |", "|---|---:|---:|---:|",
              f"| prefill tokens computed | {on['prefill_tokens']:,} | {off['prefill_tokens']:,} | "
              f"{100 * r['prefill_saved']:.1f}% fewer |",
              f"| tokens/s | {on['tok_s']:,.1f} | {off['tok_s']:,.1f} | {on['tok_s'] / off['tok_s']:.2f}x |",
              f"| first token p50 (s) | {on['ttft_p50_s']:.2f} | {off['ttft_p50_s']:.2f} | |",
              f"| first token p99 (s) | {on['ttft_p99_s']:.2f} | {off['ttft_p99_s']:.2f} | |",
-             f"| wall (s) | {on['wall_s']:.1f} | {off['wall_s']:.1f} | |", "",
+             f"| wall (s) | {on['wall_s']:.1f} | {off['wall_s']:.1f} | |",
+             f"| preemptions | {on['preemptions']} | {off['preemptions']} | |", "",
              f"same greedy outputs both ways: {r['same_greedy_outputs']}/{c['n']} requests"]
     return "\n".join(lines)
