@@ -97,7 +97,8 @@ def test_docker_stop_lets_running_streams_finish(server, record):
 
     def stream(i: int) -> None:
         body = {"model": "chat", "messages": [{"role": "user", "content": f"Tell me a story number {i}."}],
-                "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True}
+                "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
         with client.stream("POST", "/v1/chat/completions", json=body) as r:
             events = []
             for line in r.iter_lines():
@@ -127,8 +128,8 @@ def test_docker_stop_lets_running_streams_finish(server, record):
     for res in results:
         assert res is not None and res["status"] == 200
         assert res["events"][-1] == "[DONE]"
-        last = json.loads(res["events"][-2])
-        assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == max_tokens
+        last, usage = json.loads(res["events"][-3]), json.loads(res["events"][-2])  # then the usage chunk
+        assert last["choices"][0]["finish_reason"] == "length" and usage["usage"]["completion_tokens"] == max_tokens
     state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state  # 137 would mean Docker had to SIGKILL it
     assert stopped_after < GRACE_S + 5
