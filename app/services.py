@@ -13,7 +13,7 @@ from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, base_identity, load_model
 from prompt_store.format import PromptFile, load_prompt_file
-from prompt_store.registry import PromptRegistry
+from prompt_store.registry import PromptExists, PromptRegistry
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: 
 
 
 def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
-    """The shipped example prompts, each added once when its name is free and it fits this base model."""
+    """The shipped example prompts, each added once when its name is free and it fits this base model.
+    Replicas sharing a store start together: one of them adds each example, the others find it there."""
     for path in sorted(directory.glob("*.safetensors")):
         example: PromptFile = load_prompt_file(path)
         if example.name in registry:
@@ -72,7 +73,10 @@ def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
         if mismatch := example.base.mismatch(registry.base):
             log.info("example prompt %s is not for this model (%s)", example.name, mismatch)
             continue
-        registry.add(example)
+        try:
+            registry.add(example, replace=False)
+        except PromptExists:  # another replica added it since this one scanned the store (or at the same moment)
+            log.info("example prompt %s was added by another replica", example.name)
 
 
 def load_services(settings: Settings) -> Services:
