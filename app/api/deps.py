@@ -1,4 +1,4 @@
-"""Route dependencies: the loaded services (503 until ready), API keys, and the admin check."""
+"""Route dependencies: the loaded services (503 until ready, and while draining), API keys, and the admin check."""
 from __future__ import annotations
 
 import hmac
@@ -10,13 +10,23 @@ from app.api.errors import APIError
 from app.services import Services
 
 
+def unavailable(state) -> APIError | None:
+    """Why this replica takes no request now (the same answer on /health and on every route), or None."""
+    if state.draining:
+        return APIError(503, "the server is shutting down", "shutting_down")
+    if state.services is None:
+        if state.load_error:
+            return APIError(503, f"the model failed to load: {state.load_error}", "load_failed")
+        return APIError(503, "the model is still loading", "not_ready")
+    return None
+
+
 def get_services(request: Request) -> Services:
-    services = getattr(request.app.state, "services", None)
-    if services is None:
-        error = getattr(request.app.state, "load_error", None)
-        raise APIError(503, f"the model failed to load: {error}" if error else "the model is still loading",
-                       "not_ready")
-    return services
+    """The loaded services; 503 while loading, after a failed load and while draining."""
+    refusal = unavailable(request.app.state)
+    if refusal is not None:
+        raise refusal
+    return request.app.state.services
 
 
 def _bearer(request: Request) -> str | None:

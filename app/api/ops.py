@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from app.api.deps import unavailable
 from app.api.errors import error_response
 from app.api.schemas import error_responses
 
@@ -14,13 +15,10 @@ router = APIRouter(tags=["ops"])
 async def health(request: Request):
     """200 with the model, device and load once ready; 503 while the model loads, after it failed to
     load (the message says why), and while the server shuts down."""
+    refusal = unavailable(request.app.state)
+    if refusal is not None:
+        return error_response(refusal.status, refusal.message, refusal.code)
     services = request.app.state.services
-    if request.app.state.draining:
-        return error_response(503, "the server is shutting down", "shutting_down")
-    if services is None:
-        error = request.app.state.load_error
-        message = f"the model failed to load: {error}" if error else "the model is loading"
-        return error_response(503, message, "load_failed" if error else "not_ready")
     stats = services.engine.stats()
     return {"status": "ok", "model": services.model_name, "device": str(services.engine.runner.device),
             "prompts": len(services.engine.prompts), "running": stats.running, "waiting": stats.waiting}
