@@ -12,9 +12,11 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine.config import EngineConfig
 from prompt_store.format import MAX_VIRTUAL_TOKENS
 
 DEFAULT_CACHE_DIR = Path("~/.cache/softserve").expanduser()
+ENGINE = EngineConfig()  # the engine's defaults are the settings' defaults
 
 
 class Settings(BaseSettings):
@@ -43,17 +45,17 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
     max_virtual_tokens: int = Field(MAX_VIRTUAL_TOKENS, ge=1)
     # the engine
-    max_seq_len: int = Field(2048, ge=16, description="positions per request: virtual tokens + input + max_tokens")
+    max_seq_len: int = Field(ENGINE.max_seq_len, ge=16, description="positions per request: virtual tokens + input + max_tokens")
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
-    max_batched_tokens: int = Field(2048, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
-    block_size: int = Field(16, ge=1, le=256, description="positions per KV cache block")
-    prefix_caching: bool = Field(True, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
-    max_num_seqs: int = Field(256, ge=1, description="sequences running at once")
+    max_batched_tokens: int = Field(ENGINE.max_batched_tokens, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
+    block_size: int = Field(ENGINE.block_size, ge=1, le=256, description="positions per KV cache block")
+    prefix_caching: bool = Field(ENGINE.prefix_caching, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
+    max_num_seqs: int = Field(ENGINE.max_num_seqs, ge=1, description="sequences running at once")
     prompt_cache_mb: float = Field(1024, gt=0, description="CPU memory for loaded prompts (files read, prefixes computed on first use); beyond it the least recently used are unloaded")
-    max_waiting: int = Field(256, ge=1, description="queued requests beyond which new ones get 429")
+    max_waiting: int = Field(ENGINE.max_waiting, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(
-        "auto", description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
+        ENGINE.decode_attention, description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API

@@ -9,15 +9,14 @@ import torch
 
 from app.config import Settings
 from app.encoder import TextEncoder
-from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, base_identity, load_model
 from prompt_store.format import PromptFile, load_prompt_file
 from prompt_store.registry import PromptExists, PromptRegistry
 
 log = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 2 << 30
 
 
 @dataclass
