@@ -53,7 +53,7 @@ META_PREFIX = "softserve."
 PICKLE_MAGICS = (b"PK\x03\x04", b"\x80")
 
 
-def embedding_width(kind: str, shape) -> int:
+def embedding_width(kind: Kind, shape) -> int:
     """Width of one row of prompt_embeddings for a model `shape` (a BaseIdentity or the engine's ModelArgs):
     a shallow prompt is hidden_size wide, a deep prefix holds K and V for every layer (PEFT layout)."""
     if kind == Kind.PROMPT:
@@ -112,8 +112,8 @@ class PromptFile:
     """One version of one task prompt, as stored on disk."""
 
     name: str
-    kind: str  # "prompt" (shallow) | "prefix" (deep)
-    task: str  # "generate" | "tag" | "classify"
+    kind: Kind
+    task: Task
     num_virtual_tokens: int
     labels: list[str]
     description: str
@@ -140,8 +140,8 @@ class PromptMeta:
     """A prompt file's fields without its tensors: what an index of thousands of prompts holds."""
 
     name: str
-    kind: str
-    task: str
+    kind: Kind
+    task: Task
     num_virtual_tokens: int
     labels: tuple[str, ...]
     description: str
@@ -327,8 +327,8 @@ def load_prompt_bytes(data: bytes) -> PromptFile:
         raise PromptFormatError("metadata softserve.labels must be a JSON list")
     return PromptFile(
         name=_meta(metadata, "name"),
-        kind=kind,
-        task=task,
+        kind=Kind(kind),
+        task=Task(task),
         num_virtual_tokens=_meta_int(metadata, "num_virtual_tokens"),
         labels=labels,
         description=metadata.get(META_PREFIX + "description", ""),

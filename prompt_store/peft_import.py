@@ -23,14 +23,16 @@ import torch
 from prompt_store.format import (
     EMBEDDINGS_KEY,
     BaseIdentity,
+    Kind,
     PromptFile,
     PromptFormatError,
+    Task,
     read_safetensors_bytes,
     validate_prompt,
 )
 
-PEFT_TYPE_TO_KIND = {"PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
-TASK_TYPE_TO_TASK = {"CAUSAL_LM": "generate", "SEQ_CLS": "classify", "TOKEN_CLS": "tag"}
+PEFT_TYPE_TO_KIND = {"PROMPT_TUNING": Kind.PROMPT, "P_TUNING": Kind.PROMPT, "PREFIX_TUNING": Kind.PREFIX}
+TASK_TYPE_TO_TASK = {"CAUSAL_LM": Task.GENERATE, "SEQ_CLS": Task.CLASSIFY, "TOKEN_CLS": Task.TAG}
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -93,7 +95,7 @@ def import_peft_files(
             f"adapter prompt_embeddings has shape {list(embeddings.shape)} "
             f"but adapter_config.json says num_virtual_tokens={num_virtual_tokens}"
         )
-    if kind == "prefix":
+    if kind == Kind.PREFIX:
         _check_prefix_layout(config, base)
 
     head_weight, head_bias = _find_head(tensors)
@@ -107,7 +109,7 @@ def import_peft_files(
             labels = [f"LABEL_{i}" for i in range(rows)]
         elif len(labels) != rows:
             raise PromptFormatError(f"{len(labels)} labels given but the adapter's head has {rows} rows")
-    elif task == "classify" and not labels:
+    elif task == Task.CLASSIFY and not labels:
         raise PromptFormatError(
             "this classify adapter has no head: give its labels (they are scored as label words)"
         )
@@ -130,7 +132,7 @@ def import_peft_files(
     return pf
 
 
-def _kind_and_task(config: dict[str, Any]) -> tuple[str, str]:
+def _kind_and_task(config: dict[str, Any]) -> tuple[Kind, Task]:
     peft_type, task_type = config.get("peft_type"), config.get("task_type")
     # isinstance first: a list or dict is unhashable, and `in` on a dict would raise instead of refusing
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPE_TO_KIND:

@@ -30,9 +30,11 @@ from typing import Callable
 from prompt_store.format import (
     MAX_VIRTUAL_TOKENS,
     BaseIdentity,
+    Kind,
     PromptFile,
     PromptFormatError,
     PromptMeta,
+    Task,
     dump_prompt,
     file_digest,
     load_prompt_file,
@@ -69,8 +71,8 @@ class PromptInfo:
     """What listing a prompt shows; no tensors."""
 
     name: str
-    kind: str
-    task: str
+    kind: Kind
+    task: Task
     labels: list[str]
     num_virtual_tokens: int
     description: str
