@@ -25,9 +25,6 @@ from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_model, resolve_device, resolve_dtype
 from prompt_store.format import PromptFile, load_prompt_file
 
-HEAD_ONLY = SamplingParams(max_tokens=1)  # tag and classify generate nothing
-
-
 class LLM:
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
                  cache_dir: Path = DEFAULT_CACHE_DIR, config: EngineConfig | None = None):
@@ -64,11 +61,11 @@ class LLM:
 
     def tag(self, inputs: list[str | list[int]], prompt: str) -> list[Output]:
         """Per input token, the probability of each of the prompt's labels (Output.probs)."""
-        return self._one_request(prompt, inputs, Mode.TAG, HEAD_ONLY)
+        return self._one_request(prompt, inputs, Mode.TAG)
 
     def classify(self, inputs: list[str | list[int]], prompt: str) -> list[Output]:
         """Per input, the probability of each of the prompt's labels (Output.probs)."""
-        return self._one_request(prompt, inputs, Mode.CLASSIFY, HEAD_ONLY)
+        return self._one_request(prompt, inputs, Mode.CLASSIFY)
 
     def run(self, requests: list[tuple[str | None, list[int], Mode, SamplingParams]]) -> list[Output]:
         """Separate requests, (prompt name or None, token ids, mode, sampling) each, submitted at once."""
@@ -79,7 +76,7 @@ class LLM:
         return list(self._loop.run_until_complete(all_of_them()))
 
     def _one_request(self, prompt: str | None, inputs: list[str | list[int]], mode: Mode,
-                     params: SamplingParams) -> list[Output]:
+                     params: SamplingParams | None = None) -> list[Output]:
         ids = [self.engine.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
         prompt_now = self.engine.get_prompt(prompt)  # every input runs the same version
         seqs = [self.engine.make_sequence(prompt_now, i, mode, params) for i in ids]

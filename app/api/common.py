@@ -22,11 +22,9 @@ from app.services import Services
 T = TypeVar("T")
 
 
-def admit(request: Request, prompt: str | None) -> None:
-    """Refuse new work while draining; note the prompt for the access log and metrics."""
+def note_prompt(request: Request, prompt: str | None) -> None:
+    """The prompt a request uses, for the access log and metrics."""
     request.state.prompt = prompt or "base"
-    if request.app.state.draining:
-        raise APIError(503, "the server is shutting down", "shutting_down")
 
 
 def check_inputs(services: Services, inputs: list[str]) -> None:
@@ -101,6 +99,15 @@ def check_output(out: Output) -> None:
 def admitted_at(seq: Sequence) -> float | None:
     """When the request left the waiting queue (None if it never did)."""
     return seq.scheduled_time
+
+
+def usage(outs: list[Output], first_of_prompt: list[bool] | None = None) -> dict:
+    """Token counts of a response. With copies of one prompt (n > 1), the prompt's tokens count once,
+    as OpenAI counts them: first_of_prompt marks the outputs whose prompt is counted."""
+    counted = outs if first_of_prompt is None else [o for o, first in zip(outs, first_of_prompt) if first]
+    prompt = sum(o.prompt_tokens for o in counted)
+    completion = sum(o.completion_tokens for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def timing_headers(seqs: list[Sequence], outs: list[Output], end: float) -> dict[str, str]:

@@ -18,7 +18,6 @@ from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, Shutti
 from app.engine.tokenizer import ChatTemplateError
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists, VersionConflict
-from prompt_store.registry import PromptNotFound as StoredPromptNotFound
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str, str | No
         path = field_path(loc)
         if kind == "extra_forbidden" and loc:  # the client's own key, whatever characters it has
             path = ".".join(p for p in (field_path(loc[:-1]), str(loc[-1])) if p)
-            msg = "unknown field (not an OpenAI field nor a supported extension)"
+            msg = "unknown field: this route does not take it (/docs lists its fields)"
         errors.append((path, msg, FIELD_ERROR_CODES.get(kind, "validation_error")))
     paths = {path for path, _, _ in errors if path}
     parts, first, code = [], None, None
@@ -108,7 +107,6 @@ ENGINE_ERRORS = [
     (InvalidRequest, 400, "invalid_request"),
     (ChatTemplateError, 400, "chat_template"),
     (PromptNotFound, 404, "prompt_not_found"),
-    (StoredPromptNotFound, 404, "prompt_not_found"),
     (PromptFormatError, 422, "invalid_prompt"),
     (VersionConflict, 409, "version_conflict"),
     (PromptExists, 409, "prompt_exists"),

@@ -17,16 +17,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.common import (
     BASE,
-    admit,
     cancel_on_disconnect,
     check_tokens,
     default_max_tokens,
-    served_model_id,
+    note_prompt,
     prompt_name,
     record,
     resolve_prompt,
     run_all,
+    served_model_id,
     timing_headers,
+    usage,
 )
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
@@ -50,13 +51,6 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 
 COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with seed + j * stride: n different answers
-
-
-def _usage(outs: list[Output], first_of_prompt: list[bool]) -> dict:
-    """A prompt's tokens count once however many copies ran it (as OpenAI counts them)."""
-    prompt = sum(o.prompt_tokens for o, first in zip(outs, first_of_prompt) if first)
-    completion = sum(o.completion_tokens for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _logprobs(tokens, services: Services, chat: bool) -> dict | None:
@@ -105,7 +99,7 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
              summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
-    admit(request, prompt_name(body.model, services) or BASE)
+    note_prompt(request, prompt_name(body.model, services) or BASE)
     prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
     _check_seqs(services, body.n)
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
@@ -118,7 +112,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
 async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
-    admit(request, prompt_name(body.model, services) or BASE)
+    note_prompt(request, prompt_name(body.model, services) or BASE)
     prompt = await resolve_prompt(services, body.model)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
@@ -221,7 +215,7 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
             record(request, route, seq, out, end)
         return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
                              "choices": [choice(k, out, True) for k, out in enumerate(outs)],
-                             "usage": _usage(outs, first_of_prompt)},
+                             "usage": usage(outs, first_of_prompt)},
                             headers=timing_headers(seqs, outs, end))
 
     streams = [engine.stream(seq) for seq in seqs]
@@ -241,13 +235,13 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
                        "choices": [choice(k, out, not started[k])]}
             started[k] = True
             if continuous:
-                payload["usage"] = _usage([out], [True])
+                payload["usage"] = usage([out], [True])
             yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
                 record(request, route, seqs[k], out, time.monotonic())
         if include_usage:
             payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model, "choices": [],
-                       "usage": _usage(last, first_of_prompt)}
+                       "usage": usage(last, first_of_prompt)}
             yield f"data: {json.dumps(payload)}\n\n"
         yield "data: [DONE]\n\n"
 

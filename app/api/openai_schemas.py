@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.api.schemas import SEED_MAX, SEED_MIN, StopString
+from app.api.schemas import SEED_MAX, SEED_MIN, StopString, Usage
 from app.engine.sampling import SamplingParams
 
 MAX_N = 16
@@ -224,12 +224,6 @@ class CompletionRequest(OpenAIRequest):
 
 
 # ---- responses (documentation: the routes build these shapes as plain JSON) ---------------------------
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="each prompt counted once, however many choices it has")
-    completion_tokens: int
-    total_tokens: int
-
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import get_services, require_admin, require_api_key
 from app.api.errors import APIError
-from app.api.schemas import DeletedPrompt, PromptInfo, PromptList, error_responses
+from app.api.schemas import DeletedPrompt, PromptResponse, PromptList, error_responses
 from app.services import Services
 from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, validate_name
 from prompt_store.peft_import import import_peft_files
@@ -84,7 +84,7 @@ async def list_prompts(services: Services = Depends(get_services)):
             "data": [_info(services, info) for info in services.registry.list()]}
 
 
-@router.get("/{name}", response_model=PromptInfo, dependencies=[Depends(require_api_key)],
+@router.get("/{name}", response_model=PromptResponse, dependencies=[Depends(require_api_key)],
             responses=error_responses(401, 404, 503), summary="Show one prompt and its versions")
 async def get_prompt(name: str, services: Services = Depends(get_services)):
     return _info(services, _find(services, name), history=True)
@@ -104,8 +104,8 @@ async def download_prompt(name: str, version: int | None = Query(None, ge=1, des
                              "x-prompt-version": str(version)})
 
 
-@router.put("/{name}", response_model=PromptInfo, status_code=201, dependencies=[Depends(require_admin)],
-            openapi_extra=MULTIPART_SCHEMA, responses={200: {"model": PromptInfo, "description": "a new version "
+@router.put("/{name}", response_model=PromptResponse, status_code=201, dependencies=[Depends(require_admin)],
+            openapi_extra=MULTIPART_SCHEMA, responses={200: {"model": PromptResponse, "description": "a new version "
                                                              "of an existing prompt"},
                                                        **error_responses(400, 401, 403, 409, 413, 422, 503)},
             summary="Upload a prompt (new, or a new version)")
@@ -118,8 +118,6 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
         validate_name(name)
     except PromptFormatError as e:
         raise APIError(422, str(e), "invalid_name") from e
-    if request.app.state.draining:
-        raise APIError(503, "the server is shutting down", "shutting_down")
     pf = await _read_upload(request, services)
     pf = dataclasses.replace(pf, name=name)
     try:

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.engine.sampling import SamplingParams
+from prompt_store.format import Kind, Task
 
 
 SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # the engine takes a seed mod 2**64
@@ -40,6 +41,7 @@ Text = Annotated[str, Field(min_length=1, description="one input text")]
 
 
 class TaskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field this route does not take is a 400, never ignored
     prompt: str = Field(description="name of a registered task prompt (GET /v1/prompts)")
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one text or a list of texts (SOFTSERVE_MAX_INPUTS_PER_REQUEST at most); all are submitted "
@@ -67,7 +69,7 @@ class ClassifyRequest(TaskRequest):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="each prompt counted once, however many choices (n) it has")
     completion_tokens: int
     total_tokens: int
 
@@ -139,10 +141,11 @@ class PromptVersion(BaseModel):
     digest: str = Field(description="sha256 of the version's file")
 
 
-class PromptInfo(BaseModel):
+class PromptResponse(BaseModel):
+    """A stored prompt as the API shows it: the store's PromptInfo, whether this replica serves it, its history."""
     name: str
-    kind: str = Field(description="'prompt' (shallow: prompt tuning) or 'prefix' (deep: prefix tuning / P-Tuning v2)")
-    task: str = Field(description="'generate', 'tag' or 'classify'")
+    kind: Kind = Field(description="'prompt' (shallow: prompt tuning) or 'prefix' (deep: prefix tuning / P-Tuning v2)")
+    task: Task = Field(description="'generate', 'tag' or 'classify'")
     labels: list[str]
     num_virtual_tokens: int
     description: str
@@ -160,7 +163,7 @@ class PromptInfo(BaseModel):
 class PromptList(BaseModel):
     object: Literal["list"] = "list"
     base: dict = Field(description="the base model identity prompts must match (architecture, sizes, fingerprint)")
-    data: list[PromptInfo]
+    data: list[PromptResponse]
 
 
 class DeletedPrompt(BaseModel):

@@ -10,7 +10,8 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.common import admit, check_inputs, check_tokens, record, resolve_prompt, run_all, timing_headers
+from app.api.common import (check_inputs, check_tokens, note_prompt, record, resolve_prompt, run_all, timing_headers,
+                             usage)
 from app.api.deps import get_services, require_api_key
 from app.api.schemas import (
     ClassifyRequest,
@@ -21,21 +22,11 @@ from app.api.schemas import (
     TagResponse,
     error_responses,
 )
-from app.engine.sampling import SamplingParams
 from app.engine.sequence import Mode
 from app.services import Services
 
 router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
-
-HEAD_ONLY = SamplingParams(max_tokens=1)  # tag/classify generate nothing; the engine ignores max_tokens for them
-
-
-def _usage(outs) -> dict:
-    prompt = sum(o.prompt_tokens for o in outs)
-    completion = sum(o.completion_tokens for o in outs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
 
 async def _run(request: Request, services: Services, route: str, seqs):
     check_tokens(services, seqs)
@@ -48,7 +39,7 @@ async def _run(request: Request, services: Services, route: str, seqs):
 async def _resolve(request: Request, services: Services, body):
     """(inputs, prompt): the prompt is resolved once, so every input of the request (and the labels in
     the answer) uses the same version even if an upload lands meanwhile; 404 before any tokenizing."""
-    admit(request, body.prompt)
+    note_prompt(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
     return inputs, await resolve_prompt(services, body.prompt)
@@ -68,7 +59,7 @@ async def generate(body: GenerateRequest, request: Request, services: Services =
     outs, headers = await _run(request, services, "/v1/generate", seqs)
     results = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
                 "completion_tokens": o.completion_tokens} for i, o in enumerate(outs)]
-    return JSONResponse({"prompt": body.prompt, "results": results, "usage": _usage(outs)}, headers=headers)
+    return JSONResponse({"prompt": body.prompt, "results": results, "usage": usage(outs)}, headers=headers)
 
 
 @router.post("/tag", response_model=TagResponse, summary="Tag tokens (NER) and merge them into entities")
@@ -78,7 +69,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     prefix counts as `I-`). An entity's score is the mean of its tokens' scores."""
     inputs, prompt = await _resolve(request, services, body)
     encoded = [await services.encoder.encode_with_offsets(text, f"inputs.{i}") for i, text in enumerate(inputs)]
-    seqs = [services.engine.make_sequence(prompt, ids, Mode.TAG, HEAD_ONLY, services.settings.request_timeout_s)
+    seqs = [services.engine.make_sequence(prompt, ids, Mode.TAG, timeout_s=services.settings.request_timeout_s)
             for ids, _ in encoded]
     labels = prompt.labels
     outs, headers = await _run(request, services, "/v1/tag", seqs)
@@ -86,7 +77,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     for i, (text, (_, offsets), out) in enumerate(zip(inputs, encoded, outs)):
         tokens = tagged_tokens(text, offsets, out.probs.float().cpu(), labels, body.return_probs)
         results.append({"index": i, "tokens": tokens, "entities": merge_entities(text, tokens)})
-    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": _usage(outs)},
+    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": usage(outs)},
                         headers=headers)
 
 
@@ -95,7 +86,8 @@ async def classify(body: ClassifyRequest, request: Request, services: Services =
     """Per input: the most probable label, its probability, and every label's probability."""
     inputs, prompt = await _resolve(request, services, body)
     ids = [await services.encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
-    seqs = [services.engine.make_sequence(prompt, i, Mode.CLASSIFY, HEAD_ONLY, services.settings.request_timeout_s)
+    seqs = [services.engine.make_sequence(prompt, i, Mode.CLASSIFY,
+                                          timeout_s=services.settings.request_timeout_s)
             for i in ids]
     labels = prompt.labels
     outs, headers = await _run(request, services, "/v1/classify", seqs)
@@ -105,7 +97,7 @@ async def classify(body: ClassifyRequest, request: Request, services: Services =
         best = max(range(len(probs)), key=probs.__getitem__)
         results.append({"index": i, "label": labels[best], "score": probs[best],
                         "probs": dict(zip(labels, probs))})
-    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": _usage(outs)},
+    return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": usage(outs)},
                         headers=headers)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from app.api.common import admit, prompt_name, resolve_prompt
+from app.api.common import note_prompt, prompt_name, resolve_prompt
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
 from app.api.openai_schemas import ChatMessage, Refused, Strict, TokenId
@@ -50,7 +50,7 @@ class DetokenizeResponse(BaseModel):
 @router.post("/tokenize", response_model=TokenizeResponse, summary="Tokenize a text or chat messages (vLLM)")
 async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
                    services: Services = Depends(get_services)):
-    admit(request, prompt_name(body.model, services) or "base")
+    note_prompt(request, prompt_name(body.model, services) or "base")
     prompt = await resolve_prompt(services, body.model)
     if isinstance(body, TokenizeChat):
         ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
@@ -66,7 +66,7 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
 
 @router.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text (vLLM)")
 async def detokenize(body: DetokenizeRequest, request: Request, services: Services = Depends(get_services)):
-    admit(request, prompt_name(body.model, services) or "base")
+    note_prompt(request, prompt_name(body.model, services) or "base")
     await resolve_prompt(services, body.model)  # 404 for an unknown model, as elsewhere
     vocab = services.loaded.args.vocab_size
     if any(t >= vocab for t in body.tokens):

@@ -19,18 +19,22 @@ import torch
 from app.engine.decode_attention import use_kernel
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.block_manager import BlockManager
+from app.engine.config import EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.prompt_table import PromptEntry, PromptTable
 from app.engine.runner import ModelRunner
+from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler, StepResult
 from app.engine.sequence import Mode, Output, Sequence, Status
 from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
 from prompt_store.format import PromptFile, PromptFormatError
+from prompt_store.registry import PromptNotFound  # one class: the store's and the engine's lookups answer 404 alike
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+HEAD_ONLY = SamplingParams(max_tokens=1)  # tag and classify: one forward, the head's answer, no token
 PINNED_KEPT = 8  # older prompt versions kept built for requests that pin them
 
 __all__ = ["AsyncEngine", "EngineConfig", "EngineStats", "InvalidRequest", "Overloaded", "PromptNotFound",
@@ -47,29 +51,6 @@ class WrongTaskType(InvalidRequest):
 
 class ShuttingDown(RuntimeError):
     """The engine stopped admitting requests: the server is draining."""
-
-
-class PromptNotFound(KeyError):
-    def __str__(self):
-        return self.args[0]
-
-
-@dataclass
-class EngineConfig:
-    max_seq_len: int = 2048  # positions per sequence: virtual tokens + prompt + generated tokens
-    kv_cache_bytes: int = 2 << 30
-    block_size: int = 16  # positions per KV block
-    prefix_caching: bool = True  # reuse cached blocks of equal prefixes (same task prompt, same tokens)
-    max_batched_tokens: int = 2048  # tokens per forward (prefill chunks + decode tokens)
-    max_num_seqs: int = 256  # sequences running at once (the static decode steps' largest bucket)
-    max_waiting: int = 256  # requests waiting, each with all its inputs
-    prompt_cache_bytes: int | None = None  # CPU memory for loaded prompts; beyond it LRU ones are unloaded
-    # Decode-only steps at static shapes (app/engine/decode_graphs.py). None: on CUDA, replayed as CUDA
-    # graphs; off on CPU. True on CPU runs the static steps eagerly (tests); False: always the dynamic path.
-    static_decode: bool | None = None
-    # Decode attention of the static steps: "auto" (the Triton kernel on CUDA when it is importable and
-    # passes its start-up check, else SDPA), "triton" (required) or "sdpa".
-    decode_attention: str = "auto"
 
 
 @dataclass
@@ -245,10 +226,16 @@ class AsyncEngine:
         return name is None or (entry is not None and entry.loaded is not None)
 
     # ---- requests ------------------------------------------------------------------------------------
-    def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], mode: Mode, sampling,
-                      timeout_s: float | None = None) -> Sequence:
+    def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], mode: Mode,
+                      sampling: SamplingParams | None = None, timeout_s: float | None = None) -> Sequence:
         """prompt: a name (resolved here to its current version) or an already resolved TaskPrompt (every
-        input of one request passes the same object, so they all run one version); None: the bare model."""
+        input of one request passes the same object, so they all run one version); None: the bare model.
+        sampling: for generate (default: SamplingParams()); tag and classify generate nothing, so theirs is
+        not used (the API refuses sampling fields on those routes)."""
+        if mode != Mode.GENERATE:
+            sampling = HEAD_ONLY
+        elif sampling is None:
+            sampling = SamplingParams()
         if isinstance(prompt, str):
             prompt = self.get_prompt(prompt)
         task = Mode.GENERATE if prompt is None else prompt.task
