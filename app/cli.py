@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from app.config import Settings, add_setting_flags, describe
+from app.config import Settings, add_setting_flags, describe, environment_settings
 from app.engine.weights import DEFAULT_MODEL, ModelLoadError
 
 
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    settings = environment_settings()
     try:
-        settings = Settings()
         args = build_parser().parse_args(argv)
         settings = settings.with_flags(args, **({"example_prompts": False} if getattr(args, "no_examples", False)
                                                 else {}))

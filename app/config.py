@@ -1,11 +1,12 @@
 """Every setting in one object, read from SOFTSERVE_* environment variables and overridden by CLI flags.
 
 The README's settings table lists the same fields; `Settings` is passed down, never read globally.
-The command line builds it once (`Settings()` reads the environment), then `with_flags` applies the flags.
+The command line builds it once (`environment_settings()`), then `with_flags` applies the flags.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -113,6 +114,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, names=tuple(FLAGS)) -> No
     for flag in names:
         field, help_text = FLAGS[flag]
         parser.add_argument(flag, dest=field, default=None, help=f"{help_text} (env SOFTSERVE_{field.upper()})")
+
+
+def environment_settings() -> Settings:
+    """The settings of the SOFTSERVE_* environment, read once per process (by the CLI, or by the app factory
+    under `uvicorn --factory`). A bad value ends the process with one line naming it, and exit code 2."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        print(f"softserve: {describe(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def describe(error: ValidationError) -> str:

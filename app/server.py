@@ -21,7 +21,7 @@ from app.api import openai, ops, prompts, tasks, tokenize
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import RequestMiddleware, kv
-from app.config import Settings
+from app.config import Settings, environment_settings
 from app.logs import use_json_lines
 from app.metrics import Metrics
 from app.services import Services, load_services
@@ -40,7 +40,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    """settings: the CLI's; None when uvicorn calls this factory (`uvicorn --factory app.server:create_app`),
+    which reads them from the environment here, once."""
+    settings = settings or environment_settings()
     if not logging.getLogger().handlers:  # run as `uvicorn --factory app.server:create_app`: still log ours
         logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     if settings.log_format == "json":
