@@ -33,6 +33,25 @@ def kv(**fields) -> str:
     return " ".join(parts)
 
 
+def request_id(headers: dict[bytes, bytes]) -> str:
+    """The client's x-request-id when it is safe to log and echo, else a new one."""
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
+    return given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def length_refusal(length: bytes | None, limit: int, setting: str) -> tuple[int, str, str] | None:
+    """(status, message, code) for a Content-Length that is not a number or is over the limit; else None.
+    (A body sent without one is counted as it arrives.)"""
+    if length is None:
+        return None
+    if not length.isdigit():
+        return 400, "invalid Content-Length header", "invalid_content_length"
+    if int(length) > limit:
+        message = f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes ({setting})"
+        return 413, message, "payload_too_large"
+    return None
+
+
 class RequestMiddleware:
     def __init__(self, app, settings, metrics: Metrics, get_services):
         self.app, self.settings, self.metrics, self.get_services = app, settings, metrics, get_services
@@ -45,11 +64,12 @@ class RequestMiddleware:
         return int(self.settings.max_request_mb * (1 << 20)), "SOFTSERVE_MAX_REQUEST_MB"
 
     async def __call__(self, scope, receive, send):
+        """Give the request an id (echoed in `x-request-id`), hold its body to the size limit, and log and
+        count it once it is answered."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = request_id(headers)
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
@@ -59,8 +79,7 @@ class RequestMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
             await send(message)
 
         received = 0
@@ -75,33 +94,28 @@ class RequestMiddleware:
             return message
 
         try:
-            length = headers.get(b"content-length")
-            refusal = None
-            if length is not None:
-                if not length.isdigit():
-                    refusal = (400, "invalid Content-Length header", "invalid_content_length")
-                elif int(length) > limit:
-                    refusal = (413, f"the request body ({int(length)} bytes) exceeds the limit of {limit} bytes "
-                                    f"({setting})", "payload_too_large")
+            refusal = length_refusal(headers.get(b"content-length"), limit, setting)
             if refusal is not None:
                 await self._refuse(send_with_id, *refusal)
             else:
                 await self.app(scope, counting_receive, send_with_id)
         finally:
-            duration = time.perf_counter() - start
-            route = scope.get("route")
-            route_path = getattr(route, "path", None) or "unmatched"
-            prompt = self._prompt_label(scope)
-            self.metrics.requests.labels(route_path, str(status), prompt).inc()
-            self.metrics.request_duration.labels(route_path).observe(duration)
-            client = scope.get("client")
-            state = scope.get("state") or {}
-            fields = dict(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
-                          status=status, duration_ms=round(duration * 1000, 1), prompt=prompt or None,
-                          prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
-                          client=client[0] if client else None)
-            log.info(kv(**fields), extra={"fields": fields})  # (the JSON log format keeps the fields as keys)
+            self._record(scope, rid, status, time.perf_counter() - start)
             request_id_var.reset(token)
+
+    def _record(self, scope, rid: str, status: int, duration: float) -> None:
+        """The request's metrics and its access-log line."""
+        route_path = getattr(scope.get("route"), "path", None) or "unmatched"
+        prompt = self._prompt_label(scope)
+        self.metrics.requests.labels(route_path, str(status), prompt).inc()
+        self.metrics.request_duration.labels(route_path).observe(duration)
+        client = scope.get("client")
+        state = scope.get("state") or {}
+        fields = dict(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
+                      status=status, duration_ms=round(duration * 1000, 1), prompt=prompt or None,
+                      prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
+                      client=client[0] if client else None)
+        log.info(kv(**fields), extra={"fields": fields})  # (the JSON log format keeps the fields as keys)
 
     def _prompt_label(self, scope) -> str:
         """The prompt a request named, if it is served (bounded label values: no client-chosen strings)."""

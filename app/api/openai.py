@@ -171,78 +171,99 @@ async def _compile_grammar(body: OpenAIRequest, request: Request, services: Serv
 
 async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: list[str | None],
                     logprobs: int | None, request: Request, services: Services, chat: bool):
-    engine = services.engine
-    route = "/v1/chat/completions" if chat else "/v1/completions"
-    vocab = services.loaded.args.vocab_size
-    _check_token_fields(body, vocab)
+    """Run a completion request (n copies of each prompt) and answer it whole or as a stream."""
+    _check_token_fields(body, services.loaded.args.vocab_size)
     grammar = await _compile_grammar(body, request, services)
+    seqs = _sequences(body, prompt, ids, logprobs, grammar, services)
+    check_tokens(services, seqs)
     echo = getattr(body, "echo", False)
-    seqs: list[Sequence] = []
+    echoed = [(text if text is not None else services.tokenizer.decode(prompt_ids)) if echo else ""
+              for prompt_ids, text in zip(ids, texts)]
+    shape = _ResponseShape(body, services, chat, [echoed[k // body.n] for k in range(len(seqs))])
+    if body.stream:
+        return await _stream(shape, seqs, request, services)
+    outs, end = await run_all(request, services, seqs)
+    for seq, out in zip(seqs, outs):
+        record(request, shape.route, seq, out, end)
+    return JSONResponse(shape.payload([shape.choice(k, out, True) for k, out in enumerate(outs)],
+                                      usage(outs, shape.first_of_prompt(len(seqs)))),
+                        headers=timing_headers(seqs, outs, end))
+
+
+def _sequences(body: OpenAIRequest, prompt, ids: list[list[int]], logprobs: int | None, grammar,
+               services: Services) -> list[Sequence]:
+    """n sequences per prompt; copy j of a seeded request draws with its own seed."""
+    seqs = []
     for prompt_ids in ids:
         max_tokens = body.new_tokens or default_max_tokens(services, prompt, prompt_ids, len(ids) * body.n)
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j * COPY_SEED_STRIDE) % SEED_RANGE
             params = body.sampling_params(max_tokens, logprobs, seed)
-            seq = engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, params, services.settings.request_timeout_s)
+            seq = services.engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, params,
+                                                services.settings.request_timeout_s)
             if grammar is not None:
-                seq.grammar = GrammarMatcher(grammar, vocab)
-            if echo and logprobs is not None:
+                seq.grammar = GrammarMatcher(grammar, services.loaded.args.vocab_size)
+            if getattr(body, "echo", False) and logprobs is not None:
                 seq.prompt_logprobs = logprobs
             seqs.append(seq)
-    check_tokens(services, seqs)
-    first_of_prompt = [k % body.n == 0 for k in range(len(seqs))]
-    echoed = [(texts[k // body.n] if texts[k // body.n] is not None else services.tokenizer.decode(ids[k // body.n]))
-              if echo else "" for k in range(len(seqs))]
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    kind = "chat.completion" if chat else "text_completion"
-    created = int(time.time())
+    return seqs
 
-    def choice(k: int, out: Output, first: bool) -> dict:
+
+class _ResponseShape:
+    """The JSON of one completion response: its id and object kind, and each choice as chat or text,
+    whole or as a stream delta. echoed[k]: the prompt text that choice k starts with (echo), else ""."""
+
+    def __init__(self, body: OpenAIRequest, services: Services, chat: bool, echoed: list[str]):
+        self.body, self.services, self.chat, self.echoed = body, services, chat, echoed
+        self.route = "/v1/chat/completions" if chat else "/v1/completions"
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.kind = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and body.stream else "")
+        self.created = int(time.time())
+
+    def first_of_prompt(self, count: int) -> list[bool]:
+        """Which choices count their prompt's tokens in `usage` (the first copy of each prompt)."""
+        return [k % self.body.n == 0 for k in range(count)]
+
+    def choice(self, k: int, out: Output, first: bool) -> dict:
+        """first: the choice's first (or only) part, which carries the echo and the assistant role."""
         tokens = (out.prompt_logprobs or []) + out.tokens if first else out.tokens
         c = {"index": k, "finish_reason": out.finish_reason if out.finished else None,
-             "logprobs": _logprobs(tokens, services, chat)}
-        if not chat:
-            c["text"] = (echoed[k] if first else "") + out.text
-        elif body.stream:
+             "logprobs": _logprobs(tokens, self.services, self.chat)}
+        if not self.chat:
+            c["text"] = (self.echoed[k] if first else "") + out.text
+        elif self.body.stream:
             c["delta"] = ({"role": "assistant"} if first else {}) | {"content": out.text}
         else:
             c["message"] = {"role": "assistant", "content": out.text}
         return c
 
-    if not body.stream:
-        outs, end = await run_all(request, services, seqs)
-        for seq, out in zip(seqs, outs):
-            record(request, route, seq, out, end)
-        return JSONResponse({"id": rid, "object": kind, "created": created, "model": body.model,
-                             "choices": [choice(k, out, True) for k, out in enumerate(outs)],
-                             "usage": usage(outs, first_of_prompt)},
-                            headers=timing_headers(seqs, outs, end))
+    def payload(self, choices: list[dict], usage_counts: dict | None = None) -> dict:
+        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
+                "choices": choices}
+        return body if usage_counts is None else body | {"usage": usage_counts}
 
-    streams = [engine.stream(seq) for seq in seqs]
+
+async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request, services: Services):
+    streams = [services.engine.stream(seq) for seq in seqs]
     # before the 200 goes out, so an overload is still a 429; a client gone while it queues cancels it
     firsts = await _first_outputs(request, streams)
-    options = body.stream_options
+    options = shape.body.stream_options
     include_usage = options is not None and options.include_usage
     continuous = options is not None and options.continuous_usage_stats
 
     async def events() -> AsyncIterator[str]:
-        chunk_kind = kind + (".chunk" if chat else "")
         last: list[Output] = list(firsts)
         started = [False] * len(seqs)
         async for k, out in _merged(streams, firsts):
             last[k] = out
-            payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model,
-                       "choices": [choice(k, out, not started[k])]}
+            payload = shape.payload([shape.choice(k, out, not started[k])],
+                                    usage([out], [True]) if continuous else None)
             started[k] = True
-            if continuous:
-                payload["usage"] = usage([out], [True])
             yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
-                record(request, route, seqs[k], out, time.monotonic())
+                record(request, shape.route, seqs[k], out, time.monotonic())
         if include_usage:
-            payload = {"id": rid, "object": chunk_kind, "created": created, "model": body.model, "choices": [],
-                       "usage": usage(last, first_of_prompt)}
-            yield f"data: {json.dumps(payload)}\n\n"
+            yield f"data: {json.dumps(shape.payload([], usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
