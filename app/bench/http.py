@@ -69,7 +69,8 @@ async def sweep_http(url: str, texts: list[str], new: int, concurrency: int, mod
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def one(text: str):
-            body = dict(model=model, prompt=text, max_tokens=new, temperature=0, ignore_eos=True, stream=True)
+            body = dict(model=model, prompt=text, max_tokens=new, temperature=0, ignore_eos=True, stream=True,
+                        stream_options={"include_usage": True})  # the token counts come in the usage chunk
             async with sem:
                 t = time.perf_counter()
                 first = None
