@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.config import Settings
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_hf_directory, load_model
+from tests.live_server import env_settings
 
-CACHE_DIR = Settings().cache_dir  # SOFTSERVE_CACHE_DIR, else the default
+CACHE_DIR = env_settings().cache_dir  # SOFTSERVE_CACHE_DIR, else the default
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512)

@@ -1,111 +1,54 @@
-"""Run softserve as a real server process on a free loopback port, for the HTTP tests.
+"""softserve as a real server process on a free loopback port, for the HTTP tests: app/server_process.py's
+ServerProcess with the tests' settings.
 
 `python -m uvicorn --factory app.server:create_app` by default, `python -m app.cli serve` with cli=True;
-settings come from SOFTSERVE_* variables: the model cache from the environment (or ~/.cache/softserve),
-a temporary prompt store, no example prompts, a small KV cache.
+settings come from SOFTSERVE_* variables: the model cache from this environment's settings (env_settings()),
+a temporary prompt store, no example prompts, a small KV cache; `env` adds or overrides variables.
 """
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+from functools import cache
 from pathlib import Path
 
 import httpx
 
 from app.config import Settings
+from app.server_process import ServerProcess, free_port, start_many
 from prompt_store.format import embedding_width
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@cache
+def env_settings() -> Settings:
+    """This environment's settings (SOFTSERVE_*, else the defaults), read once for all the tests: where the
+    model cache is (tests/conftest.py's cache_dir fixture, the servers started here)."""
+    return Settings()
+
+
 def model_cache_dir() -> str:
-    return str(Settings().cache_dir)
+    return str(env_settings().cache_dir)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
+class LiveServer(ServerProcess):
     def __init__(self, store: Path, env: dict[str, str] | None = None, cli: bool = False, port: int | None = None):
-        self.store, self.port, self.cli = Path(store), port or free_port(), cli
-        self.url = f"http://127.0.0.1:{self.port}"
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SOFTSERVE_")}
-        self.env = {**inherited, "SOFTSERVE_CACHE_DIR": model_cache_dir(), "SOFTSERVE_PROMPT_STORE": str(store),
-                    "SOFTSERVE_EXAMPLE_PROMPTS": "false", "SOFTSERVE_KV_CACHE_GB": "0.5",
-                    "SOFTSERVE_MAX_SEQ_LEN": "1024", "SOFTSERVE_HOST": "127.0.0.1",
-                    "SOFTSERVE_PORT": str(self.port), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        self.log_path = self.store.parent / f"server-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> LiveServer:
-        if self.cli:
-            cmd = [sys.executable, "-m", "app.cli", "serve"]
-        else:
-            cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.server:create_app",
-                   "--host", "127.0.0.1", "--port", str(self.port)]
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        return self
+        self.store, self.cli = Path(store), cli
+        port = port or free_port()
+        defaults = {"SOFTSERVE_CACHE_DIR": model_cache_dir(), "SOFTSERVE_PROMPT_STORE": str(store),
+                    "SOFTSERVE_EXAMPLE_PROMPTS": "false", "SOFTSERVE_KV_CACHE_GB": "0.5", "SOFTSERVE_MAX_SEQ_LEN": "1024",
+                    "TOKENIZERS_PARALLELISM": "false"}
+        super().__init__({**defaults, **(env or {})}, self.store.parent / f"server-{port}.log", port=port,
+                         factory=not cli, cwd=REPO)
 
     def wait_ready(self, timeout: float = 180) -> LiveServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200:
-                    return self
-                if "failed to load" in r.text:
-                    raise RuntimeError(f"server failed to load: {r.text}\n{self.output()}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-    def __enter__(self) -> LiveServer:
-        return self.start().wait_ready()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        super().wait_ready(timeout)
+        return self
 
 
 def start_servers(*servers: LiveServer) -> None:
     """Start several at once (they load the model in parallel), then wait for each."""
-    for server in servers:
-        server.start()
-    try:
-        for server in servers:
-            server.wait_ready()
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
+    start_many(servers)
 
 
 def sse_events(response: httpx.Response) -> list[str]:

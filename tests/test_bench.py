@@ -2,6 +2,7 @@
 number of tokens and the same greedy tokens; the JSON holds the report's keys. No timing is asserted."""
 
 import json
+import os
 
 import pytest
 
@@ -73,3 +74,25 @@ def test_http_mode_refuses_other_hosts():
 def test_percentile_interpolates():
     assert percentile([1, 2, 3, 4], 50) == 2.5
     assert percentile([5], 99) == 5
+
+
+def test_a_spawned_server_gets_the_benchs_settings(monkeypatch, tmp_path):
+    """settings_env writes Settings as the SOFTSERVE_* variables from which the child rebuilds the same
+    object; the bench's spawned server has the bench's device, dtype and store, and no example prompts."""
+    from app.bench.http import spawn_settings
+    from app.config import Settings
+    from app.server_process import settings_env
+
+    settings = Settings(cache_dir=tmp_path / "cache", kv_cache_gb=0.5, api_keys="a,b", max_batched_tokens=512)
+    served = spawn_settings(settings, "cpu", "float32", tmp_path / "store")
+    env = settings_env(served)
+    assert "SOFTSERVE_SERVED_MODEL_NAME" not in env  # unset stays unset
+    for name in [k for k in os.environ if k.startswith("SOFTSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    rebuilt = Settings()
+    assert rebuilt == served
+    assert (rebuilt.device, rebuilt.dtype, rebuilt.prompt_store, rebuilt.example_prompts) == (
+        "cpu", "float32", tmp_path / "store", False)
+    assert (rebuilt.cache_dir, rebuilt.max_batched_tokens) == (tmp_path / "cache", 512)

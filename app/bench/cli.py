@@ -28,7 +28,8 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--seed", type=int, default=1, help="seed of the request stream")
-    p.add_argument("--max-batched-tokens", type=int, default=2048, help="the engine's tokens per forward")
+    p.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="the engine's tokens per forward (default: the server's, SOFTSERVE_MAX_BATCHED_TOKENS)")
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench_results/<time>.json)")
     p.add_argument("--skip-peer", action="store_true", help="run only softserve's side")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every engine step eagerly (to measure the graphs)")
@@ -77,15 +78,19 @@ def _run_paged_bench(args, cache_dir: Path) -> dict:
 
 
 def cmd_bench(args, settings: Settings) -> int:
-    """--device and --dtype are the bench's own (default auto); the model cache is the server's setting."""
+    """--device and --dtype are the bench's own (default auto); everything else a server or engine started
+    here needs (the model cache, --max-batched-tokens' default, the HTTP mode's spawned server) comes from
+    `settings`, the process's one Settings."""
     from app.bench.run import BenchConfig, format_table, write_json
 
     cache_dir = settings.cache_dir
+    if args.max_batched_tokens is None:
+        args.max_batched_tokens = settings.max_batched_tokens
     path = args.json or Path("bench_results") / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.stored_prompts:
         from app.bench.many_prompts import format_many_prompts, run_many_prompts
 
-        result = run_many_prompts(args.stored_prompts, cache_dir)
+        result = run_many_prompts(args.stored_prompts, settings)
         print(format_many_prompts(result))
     elif args.capacity or args.system_prompt_tokens:
         result = _run_paged_bench(args, cache_dir)
@@ -94,7 +99,7 @@ def cmd_bench(args, settings: Settings) -> int:
 
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         result = run_sweep(url=args.http, spawn=args.http_spawn, levels=levels, n=args.n, new=args.new,
-                           lo=args.lo, hi=args.hi, seed=args.seed, cache_dir=cache_dir,
+                           lo=args.lo, hi=args.hi, seed=args.seed, settings=settings,
                            device=args.device, dtype=args.dtype)
         print(format_sweep(result))
     else:

@@ -2,8 +2,9 @@
 when the server was spawned here, the same sweep against an in-process engine built exactly as the
 server builds it, so the API's overhead over the bare engine shows in one table.
 
-Only loopback addresses are accepted. --http-spawn starts `softserve serve` on a free loopback port with
-an empty temporary prompt store (SOFTSERVE_EXAMPLE_PROMPTS=false), uses model "base", and stops it.
+Only loopback addresses are accepted. --http-spawn starts `softserve serve` (app/server_process.py) on a free
+loopback port with the bench's settings, its --device and --dtype, an empty temporary prompt store and no
+example prompts, uses model "base", and stops it; the bare engine is loaded with those same settings.
 """
 from __future__ import annotations
 
@@ -11,19 +12,16 @@ import asyncio
 import ipaddress
 import json
 import logging
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from app.bench.measure import percentile
+from app.config import Settings
 from app.engine.weights import resolve_device
+from app.server_process import ServerProcess, settings_env
 
 log = logging.getLogger("softserve.bench")
 
@@ -40,12 +38,6 @@ def check_loopback(url: str) -> str:
     if not ok:
         raise ValueError(f"--http only targets loopback addresses (127.0.0.1, ::1, localhost), not {host!r}")
     return url.rstrip("/")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prompt_texts(n: int, lo: int, hi: int, seed: int, tokenizer) -> list[str]:
@@ -77,7 +69,8 @@ async def sweep_http(url: str, texts: list[str], new: int, concurrency: int, mod
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900.0), limits=limits) as client:
         async def one(text: str):
-            body = dict(model=model, prompt=text, max_tokens=new, temperature=0, ignore_eos=True, stream=True)
+            body = dict(model=model, prompt=text, max_tokens=new, temperature=0, ignore_eos=True, stream=True,
+                        stream_options={"include_usage": True})  # the token counts come in the usage chunk
             async with sem:
                 t = time.perf_counter()
                 first = None
@@ -127,49 +120,11 @@ async def sweep_engine(engine, ids: list[list[int]], new: int, concurrency: int)
     return _summary(lat, ttft, counts[0], counts[1], time.perf_counter() - start)
 
 
-class SpawnedServer:
-    """`softserve serve` on a free loopback port, no example prompts, and the given prompt store (default: an
-    empty temporary one)."""
-
-    def __init__(self, cache_dir: Path, device: str, dtype: str, startup_timeout_s: float = 600,
-                 store: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.store = tempfile.TemporaryDirectory(prefix="softserve-bench-store-") if store is None else None
-        store_dir = str(store) if store is not None else self.store.name
-        env = dict(os.environ, SOFTSERVE_PROMPT_STORE=store_dir, SOFTSERVE_EXAMPLE_PROMPTS="false",
-                   SOFTSERVE_CACHE_DIR=str(cache_dir), SOFTSERVE_DEVICE=device, SOFTSERVE_DTYPE=dtype)
-        cmd = [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.startup_timeout_s = startup_timeout_s
-
-    def wait_ready(self) -> dict:
-        import httpx
-
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"softserve serve exited ({self.proc.returncode}): {self.proc.stderr.read()[-2000:]}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=2)
-                if r.status_code == 200:
-                    return r.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"softserve serve was not ready within {self.startup_timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.store is not None:
-            self.store.cleanup()
+def spawn_settings(settings: Settings, device: str, dtype: str, store: Path) -> Settings:
+    """The bench's settings for a server it starts: the bench's device and dtype, the given prompt store, no
+    example prompts, warnings only in its log (one line per request would be measured too)."""
+    return settings.model_copy(update={"device": device, "dtype": dtype, "prompt_store": store,
+                                       "example_prompts": False, "log_level": "warning"})
 
 
 def _local_tokenizer(cache_dir: Path):
@@ -182,9 +137,10 @@ def _local_tokenizer(cache_dir: Path):
 
 
 def run_sweep(url: str | None, spawn: bool, levels: list[int], n: int, new: int, lo: int, hi: int, seed: int,
-              cache_dir: Path, device: str = "auto", dtype: str = "auto") -> dict:
-    """Per concurrency level, max(n, level) requests. With spawn, the bare engine runs the same sweep after
-    the server is stopped (so the two never share the CPU)."""
+              settings: Settings, device: str = "auto", dtype: str = "auto", startup_timeout_s: float = 600) -> dict:
+    """Per concurrency level, max(n, level) requests. With spawn, a server with `settings` (and the bench's
+    device and dtype, an empty temporary prompt store) is started and stopped here, and the bare engine runs
+    the same sweep after it (so the two never share the CPU)."""
     from app.bench.measure import device_name
 
     import torch
@@ -192,21 +148,25 @@ def run_sweep(url: str | None, spawn: bool, levels: list[int], n: int, new: int,
     if not levels or min(levels) < 1:
         raise ValueError("--concurrency needs positive integers, e.g. 1,4,16,64")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    tokenizer = _local_tokenizer(cache_dir)
+    tokenizer = _local_tokenizer(settings.cache_dir)
     texts = prompt_texts(max([n] + levels), lo, hi, seed, tokenizer)
-    server = SpawnedServer(cache_dir, device, dtype) if spawn else None
-    try:
-        if server is not None:
-            url = server.url
-            log.info("starting softserve serve on %s", url)
+    if spawn:
+        with tempfile.TemporaryDirectory(prefix="softserve-bench-") as tmp:
+            served = spawn_settings(settings, device, dtype, Path(tmp) / "store")
+            server = ServerProcess(settings_env(served), Path(tmp) / "server.log").start()
+            try:
+                url = server.url
+                log.info("starting softserve serve on %s", url)
+                health = server.wait_ready(startup_timeout_s)
+                rows = _sweep_server(url, texts, levels, n, new)
+            finally:
+                server.stop()
+            if tokenizer is not None:
+                _sweep_bare_engine(rows, texts, new, served)  # the same settings, the same (empty) store
+    else:
         url = check_loopback(url)
-        health = server.wait_ready() if server is not None else _health(url)
+        health = _health(url)
         rows = _sweep_server(url, texts, levels, n, new)
-    finally:
-        if server is not None:
-            server.stop()
-    if spawn and tokenizer is not None:
-        _sweep_bare_engine(rows, texts, new, cache_dir, device, dtype)
     dev = torch.device(resolve_device(device))
     return dict(mode="http", url=url, spawned=spawn, server=health, new=new, lo=lo, hi=hi,
                 machine=dict(device=device_name(dev) if spawn else "see server", torch=torch.__version__),
@@ -230,13 +190,12 @@ def _sweep_server(url: str, texts: list[str], levels: list[int], n: int, new: in
     return rows
 
 
-def _sweep_bare_engine(rows: list[dict], texts: list[str], new: int, cache_dir: Path, device: str,
-                       dtype: str) -> None:
-    """The same rows through the engine the server loads, without HTTP: adds `engine` to each row."""
-    from app.config import Settings
+def _sweep_bare_engine(rows: list[dict], texts: list[str], new: int, settings: Settings) -> None:
+    """The same rows through the engine a server with these settings loads, without HTTP: adds `engine` to
+    each row."""
     from app.services import load_services
 
-    services = load_services(Settings(cache_dir=cache_dir, device=device, dtype=dtype, example_prompts=False))
+    services = load_services(settings)
     engine = services.engine
     ids = [services.tokenizer.encode(t) for t in texts]
 
@@ -250,7 +209,10 @@ def _sweep_bare_engine(rows: list[dict], texts: list[str], new: int, cache_dir: 
         finally:
             await engine.shutdown(grace_s=0)
 
-    asyncio.run(engine_sweep())
+    try:
+        asyncio.run(engine_sweep())
+    finally:
+        services.registry.stop_watching()
 
 
 def format_sweep(r: dict) -> str:

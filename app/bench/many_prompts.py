@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import torch
 
-from app.bench.http import SpawnedServer
-from app.engine.weights import base_identity, load_model
+from app.bench.http import spawn_settings
+from app.config import Settings
+from app.engine.weights import DEFAULT_MODEL, base_identity, load_model
+from app.server_process import ServerProcess, settings_env
 from prompt_store.format import Kind, PromptFile, Task, dump_prompt, embedding_width
 
 VIRTUAL = 20
@@ -50,11 +52,12 @@ def _completion_s(url: str, model: str) -> float:
     return time.perf_counter() - t
 
 
-def measure(store: Path, cache_dir: Path, n: int) -> dict:
+def measure(store: Path, settings: Settings, n: int, startup_timeout_s: float = 600) -> dict:
+    served = spawn_settings(settings, "cpu", "float32", store).model_copy(update={"model": DEFAULT_MODEL})
     start = time.perf_counter()
-    server = SpawnedServer(cache_dir, "cpu", "float32", store=store)
+    server = ServerProcess(settings_env(served), store.parent / f"server-{n}.log").start()
     try:
-        health = server.wait_ready()
+        health = server.wait_ready(startup_timeout_s)
         healthy_s = time.perf_counter() - start
         rss = rss_bytes(server.proc.pid)
         row = dict(prompts=n, healthy_s=healthy_s, rss_bytes=rss, prompts_registered=health.get("prompts"))
@@ -68,17 +71,18 @@ def measure(store: Path, cache_dir: Path, n: int) -> dict:
         server.stop()
 
 
-def run_many_prompts(n: int, cache_dir: Path) -> dict:
-    loaded = load_model("default", torch.float32, "cpu", cache_dir)
+def run_many_prompts(n: int, settings: Settings) -> dict:
+    """The default model on CPU in float32, with `settings` otherwise (the model cache, the engine's sizes)."""
+    loaded = load_model(DEFAULT_MODEL, torch.float32, "cpu", settings.cache_dir)
     base = base_identity(loaded)
     del loaded
     rows = []
     for count in (0, n):
         with tempfile.TemporaryDirectory(prefix="softserve-bench-prompts-") as tmp:
             t = time.perf_counter()
-            write_store(Path(tmp), base, count)
+            write_store(Path(tmp) / "store", base, count)
             written_s = time.perf_counter() - t
-            rows.append(measure(Path(tmp), cache_dir, count) | dict(store_written_s=written_s))
+            rows.append(measure(Path(tmp) / "store", settings, count) | dict(store_written_s=written_s))
     return dict(rows=rows, rss_added_bytes=rows[1]["rss_bytes"] - rows[0]["rss_bytes"])
 
 

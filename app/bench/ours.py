@@ -1,4 +1,7 @@
-"""softserve's side: every request submitted at once to one AsyncEngine, any task mix per batch."""
+"""softserve's side: every request submitted at once to one AsyncEngine, any task mix per batch.
+
+It drives the engine's loop itself rather than through app/llm.py's LLM: it times every streamed token
+(engine.stream; first-token and per-token latencies), and LLM's calls only return finished outputs."""
 from __future__ import annotations
 
 import asyncio

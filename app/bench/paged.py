@@ -27,6 +27,9 @@ from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Mode, Sequence
 from app.engine.task_prompt import TaskPrompt
+from app.services import CPU_KV_CACHE_BYTES
+
+CPU_KV_CACHE_GB = CPU_KV_CACHE_BYTES / (1 << 30)  # the CPU server's default budget
 
 MODEL_ARGS = {  # shapes whose KV size the capacity count needs (no weights are built)
     "default": ModelArgs("llama", 49152, 576, 1536, 30, 9, 3, 64),
@@ -37,8 +40,8 @@ MODEL_ARGS = {  # shapes whose KV size the capacity count needs (no weights are 
 @dataclass
 class CapacityConfig:
     shape: str = "default"
-    kv_cache_gb: float = 2.0  # the CPU server's default budget
-    max_seq_len: int = 2048
+    kv_cache_gb: float = CPU_KV_CACHE_GB
+    max_seq_len: int = EngineConfig.max_seq_len
     block_size: int = 16
     dtype: torch.dtype = torch.float32
     n: int = 4096  # requests offered (more than fit)
@@ -107,8 +110,8 @@ class SharedPrefixConfig:
     virtual: int = 20
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    max_batched_tokens: int = 2048
-    kv_cache_gb: float = 2.0  # the CPU server's default: caching decides how many requests fit at once
+    max_batched_tokens: int = EngineConfig.max_batched_tokens
+    kv_cache_gb: float = CPU_KV_CACHE_GB  # caching decides how many requests fit at once
     seed: int = 1
 
 

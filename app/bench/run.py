@@ -22,7 +22,7 @@ from app.bench.ours import StepTimer, engine_config, run_ours
 from app.bench.peer import RequestResult, run_peer
 from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_files, prompt_tensors, workload
 from app.config import DEFAULT_CACHE_DIR
-from app.engine.engine import AsyncEngine
+from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.weights import resolve_device, resolve_dtype
 
@@ -44,7 +44,7 @@ class BenchConfig:
     dtype: str = "auto"
     seed: int = 1
     skip_peer: bool = False
-    max_batched_tokens: int = 2048
+    max_batched_tokens: int = EngineConfig.max_batched_tokens
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
     cache_dir: Path = DEFAULT_CACHE_DIR

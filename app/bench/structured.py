@@ -12,12 +12,15 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from app.bench.ours import engine_config
+from app.config import Settings, add_setting_flags, describe
 from app.engine.engine import AsyncEngine
 from app.engine.grammar import GrammarMatcher, Grammars
 from app.engine.sampling import SamplingParams
@@ -31,6 +34,7 @@ SCHEMA = {"type": "object", "properties": {
                                                                                        "maxLength": 30}}},
     "required": ["name", "age", "city", "hobbies"]}
 QUESTION = "Describe a made-up person as JSON with name, age, city and a list of hobbies."
+MAX_SEQ_LEN = 512  # positions per request, room for the chat-templated QUESTION (50 tokens) and --new
 
 
 async def _batch(engine: AsyncEngine, ids: list[int], lengths: list[int], compiled, vocab: int):
@@ -62,18 +66,29 @@ def grammar_only(grammars: Grammars, outs, vocab: int) -> float:
 
 
 def main() -> None:
+    """The entry point: the settings (SOFTSERVE_*, then --model/--cache-dir) are built once, here."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="default")
+    add_setting_flags(parser, ("--model", "--cache-dir"))
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new", type=int, default=96, help="max tokens per request")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest counts (a shared machine)")
     parser.add_argument("--json", type=Path, default=Path("bench_results/structured.json"))
-    args = parser.parse_args()
-    cache = Path(os.environ.get("SOFTSERVE_CACHE_DIR", "~/.cache/softserve")).expanduser()
-    loaded = load_model(args.model, torch.float32, "cpu", cache)
+    try:
+        settings = Settings()
+        args = parser.parse_args()
+        settings = settings.with_flags(args)
+    except ValidationError as e:
+        sys.exit(f"structured: {describe(e)}")
+    run(args, settings)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> None:
+    """On CPU in float32: the model and its cache from `settings`, max_batched_tokens the server's."""
+    loaded = load_model(settings.model, torch.float32, "cpu", settings.cache_dir)
     tokenizer = Tokenizer(loaded.directory)
     vocab = loaded.args.vocab_size
-    engine = AsyncEngine(loaded.model, tokenizer, engine_config(loaded.model, max(args.batch), 512, 2048, False))
+    engine = AsyncEngine(loaded.model, tokenizer, engine_config(loaded.model, max(args.batch), MAX_SEQ_LEN,
+                                                                settings.max_batched_tokens, cuda_graphs=False))
     start = time.perf_counter()
     grammars = Grammars(tokenizer.hf, vocab)
     setup_s = time.perf_counter() - start
