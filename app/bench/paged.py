@@ -20,14 +20,14 @@ import torch
 from app.bench.measure import device_name, percentile
 from app.bench.workload import NullTokenizer, TASKS, build_models, prompt_files, prompt_tensors, workload
 from app.engine.block_manager import BlockManager
-from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
 from app.engine.sequence import Mode, Sequence
 from app.engine.task_prompt import TaskPrompt
-from app.services import CPU_KV_CACHE_BYTES
 
 CPU_KV_CACHE_GB = CPU_KV_CACHE_BYTES / (1 << 30)  # the CPU server's default budget
 
