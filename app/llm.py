@@ -19,11 +19,11 @@ from app.config import DEFAULT_CACHE_DIR
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.model import Transformer
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode, Output
+from app.engine.sequence import Output
 from app.engine.task_prompt import TaskPrompt
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_model, resolve_device, resolve_dtype
-from prompt_store.format import PromptFile, load_prompt_file
+from prompt_store.format import PromptFile, Task, load_prompt_file
 
 class LLM:
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
@@ -57,29 +57,29 @@ class LLM:
     def generate(self, inputs: list[str | list[int]], prompt: str | None = None, **sampling) -> list[Output]:
         """One request with these inputs (texts are tokenized as they are, without a chat template);
         sampling: SamplingParams' fields (max_tokens, temperature, top_p, seed, stop, ...)."""
-        return self._one_request(prompt, inputs, Mode.GENERATE, SamplingParams(**sampling))
+        return self._one_request(prompt, inputs, Task.GENERATE, SamplingParams(**sampling))
 
     def tag(self, inputs: list[str | list[int]], prompt: str) -> list[Output]:
         """Per input token, the probability of each of the prompt's labels (Output.probs)."""
-        return self._one_request(prompt, inputs, Mode.TAG)
+        return self._one_request(prompt, inputs, Task.TAG)
 
     def classify(self, inputs: list[str | list[int]], prompt: str) -> list[Output]:
         """Per input, the probability of each of the prompt's labels (Output.probs)."""
-        return self._one_request(prompt, inputs, Mode.CLASSIFY)
+        return self._one_request(prompt, inputs, Task.CLASSIFY)
 
-    def run(self, requests: list[tuple[str | None, list[int], Mode, SamplingParams]]) -> list[Output]:
-        """Separate requests, (prompt name or None, token ids, mode, sampling) each, submitted at once."""
+    def run(self, requests: list[tuple[str | None, list[int], Task, SamplingParams]]) -> list[Output]:
+        """Separate requests, (prompt name or None, token ids, task, sampling) each, submitted at once."""
         async def all_of_them():
             seqs = [self.engine.make_sequence(*request) for request in requests]
             return await asyncio.gather(*(self.engine.run_to_end(seq) for seq in seqs))
 
         return list(self._loop.run_until_complete(all_of_them()))
 
-    def _one_request(self, prompt: str | None, inputs: list[str | list[int]], mode: Mode,
+    def _one_request(self, prompt: str | None, inputs: list[str | list[int]], task: Task,
                      params: SamplingParams | None = None) -> list[Output]:
         ids = [self.engine.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
         prompt_now = self.engine.get_prompt(prompt)  # every input runs the same version
-        seqs = [self.engine.make_sequence(prompt_now, i, mode, params) for i in ids]
+        seqs = [self.engine.make_sequence(prompt_now, i, task, params) for i in ids]
         return self._loop.run_until_complete(self.engine.run_group(seqs))
 
     # ---- shutting down -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from app.bench.workload import NullTokenizer, build_models, prompt_files, prompt
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.engine import AsyncEngine
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
+from prompt_store.format import Task
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -128,7 +128,7 @@ def steps(shape: str, out: Path) -> None:
     # one prefill step, as the benchmark's first step: 8192 tokens over several requests
     params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     for r in workload(64, models.args.vocab_size, lo, hi, seed=5):
-        engine.scheduler.waiting.append(engine.make_sequence(r.task, r.token_ids, Mode.GENERATE, params))
+        engine.scheduler.waiting.append(engine.make_sequence(r.task, r.token_ids, Task.GENERATE, params))
     step = engine.scheduler.schedule()
     wall = host_ms(lambda: engine.runner.run(step), repeats=3)  # the same step again: it rewrites the same K,V
     activities = [torch.profiler.ProfilerActivity.CPU] + \

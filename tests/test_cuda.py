@@ -15,7 +15,7 @@ from app.bench.workload import NullTokenizer, build_models, prompt_files, prompt
 from app.engine.engine import EngineConfig
 from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
+from prompt_store.format import Task
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")]
@@ -41,7 +41,7 @@ def mixed_requests(models) -> list[tuple]:
     for i in range(24):
         ids = torch.randint(3, models.args.vocab_size, (int(torch.randint(3, 60, (1,), generator=g)),), generator=g)
         params = SamplingParams(max_tokens=4 + 5 * (i % 4), temperature=0, ignore_eos=True, logprobs=2)
-        requests.append((["t0", "t1", "t2", None][i % 4], ids.tolist(), Mode.GENERATE, params))
+        requests.append((["t0", "t1", "t2", None][i % 4], ids.tolist(), Task.GENERATE, params))
     return requests
 
 
@@ -89,8 +89,8 @@ def test_a_seeded_request_is_the_same_alone_and_in_a_crowd_under_graphs():
     files = prompt_files(models, prompt_tensors(models.args, 5))
     requests = mixed_requests(models)
     sampled = dict(max_tokens=12, temperature=0.9, top_p=0.95, ignore_eos=True)
-    mine = ("t1", requests[0][1], Mode.GENERATE, SamplingParams(seed=1234, **sampled))
-    crowd = [(r[0], r[1], Mode.GENERATE, SamplingParams(**sampled)) for r in requests[1:9]]
+    mine = ("t1", requests[0][1], Task.GENERATE, SamplingParams(seed=1234, **sampled))
+    crowd = [(r[0], r[1], Task.GENERATE, SamplingParams(**sampled)) for r in requests[1:9]]
     with engine(models, files, static_decode=True) as llm:
         alone = llm.run([mine])[0]
     with engine(models, files, static_decode=True) as llm:

@@ -10,10 +10,9 @@ import torch
 
 from app.engine.engine import AsyncEngine, EngineConfig, InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
 from app.engine import task_prompt
 from app.engine.weights import base_identity
-from prompt_store.format import PromptFile, embedding_width
+from prompt_store.format import PromptFile, Task, embedding_width
 
 P = 5
 
@@ -59,9 +58,9 @@ def greedy(n=8, **kw) -> SamplingParams:
 
 
 REQUESTS = [  # (prompt, input length, mode)
-    ("shallow", 9, Mode.GENERATE), ("deep", 4, Mode.GENERATE), (None, 13, Mode.GENERATE),
-    ("ner", 7, Mode.TAG), ("topic", 11, Mode.CLASSIFY), ("spam", 6, Mode.CLASSIFY),
-    ("deep", 20, Mode.GENERATE), ("shallow", 2, Mode.GENERATE),
+    ("shallow", 9, Task.GENERATE), ("deep", 4, Task.GENERATE), (None, 13, Task.GENERATE),
+    ("ner", 7, Task.TAG), ("topic", 11, Task.CLASSIFY), ("spam", 6, Task.CLASSIFY),
+    ("deep", 20, Task.GENERATE), ("shallow", 2, Task.GENERATE),
 ]
 
 
@@ -108,8 +107,8 @@ def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokeniz
     """Static-shape decode (rows padded to a bucket, padded key length; what CUDA graphs replay on a GPU)
     against the exact path, with requests finishing at different times so the batch shrinks and grows."""
     _, loaded = tiny_llama
-    gen = [(name, n) for name, n, mode in REQUESTS if mode == Mode.GENERATE]
-    requests = [(name, ids(n, 50 + i), Mode.GENERATE, greedy(4 + 5 * (i % 3), logprobs=3))
+    gen = [(name, n) for name, n, mode in REQUESTS if mode == Task.GENERATE]
+    requests = [(name, ids(n, 50 + i), Task.GENERATE, greedy(4 + 5 * (i % 3), logprobs=3))
                 for i, (name, n) in enumerate(gen * 2)]
     outputs, static_steps = {}, []
     for static in (False, True):
@@ -132,11 +131,11 @@ def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokeniz
 def test_seeded_sampling_is_the_same_whatever_shares_the_batch(tiny_llama, tokenizer, prompts):
     _, loaded = tiny_llama
     params = dict(max_tokens=10, temperature=0.9, top_p=0.95, top_k=200, ignore_eos=True)
-    mine = ("shallow", ids(8, 99), Mode.GENERATE, SamplingParams(seed=1234, **params))
+    mine = ("shallow", ids(8, 99), Task.GENERATE, SamplingParams(seed=1234, **params))
     engine = new_engine(loaded, tokenizer, prompts)
     try:
         alone = run(engine, [mine])[0]
-        companions = [("deep", ids(5 + i, i), Mode.GENERATE, SamplingParams(**params)) for i in range(5)]
+        companions = [("deep", ids(5 + i, i), Task.GENERATE, SamplingParams(**params)) for i in range(5)]
         crowded = run(engine, companions[:2] + [mine] + companions[2:])[2]
         other_seed = run(engine, [mine[:3] + (SamplingParams(seed=4321, **params),)])[0]
     finally:
@@ -149,7 +148,7 @@ def test_200_concurrent_requests_all_finish_and_memory_returns_to_idle(tiny_llam
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, prompts, max_waiting=256)
     names = ["shallow", "deep", None]
-    requests = [(names[i % 3], ids(3 + i % 17, i), Mode.GENERATE, greedy(1 + i % 5)) for i in range(200)]
+    requests = [(names[i % 3], ids(3 + i % 17, i), Task.GENERATE, greedy(1 + i % 5)) for i in range(200)]
     try:
         outs = run(engine, requests)
         stats = engine.stats()
@@ -165,8 +164,8 @@ def test_cancelling_mid_stream_frees_its_slot_and_the_rest_finish(tiny_llama, to
     engine = new_engine(loaded, tokenizer, prompts)
 
     async def go():
-        long = engine.make_sequence("deep", ids(10, 1), Mode.GENERATE, greedy(100))
-        others = [engine.make_sequence("shallow", ids(6, 2 + i), Mode.GENERATE, greedy(30)) for i in range(3)]
+        long = engine.make_sequence("deep", ids(10, 1), Task.GENERATE, greedy(100))
+        others = [engine.make_sequence("shallow", ids(6, 2 + i), Task.GENERATE, greedy(30)) for i in range(3)]
         rest = [asyncio.ensure_future(engine.run_to_end(s)) for s in others]
         stream = engine.stream(long)
         received = [await anext(stream) for _ in range(3)]
@@ -194,12 +193,12 @@ def test_overload_is_refused_cleanly_then_the_engine_serves_again(tiny_llama, to
     engine = new_engine(loaded, tokenizer, prompts, max_waiting=3, kv_cache_bytes=1 << 18)
 
     async def burst():
-        seqs = [engine.make_sequence("shallow", ids(8, i), Mode.GENERATE, greedy(20)) for i in range(12)]
+        seqs = [engine.make_sequence("shallow", ids(8, i), Task.GENERATE, greedy(20)) for i in range(12)]
         return await asyncio.gather(*(engine.run_to_end(s) for s in seqs), return_exceptions=True)
 
     try:
         results = asyncio.run(burst())
-        after = run(engine, [("deep", ids(4, 0), Mode.GENERATE, greedy(3))])[0]
+        after = run(engine, [("deep", ids(4, 0), Task.GENERATE, greedy(3))])[0]
     finally:
         asyncio.run(engine.shutdown(1))
     refused = [r for r in results if isinstance(r, Overloaded)]
@@ -214,12 +213,12 @@ def test_deadline_and_stop_strings(tiny_llama, tokenizer, prompts):
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, prompts)
     try:
-        full = run(engine, [("shallow", ids(5, 7), Mode.GENERATE, greedy(12))])[0]
+        full = run(engine, [("shallow", ids(5, 7), Task.GENERATE, greedy(12))])[0]
         stop = full.text[len(full.text) // 2:][:2]
-        cut = run(engine, [("shallow", ids(5, 7), Mode.GENERATE, greedy(12, stop=[stop]))])[0]
+        cut = run(engine, [("shallow", ids(5, 7), Task.GENERATE, greedy(12, stop=[stop]))])[0]
 
         async def expired():
-            seq = engine.make_sequence("deep", ids(5, 1), Mode.GENERATE, greedy(100), timeout_s=0.0)
+            seq = engine.make_sequence("deep", ids(5, 1), Task.GENERATE, greedy(100), timeout_s=0.0)
             return await engine.run_to_end(seq)
 
         late = asyncio.run(expired())
@@ -231,8 +230,8 @@ def test_deadline_and_stop_strings(tiny_llama, tokenizer, prompts):
 
 def test_chunked_prefill_gives_the_unchunked_result(tiny_llama, tokenizer, prompts):
     _, loaded = tiny_llama
-    requests = [("deep", ids(50, 3), Mode.GENERATE, greedy(5)), ("ner", ids(40, 4), Mode.TAG, greedy(1)),
-                ("shallow", ids(33, 5), Mode.GENERATE, greedy(5))]
+    requests = [("deep", ids(50, 3), Task.GENERATE, greedy(5)), ("ner", ids(40, 4), Task.TAG, greedy(1)),
+                ("shallow", ids(33, 5), Task.GENERATE, greedy(5))]
     whole = new_engine(loaded, tokenizer, prompts)
     chunked = new_engine(loaded, tokenizer, prompts, max_batched_tokens=16)
     try:
@@ -255,7 +254,7 @@ def test_a_prefix_is_computed_once_and_a_request_keeps_its_version(tiny_llama, t
     try:
         before = len(passes)
         engine.load_prompt(v1)
-        request = ("shallow", ids(6, 5), Mode.GENERATE, greedy(8))
+        request = ("shallow", ids(6, 5), Task.GENERATE, greedy(8))
         alone_v1 = run(engine, [request] * 3)[0]
         assert len(passes) == before + 1  # three requests, one pass over the virtual tokens
 
@@ -277,13 +276,13 @@ def test_bad_requests_are_refused_with_reasons(tiny_llama, tokenizer, prompts):
     engine = new_engine(loaded, tokenizer, prompts)
     try:
         with pytest.raises(PromptNotFound, match="no prompt named 'nope'"):
-            engine.make_sequence("nope", [5], Mode.GENERATE, greedy())
+            engine.make_sequence("nope", [5], Task.GENERATE, greedy())
         with pytest.raises(WrongTaskType, match="'ner' is a 'tag' prompt, not 'classify'"):
-            engine.make_sequence("ner", [5], Mode.CLASSIFY, greedy())
+            engine.make_sequence("ner", [5], Task.CLASSIFY, greedy())
         with pytest.raises(InvalidRequest, match="exceed the context of 128"):
-            engine.make_sequence("deep", ids(100, 0), Mode.GENERATE, greedy(40))
+            engine.make_sequence("deep", ids(100, 0), Task.GENERATE, greedy(40))
         with pytest.raises(InvalidRequest, match="empty"):
-            engine.make_sequence(None, [], Mode.GENERATE, greedy())
+            engine.make_sequence(None, [], Task.GENERATE, greedy())
     finally:
         asyncio.run(engine.shutdown(1))
 
@@ -303,8 +302,8 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_lla
 
     monkeypatch.setattr(engine.runner, "run", flaky)
     try:
-        failed = run(engine, [("deep", ids(6, 1), Mode.GENERATE, greedy(10))])[0]
-        after = run(engine, [("deep", ids(6, 1), Mode.GENERATE, greedy(3))])[0]
+        failed = run(engine, [("deep", ids(6, 1), Task.GENERATE, greedy(10))])[0]
+        after = run(engine, [("deep", ids(6, 1), Task.GENERATE, greedy(3))])[0]
     finally:
         asyncio.run(engine.shutdown(1))
     assert failed.finish_reason == "error" and "device fell over" in failed.error

@@ -11,7 +11,7 @@ import torch
 from app.engine import task_prompt
 from app.engine.engine import Overloaded
 from app.engine.sampling import LOGPROB_FLOOR, SamplingParams, sample
-from app.engine.sequence import Mode
+from prompt_store.format import Task
 from tests.test_engine import assert_same, greedy, ids, make_prompt, new_engine, run
 
 HOSTILE = [  # (what a client sent, the SamplingParams it becomes)
@@ -51,10 +51,10 @@ def test_a_seeded_draw_depends_only_on_the_seed_and_the_token_index():
 def test_hostile_sampling_requests_run_beside_others_without_changing_them(tiny_llama, tokenizer):
     _, loaded = tiny_llama
     prompts = [make_prompt(loaded, "shallow", "prompt", "generate", seed=1)]
-    innocent = [("shallow", ids(6 + i, i), Mode.GENERATE, greedy(8)) for i in range(3)]
-    innocent.append(("shallow", ids(5, 9), Mode.GENERATE, SamplingParams(max_tokens=8, temperature=0.9, seed=5,
+    innocent = [("shallow", ids(6 + i, i), Task.GENERATE, greedy(8)) for i in range(3)]
+    innocent.append(("shallow", ids(5, 9), Task.GENERATE, SamplingParams(max_tokens=8, temperature=0.9, seed=5,
                                                                         ignore_eos=True)))
-    hostile = [("shallow", ids(4, 20 + i), Mode.GENERATE, SamplingParams(max_tokens=8, ignore_eos=True, **fields))
+    hostile = [("shallow", ids(4, 20 + i), Task.GENERATE, SamplingParams(max_tokens=8, ignore_eos=True, **fields))
                for i, (_, fields) in enumerate(HOSTILE)]
     engine = new_engine(loaded, tokenizer, prompts)
     try:
@@ -75,11 +75,11 @@ def test_a_fault_on_one_requests_row_fails_only_that_request(tiny_llama, tokeniz
     prompts = [make_prompt(loaded, "deep", "prefix", "generate", seed=2),
                make_prompt(loaded, "ner", "prefix", "tag", ["O", "B-ORG", "I-ORG"], seed=3),
                make_prompt(loaded, "topic", "prompt", "classify", ["sport", "news"], seed=4)]
-    requests = [("deep", ids(6, 1), Mode.GENERATE, greedy(10)), ("ner", ids(9, 2), Mode.TAG, greedy(1)),
-                ("deep", ids(7, 3), Mode.GENERATE, SamplingParams(max_tokens=10, temperature=1.0, seed=3,
+    requests = [("deep", ids(6, 1), Task.GENERATE, greedy(10)), ("ner", ids(9, 2), Task.TAG, greedy(1)),
+                ("deep", ids(7, 3), Task.GENERATE, SamplingParams(max_tokens=10, temperature=1.0, seed=3,
                                                                   ignore_eos=True)),
-                ("topic", ids(5, 4), Mode.CLASSIFY, greedy(1)), (None, ids(8, 5), Mode.GENERATE, greedy(10))]
-    poisoned = ("deep", ids(6, 6), Mode.GENERATE, greedy(10))
+                ("topic", ids(5, 4), Task.CLASSIFY, greedy(1)), (None, ids(8, 5), Task.GENERATE, greedy(10))]
+    poisoned = ("deep", ids(6, 6), Task.GENERATE, greedy(10))
     engine = new_engine(loaded, tokenizer, prompts)
     try:
         alone = [run(engine, [r])[0] for r in requests]
@@ -113,7 +113,7 @@ def test_deleting_and_recreating_a_prompt_while_requests_run(tiny_llama, tokeniz
     _, loaded = tiny_llama
     old = dataclasses.replace(make_prompt(loaded, "churn", "prompt", "generate", seed=1), version=1)
     new = dataclasses.replace(make_prompt(loaded, "churn", "prompt", "generate", seed=2), version=1)
-    request = ("churn", ids(6, 3), Mode.GENERATE, greedy(12))
+    request = ("churn", ids(6, 3), Task.GENERATE, greedy(12))
     engine = new_engine(loaded, tokenizer, [old])
     try:
         want_old = run(engine, [request])[0]
@@ -142,8 +142,8 @@ def test_the_queue_limit_counts_requests_not_their_inputs(tiny_llama, tokenizer)
     engine = new_engine(loaded, tokenizer, [], max_waiting=3, kv_cache_bytes=1 << 18)  # a few slots: most wait
 
     async def go():
-        big = [engine.make_sequence(None, ids(8, i), Mode.GENERATE, greedy(20)) for i in range(40)]
-        singles = [engine.make_sequence(None, ids(8, 100 + i), Mode.GENERATE, greedy(5)) for i in range(4)]
+        big = [engine.make_sequence(None, ids(8, i), Task.GENERATE, greedy(20)) for i in range(40)]
+        singles = [engine.make_sequence(None, ids(8, 100 + i), Task.GENERATE, greedy(5)) for i in range(4)]
         tasks = [asyncio.ensure_future(engine.run_group(big))]
         await asyncio.sleep(0.05)
         tasks += [asyncio.ensure_future(engine.run_group([s])) for s in singles]
@@ -165,7 +165,7 @@ def test_cancelling_a_group_cancels_every_sequence_in_it(tiny_llama, tokenizer):
     engine = new_engine(loaded, tokenizer, [])
 
     async def go():
-        seqs = [engine.make_sequence(None, ids(8, i), Mode.GENERATE, greedy(100)) for i in range(6)]
+        seqs = [engine.make_sequence(None, ids(8, i), Task.GENERATE, greedy(100)) for i in range(6)]
         task = asyncio.ensure_future(engine.run_group(seqs))
         while engine.stats().generation_tokens_total < 6:
             await asyncio.sleep(0.001)

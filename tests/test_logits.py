@@ -6,13 +6,14 @@ import torch
 
 from app.engine.logits import adjust_logits
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode, Sequence
+from app.engine.sequence import Sequence
+from prompt_store.format import Task
 
 EOS = frozenset({0})
 
 
 def seq(prompt_ids, output_ids, **params) -> Sequence:
-    s = Sequence(None, list(prompt_ids), Mode.GENERATE, SamplingParams(**params))
+    s = Sequence(None, list(prompt_ids), Task.GENERATE, SamplingParams(**params))
     s.output_ids = list(output_ids)
     return s
 

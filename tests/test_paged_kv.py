@@ -8,7 +8,7 @@ import random
 import torch
 
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
+from prompt_store.format import Task
 from tests.test_engine import assert_same, greedy, ids, make_prompt, new_engine, run
 
 
@@ -20,7 +20,7 @@ def prompts_for(loaded):
 
 
 def logprob_request(name, tokens, n=6):
-    return (name, tokens, Mode.GENERATE, greedy(n, logprobs=5))
+    return (name, tokens, Task.GENERATE, greedy(n, logprobs=5))
 
 
 def assert_same_logprobs(a, b, tolerance=1e-4):
@@ -87,7 +87,7 @@ def test_every_request_of_a_task_references_the_same_prompt_blocks(tiny_llama, t
     engine = new_engine(loaded, tokenizer, [long_prompt], block_size=4)  # P=5: one full prefix block + a tail
 
     async def go():
-        seqs = [engine.make_sequence("deep", ids(6, i), Mode.GENERATE, greedy(30)) for i in range(4)]
+        seqs = [engine.make_sequence("deep", ids(6, i), Task.GENERATE, greedy(30)) for i in range(4)]
         tasks = [asyncio.ensure_future(engine.run_to_end(s)) for s in seqs]
         while engine.stats().generation_tokens_total < 8:
             await asyncio.sleep(0.001)
@@ -111,16 +111,16 @@ def mixed_requests(n: int, seed: int) -> list[tuple]:
         kind = i % 5
         tokens = ids(rng.randint(3, 40), 1000 + i)
         if kind == 0:
-            out.append((rng.choice(["shallow", "deep", None]), tokens, Mode.GENERATE, greedy(rng.randint(5, 30))))
+            out.append((rng.choice(["shallow", "deep", None]), tokens, Task.GENERATE, greedy(rng.randint(5, 30))))
         elif kind == 1:
-            out.append(("deep", tokens, Mode.GENERATE, SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.9,
+            out.append(("deep", tokens, Task.GENERATE, SamplingParams(max_tokens=rng.randint(5, 30), temperature=0.9,
                                                                       top_p=0.9, seed=i, ignore_eos=True)))
         elif kind == 2:
-            out.append(("ner", tokens, Mode.TAG, greedy(1)))
+            out.append(("ner", tokens, Task.TAG, greedy(1)))
         elif kind == 3:
-            out.append(("topic", tokens, Mode.CLASSIFY, greedy(1)))
+            out.append(("topic", tokens, Task.CLASSIFY, greedy(1)))
         else:
-            out.append(("shallow", tokens, Mode.GENERATE, greedy(rng.randint(20, 60), logprobs=2)))
+            out.append(("shallow", tokens, Task.GENERATE, greedy(rng.randint(20, 60), logprobs=2)))
     return out
 
 
@@ -151,7 +151,7 @@ def test_with_a_tiny_kv_pool_requests_are_preempted_and_give_exactly_their_outpu
     for (name, tokens, mode, params), a, chunks in zip(requests, want, streams):
         b = chunks[-1]
         assert b.finished and b.finish_reason == a.finish_reason
-        if mode == Mode.GENERATE:
+        if mode == Task.GENERATE:
             got = [t.token_id for c in chunks for t in c.tokens]
             assert got == [t.token_id for t in a.tokens]  # each token once, in order
             assert "".join(c.text for c in chunks) == a.text
@@ -206,7 +206,7 @@ def test_a_request_that_can_never_fit_is_refused_at_submission(tiny_llama, token
     engine = new_engine(loaded, tokenizer, [])
     try:
         try:
-            engine.make_sequence(None, ids(100, 0), Mode.GENERATE, greedy(40))
+            engine.make_sequence(None, ids(100, 0), Task.GENERATE, greedy(40))
         except ValueError as e:
             message = str(e)
     finally:
@@ -220,8 +220,8 @@ def test_tag_outputs_do_not_depend_on_cached_text(tiny_llama, tokenizer):
     text = ids(50, 3)
     engine = new_engine(loaded, tokenizer, prompts_for(loaded))
     try:
-        first = run(engine, [("ner", text, Mode.TAG, greedy(1))])[0]
-        second = run(engine, [("ner", text, Mode.TAG, greedy(1))])[0]
+        first = run(engine, [("ner", text, Task.TAG, greedy(1))])[0]
+        second = run(engine, [("ner", text, Task.TAG, greedy(1))])[0]
     finally:
         asyncio.run(engine.shutdown(1))
     assert first.probs.shape == second.probs.shape == (50, 3)
@@ -242,7 +242,7 @@ def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenize
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))
     try:
         engine.load_prompt(prompts_for(loaded)[0])
-        served = run(engine, [("shallow", ids(5, 1), Mode.GENERATE, greedy(3))])[0]
+        served = run(engine, [("shallow", ids(5, 1), Task.GENERATE, greedy(3))])[0]
         engine.remove_prompt("shallow")
     finally:
         asyncio.run(engine.shutdown(1))
@@ -267,7 +267,7 @@ def test_stored_prompts_load_on_first_use_within_the_memory_budget(tiny_llama, t
         for name in files:
             engine.register_prompt(name, 1, f"digest{name[1:]}", reader(name))
         assert (len(engine.prompts), engine.prompts.num_loaded, reads) == (40, 0, [])
-        request = lambda name: (name, ids(20, 3), Mode.GENERATE, greedy(5, logprobs=2))  # noqa: E731
+        request = lambda name: (name, ids(20, 3), Task.GENERATE, greedy(5, logprobs=2))  # noqa: E731
         first = run(engine, [request("p3")])[0]
         assert reads == ["p3"] and engine.prompts.num_loaded == 1
         run(engine, [request("p4")])

@@ -16,10 +16,10 @@ from app import LLM
 from app.engine.engine import EngineConfig
 from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
 from app.engine.task_prompt import build_task_prompt
 from app.engine.weights import base_identity, load_hf_directory
 from prompt_store.peft_import import import_peft_dir
+from prompt_store.format import Task
 from tests.conftest import make_tiny_hf
 
 P = 6
@@ -80,7 +80,7 @@ def test_causal_lm_adapters_give_peft_tokens_and_logprobs(kind, base, tokenizer,
     peft_model.save_pretrained(tmp_path / "adapter")
     prompt = import_peft_dir(tmp_path / "adapter", "task", base_identity(loaded))
     inputs = [random_ids(n, seed) for seed, n in enumerate([9, 4, 13])]
-    outs = run_engine(loaded, tokenizer, [prompt], [("task", ids, Mode.GENERATE, greedy()) for ids in inputs])
+    outs = run_engine(loaded, tokenizer, [prompt], [("task", ids, Task.GENERATE, greedy()) for ids in inputs])
     for ids, out in zip(inputs, outs):
         want_tokens, want_logprobs = peft_greedy(peft_model, ids, NEW)
         assert [t.token_id for t in out.tokens] == want_tokens
@@ -111,7 +111,7 @@ def test_seq_cls_adapter_gives_peft_probabilities(kind, base, tokenizer, tmp_pat
     peft_model.save_pretrained(tmp_path / "adapter")
     prompt = import_peft_dir(tmp_path / "adapter", "cls", base_identity(loaded), labels=LABELS)
     inputs = [random_ids(n, 40 + n) for n in (5, 12, 8)]
-    outs = run_engine(loaded, tokenizer, [prompt], [("cls", ids, Mode.CLASSIFY, greedy(1)) for ids in inputs])
+    outs = run_engine(loaded, tokenizer, [prompt], [("cls", ids, Task.CLASSIFY, greedy(1)) for ids in inputs])
     for ids, out in zip(inputs, outs):
         want = peft_seq_cls_probs(peft_model, kind, ids)
         assert (out.probs - want).abs().max() < 1e-4
@@ -136,7 +136,7 @@ def test_token_cls_adapter_gives_peft_probabilities(base, tokenizer, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     prompt = import_peft_dir(tmp_path / "adapter", "ner", base_identity(loaded), labels=LABELS)
     inputs = [random_ids(n, 70 + n) for n in (7, 3)]
-    outs = run_engine(loaded, tokenizer, [prompt], [("ner", ids, Mode.TAG, greedy(1)) for ids in inputs])
+    outs = run_engine(loaded, tokenizer, [prompt], [("ner", ids, Task.TAG, greedy(1)) for ids in inputs])
     for ids, out in zip(inputs, outs):
         with torch.no_grad():
             want = peft_model(input_ids=torch.tensor([ids])).logits[0, P:].softmax(-1)  # drop virtual positions
@@ -155,7 +155,7 @@ def test_default_model_prompt_tuning_gives_peft_greedy_tokens(default_model, tok
     reloaded = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     prompt = import_peft_dir(tmp_path / "adapter", "pirate", base_identity(default_model))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Where is the treasure?"}])
-    out, = run_engine(default_model, tokenizer, [prompt], [("pirate", ids, Mode.GENERATE, greedy(8))])
+    out, = run_engine(default_model, tokenizer, [prompt], [("pirate", ids, Task.GENERATE, greedy(8))])
     want_tokens, want_logprobs = peft_greedy(reloaded, ids, 8)
     assert [t.token_id for t in out.tokens] == want_tokens
     assert max(abs(t.logprob - w) for t, w in zip(out.tokens, want_logprobs)) < 1e-3

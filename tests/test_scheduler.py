@@ -3,7 +3,8 @@ budget, admission by free blocks (the queue head is never skipped), preemption o
 from app.engine.block_manager import BlockManager
 from app.engine.sampling import SamplingParams, TokenChoice
 from app.engine.scheduler import Scheduler, StepResult
-from app.engine.sequence import Mode, Sequence, Status
+from app.engine.sequence import Sequence, Status
+from prompt_store.format import Task
 
 B = 4  # positions per block
 
@@ -18,7 +19,7 @@ class NoText:
 
 def seq(n: int, first: int) -> Sequence:
     """n distinct prompt tokens (no two sequences share a block, so no prefix-cache hits)."""
-    return Sequence(None, list(range(first, first + n)), Mode.GENERATE, SamplingParams(max_tokens=100), NoText())
+    return Sequence(None, list(range(first, first + n)), Task.GENERATE, SamplingParams(max_tokens=100), NoText())
 
 
 def scheduler(num_blocks: int, max_batched_tokens: int = 1000, max_num_seqs: int = 8, *seqs: Sequence) -> Scheduler:
@@ -78,7 +79,7 @@ def test_a_decoder_without_a_block_preempts_the_youngest():
 
 
 def test_finished_sequences_release_their_blocks():
-    a = Sequence(None, [1, 2, 3], Mode.GENERATE, SamplingParams(max_tokens=1), NoText())
+    a = Sequence(None, [1, 2, 3], Task.GENERATE, SamplingParams(max_tokens=1), NoText())
     s = scheduler(8, 1000, 8, a)
     step = s.schedule()
     assert s.blocks.num_free == 6

@@ -11,14 +11,13 @@ from app import LLM
 from app.engine.engine import EngineConfig
 from app.engine.model import DenseAttention
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
 from app.engine.task_prompt import build_task_prompt
 from app.engine.weights import load_hf_directory
 from app.train.data import IGNORE, DataError, bio_labels, infer_labels, load_examples, read_jsonl
 from app.train.metrics import bio_entities
 from app.train.trainer import (TrainConfig, batch_tensors, evaluate, evaluate_prompt, new_prompt, to_prompt_file,
                                train)
-from prompt_store.format import dump_prompt, load_prompt_bytes
+from prompt_store.format import Task, dump_prompt, load_prompt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
@@ -113,7 +112,7 @@ def test_a_saved_prompt_serves_exactly_as_it_trained(tiny, tokenizer, task, kind
     if task == "generate":
         inputs = [e.input_ids[:e.targets.index(next(t for t in e.targets if t != IGNORE)) + 1] for e in heldout]
         params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
-        outs = engine_outputs(tiny, tokenizer, pf, [(ids, Mode.GENERATE, params) for ids in inputs])
+        outs = engine_outputs(tiny, tokenizer, pf, [(ids, Task.GENERATE, params) for ids in inputs])
         for ids, out in zip(inputs, outs):
             tokens, first_logprob = list(ids), None
             with torch.no_grad():
@@ -128,7 +127,7 @@ def test_a_saved_prompt_serves_exactly_as_it_trained(tiny, tokenizer, task, kind
             assert abs(first.logprob - float(first_logprob[first.token_id])) < 1e-4
         return
 
-    mode = Mode.TAG if task == "tag" else Mode.CLASSIFY
+    mode = Task.TAG if task == "tag" else Task.CLASSIFY
     outs = engine_outputs(tiny, tokenizer, pf, [(e.input_ids, mode, SamplingParams()) for e in heldout])
     ids, mask, targets, lengths = batch_tensors(heldout, "cpu")
     with torch.no_grad():

@@ -1,13 +1,12 @@
 """One name for each idea: the task and kind enums, a prompt's width, the base identity, dtype and device."""
 import torch
 
-from app.engine.sequence import Mode
 from app.engine.weights import base_identity, resolve_device, resolve_dtype
 from prompt_store.format import KINDS, TASKS, BaseIdentity, Kind, Task, embedding_width
 
 
-def test_the_engines_modes_are_the_tasks():
-    assert [m.value for m in Mode] == [t.value for t in Task] == list(TASKS) == ["generate", "tag", "classify"]
+def test_one_task_and_kind_vocabulary():
+    assert [t.value for t in Task] == list(TASKS) == ["generate", "tag", "classify"]
     assert list(KINDS) == ["prompt", "prefix"]
     assert Task.TAG == "tag" and f"{Kind.PREFIX}" == "prefix" and Task("classify") is Task.CLASSIFY
 

@@ -44,8 +44,9 @@ from app.api.openai_schemas import (
 from app.api.schemas import error_responses
 from app.engine.grammar import GrammarError, GrammarMatcher, Grammars
 from app.engine.sampling import SEED_RANGE
-from app.engine.sequence import Mode, Output, Sequence
+from app.engine.sequence import Output, Sequence
 from app.services import Services
+from prompt_store.format import Task
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
@@ -199,7 +200,7 @@ def _sequences(body: OpenAIRequest, prompt, ids: list[list[int]], logprobs: int 
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j * COPY_SEED_STRIDE) % SEED_RANGE
             params = body.sampling_params(max_tokens, logprobs, seed)
-            seq = services.engine.make_sequence(prompt, prompt_ids, Mode.GENERATE, params,
+            seq = services.engine.make_sequence(prompt, prompt_ids, Task.GENERATE, params,
                                                 services.settings.request_timeout_s)
             if grammar is not None:
                 seq.grammar = GrammarMatcher(grammar, services.loaded.args.vocab_size)

@@ -22,8 +22,8 @@ from app.api.schemas import (
     TagResponse,
     error_responses,
 )
-from app.engine.sequence import Mode
 from app.services import Services
+from prompt_store.format import Task
 
 router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
@@ -54,7 +54,7 @@ async def generate(body: GenerateRequest, request: Request, services: Services =
     ids = [await encoder.chat([{"role": "user", "content": text}], f"inputs.{i}") if body.chat
            else await encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
     params = body.sampling_params()
-    seqs = [services.engine.make_sequence(prompt, i, Mode.GENERATE, params, services.settings.request_timeout_s)
+    seqs = [services.engine.make_sequence(prompt, i, Task.GENERATE, params, services.settings.request_timeout_s)
             for i in ids]
     outs, headers = await _run(request, services, "/v1/generate", seqs)
     results = [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "prompt_tokens": o.prompt_tokens,
@@ -69,7 +69,7 @@ async def tag(body: TagRequest, request: Request, services: Services = Depends(g
     prefix counts as `I-`). An entity's score is the mean of its tokens' scores."""
     inputs, prompt = await _resolve(request, services, body)
     encoded = [await services.encoder.encode_with_offsets(text, f"inputs.{i}") for i, text in enumerate(inputs)]
-    seqs = [services.engine.make_sequence(prompt, ids, Mode.TAG, timeout_s=services.settings.request_timeout_s)
+    seqs = [services.engine.make_sequence(prompt, ids, Task.TAG, timeout_s=services.settings.request_timeout_s)
             for ids, _ in encoded]
     labels = prompt.labels
     outs, headers = await _run(request, services, "/v1/tag", seqs)
@@ -86,7 +86,7 @@ async def classify(body: ClassifyRequest, request: Request, services: Services =
     """Per input: the most probable label, its probability, and every label's probability."""
     inputs, prompt = await _resolve(request, services, body)
     ids = [await services.encoder.encode(text, f"inputs.{i}") for i, text in enumerate(inputs)]
-    seqs = [services.engine.make_sequence(prompt, i, Mode.CLASSIFY,
+    seqs = [services.engine.make_sequence(prompt, i, Task.CLASSIFY,
                                           timeout_s=services.settings.request_timeout_s)
             for i in ids]
     labels = prompt.labels

@@ -96,7 +96,7 @@ async def sweep_http(url: str, texts: list[str], new: int, concurrency: int, mod
 
 async def sweep_engine(engine, ids: list[list[int]], new: int, concurrency: int) -> dict:
     from app.engine.sampling import SamplingParams
-    from app.engine.sequence import Mode
+    from prompt_store.format import Task
 
     sem = asyncio.Semaphore(concurrency)
     lat, ttft, counts = [], [], [0, 0]
@@ -104,7 +104,7 @@ async def sweep_engine(engine, ids: list[list[int]], new: int, concurrency: int)
     async def one(tokens: list[int]):
         async with sem:
             t = time.perf_counter()
-            seq = engine.make_sequence(None, tokens, Mode.GENERATE,
+            seq = engine.make_sequence(None, tokens, Task.GENERATE,
                                        SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
             first = None
             async for out in engine.stream(seq):

@@ -13,7 +13,7 @@ from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
+from prompt_store.format import Task
 
 
 def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, max_batched_tokens: int,
@@ -30,7 +30,7 @@ def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, max_batch
 
 async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    seqs = [engine.make_sequence(r.task, r.token_ids, Mode.GENERATE, params) for r in reqs]
+    seqs = [engine.make_sequence(r.task, r.token_ids, Task.GENERATE, params) for r in reqs]
     sync(engine.runner.device)
     t0 = time.perf_counter()
 

@@ -26,8 +26,9 @@ from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Scheduler
-from app.engine.sequence import Mode, Sequence
+from app.engine.sequence import Sequence
 from app.engine.task_prompt import TaskPrompt
+from prompt_store.format import Task
 
 CPU_KV_CACHE_GB = CPU_KV_CACHE_BYTES / (1 << 30)  # the CPU server's default budget
 
@@ -61,7 +62,7 @@ def run_capacity(cfg: CapacityConfig) -> dict:
     prompts = {t: _placeholder_prompt(t, cfg.virtual) for t in TASKS}
     params = SamplingParams(max_tokens=cfg.new, temperature=0.0, ignore_eos=True)
     for r in workload(cfg.n, args.vocab_size, cfg.lo, cfg.hi, seed=1):
-        scheduler.waiting.append(Sequence(prompts[r.task], r.token_ids, Mode.GENERATE, params))
+        scheduler.waiting.append(Sequence(prompts[r.task], r.token_ids, Task.GENERATE, params))
     scheduler.schedule()  # admits while blocks last
     admitted = scheduler.running
     mean_positions = sum(s.prefix_len + len(s.prompt_ids) for s in admitted) / max(1, len(admitted))
@@ -151,7 +152,7 @@ def _timed_run(models, files, config: EngineConfig, requests: list[list[int]], n
     async def go():
         engine.start()
         try:
-            seqs = [engine.make_sequence(files[0].name, r, Mode.GENERATE, params) for r in requests]
+            seqs = [engine.make_sequence(files[0].name, r, Task.GENERATE, params) for r in requests]
             t0 = time.perf_counter()
             outs = await asyncio.gather(*(engine.run_to_end(s) for s in seqs))
             wall = time.perf_counter() - t0

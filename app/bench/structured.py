@@ -24,9 +24,9 @@ from app.config import Settings, add_setting_flags, describe
 from app.engine.engine import AsyncEngine
 from app.engine.grammar import GrammarMatcher, Grammars
 from app.engine.sampling import SamplingParams
-from app.engine.sequence import Mode
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import load_model
+from prompt_store.format import Task
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer"},
@@ -43,7 +43,7 @@ async def _batch(engine: AsyncEngine, ids: list[int], lengths: list[int], compil
     seqs = []
     for i, new in enumerate(lengths):
         params = SamplingParams(max_tokens=new, temperature=0.7, seed=i, ignore_eos=compiled is None)
-        seq = engine.make_sequence(None, ids, Mode.GENERATE, params)
+        seq = engine.make_sequence(None, ids, Task.GENERATE, params)
         if compiled is not None:
             seq.grammar = GrammarMatcher(compiled, vocab)
         seqs.append(seq)

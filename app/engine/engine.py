@@ -26,10 +26,10 @@ from app.engine.prompt_table import PromptEntry, PromptTable
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplingParams
 from app.engine.scheduler import Overloaded, ScheduledStep, Scheduler, StepResult
-from app.engine.sequence import Mode, Output, Sequence, Status
+from app.engine.sequence import Output, Sequence, Status
 from app.engine.task_prompt import TaskPrompt, build_task_prompt, check_servable
 from app.engine.tokenizer import IncrementalDecoder, Tokenizer
-from prompt_store.format import PromptFile, PromptFormatError
+from prompt_store.format import PromptFile, PromptFormatError, Task
 from prompt_store.registry import PromptNotFound  # one class: the store's and the engine's lookups answer 404 alike
 
 log = logging.getLogger(__name__)
@@ -226,31 +226,31 @@ class AsyncEngine:
         return name is None or (entry is not None and entry.loaded is not None)
 
     # ---- requests ------------------------------------------------------------------------------------
-    def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], mode: Mode,
+    def make_sequence(self, prompt: str | TaskPrompt | None, token_ids: list[int], task: Task,
                       sampling: SamplingParams | None = None, timeout_s: float | None = None) -> Sequence:
         """prompt: a name (resolved here to its current version) or an already resolved TaskPrompt (every
         input of one request passes the same object, so they all run one version); None: the bare model.
         sampling: for generate (default: SamplingParams()); tag and classify generate nothing, so theirs is
         not used (the API refuses sampling fields on those routes)."""
-        if mode != Mode.GENERATE:
+        if task != Task.GENERATE:
             sampling = HEAD_ONLY
         elif sampling is None:
             sampling = SamplingParams()
         if isinstance(prompt, str):
             prompt = self.get_prompt(prompt)
-        task = Mode.GENERATE if prompt is None else prompt.task
-        if task != mode.value:
-            raise WrongTaskType(f"prompt {prompt.name!r} is a {task!r} prompt, not {mode.value!r}"
-                                 if prompt else f"the base model only generates; {mode.value} needs a prompt")
+        served = Task.GENERATE if prompt is None else prompt.task
+        if served != task:
+            raise WrongTaskType(f"prompt {prompt.name!r} is a '{served}' prompt, not '{task}'"
+                                 if prompt else f"the base model only generates; {task} needs a prompt")
         if not token_ids:
             raise InvalidRequest("the input is empty")
-        decoder = IncrementalDecoder(self.tokenizer) if mode == Mode.GENERATE else None
-        seq = Sequence(prompt, list(token_ids), mode, sampling, decoder,
+        decoder = IncrementalDecoder(self.tokenizer) if task == Task.GENERATE else None
+        seq = Sequence(prompt, list(token_ids), task, sampling, decoder,
                        deadline=None if timeout_s is None else time.monotonic() + timeout_s)
         if seq.total_len > self.config.max_seq_len:  # (the cache holds at least one such sequence)
             raise InvalidRequest(
                 f"{seq.prefix_len} virtual + {len(token_ids)} input + "
-                f"{seq.sampling.max_tokens if mode == Mode.GENERATE else 0} new tokens exceed the context "
+                f"{seq.sampling.max_tokens if task == Task.GENERATE else 0} new tokens exceed the context "
                 f"of {self.config.max_seq_len}; shorten the input or lower max_tokens")
         return seq
 
@@ -380,7 +380,7 @@ class AsyncEngine:
             if out.finished:
                 self._seqs.pop(seq.request_id, None)
                 if seq.head_probs:
-                    out.probs = torch.cat(seq.head_probs) if seq.mode == Mode.TAG else seq.head_probs[0]
+                    out.probs = torch.cat(seq.head_probs) if seq.task == Task.TAG else seq.head_probs[0]
             outputs.append(out)
         return outputs
 

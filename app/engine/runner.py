@@ -16,7 +16,8 @@ from app.engine.model import Transformer
 from app.engine.logits import adjust_logits
 from app.engine.sampling import LOGPROB_FLOOR, TokenChoice, sample, sanitize
 from app.engine.scheduler import ScheduledStep, StepResult
-from app.engine.sequence import Mode, Sequence
+from app.engine.sequence import Sequence
+from prompt_store.format import Task
 
 # Not cuDNN: it builds an execution plan for every new shape (~0.4 s each on an H200), and the padded
 # shapes of prefill steps are new almost every step. The memory-efficient kernel needs no plan.
@@ -67,11 +68,11 @@ class ModelRunner:
         for (seq, n), chunk in zip(step.prefill, chunks):
             last = chunk.offset + n - 1
             completes = seq.num_cached + n == seq.prefill_target
-            if seq.mode == Mode.GENERATE and completes and not seq.output_ids:  # (after a preemption the
+            if seq.task == Task.GENERATE and completes and not seq.output_ids:  # (after a preemption the
                 to_sample.append((seq, last))  # next decode step feeds the last generated token)
-            elif seq.mode == Mode.TAG:
+            elif seq.task == Task.TAG:
                 result.probs[seq.request_id] = seq.prompt.head(hidden[chunk.offset:last + 1]).cpu()
-            elif seq.mode == Mode.CLASSIFY and completes:
+            elif seq.task == Task.CLASSIFY and completes:
                 result.probs[seq.request_id] = self.classify(seq, hidden[last]).cpu()
             if seq.prompt_logprobs is not None and seq.num_cached < len(seq.prompt_ids):
                 result.prompt_logprobs[seq.request_id] = (

@@ -24,7 +24,8 @@ import torch
 
 from app.engine.block_manager import BlockManager, chain_hash, token_bytes
 from app.engine.sampling import TokenChoice
-from app.engine.sequence import Mode, Sequence, Status
+from app.engine.sequence import Sequence, Status
+from prompt_store.format import Task
 
 
 class Overloaded(RuntimeError):
@@ -196,7 +197,7 @@ class Scheduler:
                 first, choices = result.prompt_logprobs[seq.request_id]
                 if first == len(seq.prompt_choices) + 1:  # not again when a preempted prompt is recomputed
                     seq.prompt_choices += choices
-            if seq.mode == Mode.GENERATE:
+            if seq.task == Task.GENERATE:
                 choice = result.tokens.get(seq.request_id)
                 if choice is None:
                     continue

@@ -17,9 +17,6 @@ _ids = itertools.count()
 BASE_CACHE_ROOT = b"base"  # the prefix-cache identity of the bare model (no task prompt)
 
 
-Mode = Task  # what a sequence does: generate, tag or classify (the prompt format's task vocabulary)
-
-
 class Status(enum.Enum):
     WAITING = 0
     RUNNING = 1
@@ -45,7 +42,7 @@ class Output:
 class Sequence:
     prompt: TaskPrompt | None  # None: the bare base model
     prompt_ids: list[int]
-    mode: Mode
+    task: Task
     sampling: SamplingParams
     decoder: IncrementalDecoder | None = None  # generation: the text of output_ids
     deadline: float | None = None  # time.monotonic() after which the request is dropped
@@ -100,12 +97,12 @@ class Sequence:
     def reuses_cached_text(self) -> bool:
         """Tagging and prompt log-probabilities need every text token's hidden state, so their text K,V are
         always computed."""
-        return self.mode != Mode.TAG and self.prompt_logprobs is None
+        return self.task != Task.TAG and self.prompt_logprobs is None
 
     @property
     def total_len(self) -> int:
         """Cache positions this sequence can reach: prefix, prompt, and every token it may generate."""
-        new = self.sampling.max_tokens if self.mode == Mode.GENERATE else 0
+        new = self.sampling.max_tokens if self.task == Task.GENERATE else 0
         return self.prefix_len + len(self.prompt_ids) + new
 
     def append_token(self, choice: TokenChoice, eos_ids: frozenset[int]) -> None:

@@ -22,8 +22,8 @@ from prompt_store.format import Kind, PromptFile, Task
 class TaskPrompt:
     name: str
     version: int
-    kind: str  # a Kind: "prompt" (shallow) | "prefix" (deep)
-    task: str  # a Task: "generate" | "tag" | "classify"
+    kind: Kind
+    task: Task
     labels: list[str]
     k: torch.Tensor  # (layers, kv_heads, P, head_dim), in CPU memory: KV blocks are filled from it on use
     v: torch.Tensor
