@@ -48,30 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.log_format == "json":
         use_json_lines()
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        async def load():
-            try:
-                services = await asyncio.to_thread(load_services, settings)
-                if app.state.draining:  # a stop came while loading: do not start serving
-                    services.registry.stop_watching()
-                    return
-                services.engine.on_step = app.state.metrics.observe_step
-                services.engine.start()
-                app.state.services = services
-                log.info(kv(event="ready", model=services.model_name, prompts=len(services.engine.prompts)))
-            except Exception as e:  # shown on /health and in the log; the process stays up to say why
-                log.exception("loading failed")
-                app.state.load_error = str(e)
-
-        app.state.loading = asyncio.create_task(load())
-        _chain_stop_signals(app, asyncio.get_running_loop())
-        yield
-        drain(app)
-        await app.state.drained
-
     # redirect_slashes=False: `PUT /v1/prompts/` (an empty name) is a JSON 404/405, not a redirect to another route
-    app = FastAPI(title="softserve", version="0.1.0", lifespan=lifespan, openapi_tags=OPENAPI_TAGS,
+    app = FastAPI(title="softserve", version="0.1.0", lifespan=_lifespan, openapi_tags=OPENAPI_TAGS,
                   redirect_slashes=False, docs_url=None, redoc_url=None,
                   description="Many tasks from one frozen LLM through learned soft prompts, continuously batched. "
                               "Errors are `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`; every response carries "
@@ -93,6 +71,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(prompts.router)
     install_docs(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """Load in the background (the server answers 503 meanwhile); on the way out, drain."""
+    app.state.loading = asyncio.create_task(_load(app))
+    _chain_stop_signals(app, asyncio.get_running_loop())
+    yield
+    drain(app)
+    await app.state.drained
+
+
+async def _load(app: FastAPI) -> None:
+    try:
+        services = await asyncio.to_thread(load_services, app.state.settings)
+        if app.state.draining:  # a stop came while loading: do not start serving
+            services.registry.stop_watching()
+            return
+        services.engine.on_step = app.state.metrics.observe_step
+        services.engine.start()
+        app.state.services = services
+        log.info(kv(event="ready", model=services.model_name, prompts=len(services.engine.prompts)))
+    except Exception as e:  # shown on /health and in the log; the process stays up to say why
+        log.exception("loading failed")
+        app.state.load_error = str(e)
 
 
 def drain(app: FastAPI) -> None:

@@ -83,36 +83,11 @@ def import_peft_files(
         raise PromptFormatError(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
     kind, task = _kind_and_task(config)
     tensors, _ = read_safetensors_bytes(weights)
-    embeddings = tensors.pop(EMBEDDINGS_KEY, None)
-    if embeddings is None:
-        raise PromptFormatError(f"adapter weights have no {EMBEDDINGS_KEY!r} tensor")
-    for key, tensor in [(EMBEDDINGS_KEY, embeddings), *tensors.items()]:
-        if not tensor.is_floating_point():
-            raise PromptFormatError(f"adapter tensor {key!r} must be floating-point, got {tensor.dtype}")
-    num_virtual_tokens = config.get("num_virtual_tokens")
-    if embeddings.dim() != 2 or embeddings.shape[0] != num_virtual_tokens:
-        raise PromptFormatError(
-            f"adapter prompt_embeddings has shape {list(embeddings.shape)} "
-            f"but adapter_config.json says num_virtual_tokens={num_virtual_tokens}"
-        )
+    embeddings = _prompt_embeddings(tensors, config)
     if kind == Kind.PREFIX:
         _check_prefix_layout(config, base)
-
     head_weight, head_bias = _find_head(tensors)
-    if head_weight is not None:
-        if head_weight.dim() != 2 or (head_bias is not None and head_bias.dim() != 1):
-            bias_shape = None if head_bias is None else list(head_bias.shape)
-            raise PromptFormatError(f"adapter head must be a 2-D weight [num_labels, hidden] and a 1-D bias, got "
-                                    f"weight {list(head_weight.shape)}, bias {bias_shape}")
-        rows = head_weight.shape[0]
-        if labels is None:
-            labels = [f"LABEL_{i}" for i in range(rows)]
-        elif len(labels) != rows:
-            raise PromptFormatError(f"{len(labels)} labels given but the adapter's head has {rows} rows")
-    elif task == Task.CLASSIFY and not labels:
-        raise PromptFormatError(
-            "this classify adapter has no head: give its labels (they are scored as label words)"
-        )
+    labels = _labels(head_weight, head_bias, labels, task)
 
     pf = PromptFile(
         name=name,
@@ -130,6 +105,44 @@ def import_peft_files(
     )
     validate_prompt(pf, base)
     return pf
+
+
+def _prompt_embeddings(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.Tensor:
+    """The learned prompt, [num_virtual_tokens, width]; every tensor must be floating-point. Takes it out of
+    `tensors`, leaving the head's, if any."""
+    embeddings = tensors.pop(EMBEDDINGS_KEY, None)
+    if embeddings is None:
+        raise PromptFormatError(f"adapter weights have no {EMBEDDINGS_KEY!r} tensor")
+    for key, tensor in [(EMBEDDINGS_KEY, embeddings), *tensors.items()]:
+        if not tensor.is_floating_point():
+            raise PromptFormatError(f"adapter tensor {key!r} must be floating-point, got {tensor.dtype}")
+    num_virtual_tokens = config.get("num_virtual_tokens")
+    if embeddings.dim() != 2 or embeddings.shape[0] != num_virtual_tokens:
+        raise PromptFormatError(
+            f"adapter prompt_embeddings has shape {list(embeddings.shape)} "
+            f"but adapter_config.json says num_virtual_tokens={num_virtual_tokens}"
+        )
+    return embeddings
+
+
+def _labels(head_weight: torch.Tensor | None, head_bias: torch.Tensor | None, labels: list[str] | None,
+            task: Task) -> list[str] | None:
+    """The labels for the head (given, or LABEL_i per row); a classify adapter without a head needs them."""
+    if head_weight is not None:
+        if head_weight.dim() != 2 or (head_bias is not None and head_bias.dim() != 1):
+            bias_shape = None if head_bias is None else list(head_bias.shape)
+            raise PromptFormatError(f"adapter head must be a 2-D weight [num_labels, hidden] and a 1-D bias, got "
+                                    f"weight {list(head_weight.shape)}, bias {bias_shape}")
+        rows = head_weight.shape[0]
+        if labels is None:
+            return [f"LABEL_{i}" for i in range(rows)]
+        if len(labels) != rows:
+            raise PromptFormatError(f"{len(labels)} labels given but the adapter's head has {rows} rows")
+    elif task == Task.CLASSIFY and not labels:
+        raise PromptFormatError(
+            "this classify adapter has no head: give its labels (they are scored as label words)"
+        )
+    return labels
 
 
 def _kind_and_task(config: dict[str, Any]) -> tuple[Kind, Task]:
