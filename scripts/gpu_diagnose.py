@@ -24,9 +24,10 @@ from app.bench.workload import NullTokenizer, build_models, prompt_files, prompt
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.engine import AsyncEngine
 from app.engine.sampling import SamplingParams
+from app.engine.weights import resolve_device
 from prompt_store.format import Task
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = resolve_device("auto")  # as the server picks it: cuda when there is one
 
 
 def sync() -> None:

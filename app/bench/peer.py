@@ -1,5 +1,5 @@
 """The peer: what a user would run without softserve. Follows the project's peer_baseline.py
-(shared/bench/, kept beside the repository, not in it).
+(../shared/bench/peer_baseline.py: the shared folder beside the repository, not in it).
 
 HF transformers generate() on the same frozen base. PEFT cannot mix prompt-learning adapters in one
 batch, so requests are grouped per task and each group is generated batch by batch (--batch rows).
