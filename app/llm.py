@@ -67,7 +67,7 @@ class LLM:
         """Per input, the probability of each of the prompt's labels (Output.probs)."""
         return self._one_request(prompt, inputs, Task.CLASSIFY)
 
-    def run(self, requests: list[tuple[str | None, list[int], Task, SamplingParams]]) -> list[Output]:
+    def run(self, requests: list[tuple[str | None, list[int], Task, SamplingParams | None]]) -> list[Output]:
         """Separate requests, (prompt name or None, token ids, task, sampling) each, submitted at once."""
         async def all_of_them():
             seqs = [self.engine.make_sequence(*request) for request in requests]

@@ -35,7 +35,7 @@ CAUSAL_CONFIGS = {
 
 
 def run_engine(loaded, tokenizer, prompt_files, requests, max_seq_len=256):
-    """requests: (prompt name | None, token ids, mode, SamplingParams) -> Outputs, all submitted together."""
+    """requests: (prompt name | None, token ids, Task, SamplingParams) -> Outputs, all submitted together."""
     with LLM.from_model(loaded.model, tokenizer, EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=1 << 26)) as llm:
         for pf in prompt_files:
             llm.load_prompt(pf)

@@ -96,7 +96,7 @@ def test_a_step_gives_gradients_only_to_the_prompt_and_head(tiny, tokenizer):
 def engine_outputs(loaded, tokenizer, pf, requests):
     with LLM.from_model(loaded.model, tokenizer, EngineConfig(max_seq_len=256, kv_cache_bytes=1 << 24)) as llm:
         llm.load_prompt(pf)
-        return llm.run([(pf.name, ids, mode, params) for ids, mode, params in requests])
+        return llm.run([(pf.name, ids, task, params) for ids, task, params in requests])
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
@@ -127,8 +127,7 @@ def test_a_saved_prompt_serves_exactly_as_it_trained(tiny, tokenizer, task, kind
             assert abs(first.logprob - float(first_logprob[first.token_id])) < 1e-4
         return
 
-    mode = Task.TAG if task == "tag" else Task.CLASSIFY
-    outs = engine_outputs(tiny, tokenizer, pf, [(e.input_ids, mode, SamplingParams()) for e in heldout])
+    outs = engine_outputs(tiny, tokenizer, pf, [(e.input_ids, Task(task), None) for e in heldout])
     ids, mask, targets, lengths = batch_tensors(heldout, "cpu")
     with torch.no_grad():
         probs = prompt.head_logits(prompt.text_hidden(tiny.model, ids, mask)).softmax(-1)
