@@ -79,7 +79,8 @@ def complete(client, prompt: str, model: str = "base", max_tokens: int = 8, **kw
 
 def test_health_and_request_ids(client):
     r = client.get("/health", headers={"x-request-id": "abc-123"})
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"]
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == "SmolLM2-135M-Instruct"
+    assert (r.json()["running"], r.json()["waiting"]) == (0, 0)
     assert r.headers["x-request-id"] == "abc-123"
     generated = client.get("/health", headers={"x-request-id": "bad id\twith spaces"}).headers["x-request-id"]
     assert len(generated) == 32 and " " not in generated
