@@ -194,11 +194,11 @@ TIMEOUT_S = 2
 @pytest.fixture(scope="module")
 def short_timeout(tmp_path_factory):
     with LiveServer(tmp_path_factory.mktemp("timeout") / "store",
-                    {"SOFTSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "SOFTSERVE_MAX_SEQ_LEN": "1024"}) as s:
+                    {"SOFTSERVE_REQUEST_TIMEOUT_S": str(TIMEOUT_S), "SOFTSERVE_MAX_SEQ_LEN": "4096"}) as s:
         yield s
 
 
-LONG = {"max_tokens": 800, "ignore_eos": True}
+LONG = {"max_tokens": 4000, "ignore_eos": True}  # far more than even a fast GPU makes in TIMEOUT_S
 
 
 def test_requests_past_the_timeout_are_504_and_free_their_slots(short_timeout):
