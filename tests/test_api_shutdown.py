@@ -50,13 +50,14 @@ def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
         assert not reader.is_alive()
         server.proc.wait(GRACE_S + 30)
         elapsed = time.monotonic() - start
-        assert server.proc.returncode in (0, -signal.SIGTERM), server.output()
+        # uvicorn (>= 0.29) re-raises the signal it stopped for once it has shut down
+        assert server.proc.returncode == -signal.SIGTERM, server.output()
         assert elapsed < GRACE_S + 10, elapsed
 
     assert events[-1] == "[DONE]", events[-3:]
     last, usage = json.loads(events[-3]), json.loads(events[-2])
-    assert last["choices"][0]["finish_reason"] in ("cancelled", "length", "stop")
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] < 2000  # it was cut at the deadline, not run to the end
+    assert last["choices"][0]["finish_reason"] == "cancelled"  # ignore_eos, no stop strings: only the grace deadline ends it
+    assert usage["choices"] == [] and 0 < usage["usage"]["completion_tokens"] < 2000  # it was cut at the deadline, not run to the end
     files = sorted((tmp_path / "store").rglob("*.safetensors"))
     assert [f.relative_to(tmp_path / "store").as_posix() for f in files] == ["keeper/v1.safetensors"]
     assert load_prompt_file(files[0]).name == "keeper"

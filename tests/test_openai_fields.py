@@ -258,6 +258,36 @@ def test_echo_logprobs_equal_the_models_own(client, default_model, tokenizer):
         assert len(lp.tokens) == len(ids) + 1 and len(lp.top_logprobs[1]) == 2
 
 
+def test_logprobs_of_generated_tokens_both_routes(http):
+    """The raw JSON: one entry per generated token, that spells the text; greedy picks each step's best."""
+    r = http.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+                                           "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp, n = choice["logprobs"], r.json()["usage"]["completion_tokens"]
+    assert "".join(lp["tokens"]) == choice["text"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and top[token] == logprob == max(top.values())
+        assert logprob <= 0 and all(v <= 0 for v in top.values())
+
+    r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "temperature": 0,
+                                                "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in content) == choice["message"]["content"]
+    assert len(content) == r.json()["usage"]["completion_tokens"]
+    for entry in content:
+        top = entry["top_logprobs"]
+        assert len(top) == 2 and (top[0]["token"], top[0]["logprob"]) == (entry["token"], entry["logprob"])
+        assert 0 >= top[0]["logprob"] >= top[1]["logprob"]
+
+    without = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
+                                                      "top_logprobs": 2})
+    assert without.status_code == 200 and without.json()["choices"][0]["logprobs"] is None
+
+
 def test_echo_without_logprobs_prepends_the_prompt(client):
     plain = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0)
     echoed = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0, echo=True)
