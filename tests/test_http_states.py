@@ -53,7 +53,7 @@ def small_queue(tmp_path_factory):
 
 
 def test_full_queue_is_429_with_retry_after_and_admitted_requests_complete(small_queue):
-    long_tokens, queued_tokens = 64, 4
+    long_tokens, queued_tokens = 128, 4  # the long one must outlast the four refusals by far
     with httpx.Client(base_url=small_queue.url, timeout=120) as client:
         running, streamed, first_chunk = {}, [], threading.Event()
 

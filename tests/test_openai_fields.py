@@ -16,7 +16,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 from app.engine.model import DenseAttention  # noqa: E402
-from tests.live_server import LiveServer, upload  # noqa: E402
+from tests.live_server import LiveServer, sse_events, upload  # noqa: E402
 
 MAX_SEQ_LEN = 512
 CHAT_PROMPT = Path(__file__).resolve().parents[1] / "examples" / "prompts" / "chat.safetensors"
@@ -270,6 +270,7 @@ def test_logprobs_of_generated_tokens_both_routes(http):
     for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
         assert len(top) == 2 and top[token] == logprob == max(top.values())
         assert logprob <= 0 and all(v <= 0 for v in top.values())
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(n)]  # each token's start in the text
 
     r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "temperature": 0,
                                                 "logprobs": True, "top_logprobs": 2})
@@ -282,10 +283,32 @@ def test_logprobs_of_generated_tokens_both_routes(http):
         top = entry["top_logprobs"]
         assert len(top) == 2 and (top[0]["token"], top[0]["logprob"]) == (entry["token"], entry["logprob"])
         assert 0 >= top[0]["logprob"] >= top[1]["logprob"]
+        assert entry["bytes"] == list(entry["token"].encode()) and top[1]["bytes"] == list(top[1]["token"].encode())
 
     without = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
                                                       "top_logprobs": 2})
     assert without.status_code == 200 and without.json()["choices"][0]["logprobs"] is None
+
+
+def test_text_offsets_run_on_through_the_echo_and_across_stream_chunks(http):
+    """text_offset counts from the start of the choice's text: past the echoed prompt, and on from chunk to
+    chunk of a stream, so a client can place every token in the text it assembled."""
+    body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 1, "echo": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    lp = whole["logprobs"]
+    assert lp["token_logprobs"][0] is None and whole["text"].startswith("The capital of France is")
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(len(lp["tokens"]))]
+
+    with http.stream("POST", "/v1/completions", json={**body, "echo": False, "stream": True}) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r) if e != "[DONE]"]
+    text, offsets, tokens = "", [], []
+    for chunk in chunks:
+        if chunk["logprobs"] is not None:
+            assert chunk["logprobs"]["text_offset"][0] == len(text)  # where this chunk's text starts
+            offsets += chunk["logprobs"]["text_offset"]
+            tokens += chunk["logprobs"]["tokens"]
+        text += chunk["text"]
+    assert offsets == [len("".join(tokens[:j])) for j in range(len(tokens))] and "".join(tokens) == text
 
 
 def test_echo_without_logprobs_prepends_the_prompt(client):

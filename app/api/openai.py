@@ -7,6 +7,7 @@ streams, every choice is its own engine stream and their chunks interleave as th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -54,16 +55,20 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with seed + j * stride: n different answers
 
 
-def _logprobs(tokens, services: Services, chat: bool) -> dict | None:
-    """tokens: TokenChoices; an echoed prompt's first token has no log-probability (null)."""
+def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict | None:
+    """OpenAI's logprobs of TokenChoices: chat's `content` list, or completions' parallel lists, whose
+    `text_offset` counts each token's characters from `offset` (where this part of the choice's text starts,
+    as vLLM counts them). An echoed prompt's first token has no log-probability (null)."""
     if not tokens or all(c.logprob is None for c in tokens):
         return None
     text = lambda i: services.tokenizer.hf.decode([i])  # noqa: E731
     if chat:
-        return {"content": [{"token": text(c.token_id), "logprob": c.logprob,
-                             "top_logprobs": [{"token": text(i), "logprob": lp} for i, lp in (c.top or [])]}
+        entry = lambda i, lp: {"token": text(i), "logprob": lp, "bytes": list(text(i).encode())}  # noqa: E731
+        return {"content": [entry(c.token_id, c.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in (c.top or [])]}
                             for c in tokens]}
-    return {"tokens": [text(c.token_id) for c in tokens], "token_logprobs": [c.logprob for c in tokens],
+    strings = [text(c.token_id) for c in tokens]
+    offsets = list(itertools.accumulate((len(t) for t in strings[:-1]), initial=offset))
+    return {"tokens": strings, "token_logprobs": [c.logprob for c in tokens], "text_offset": offsets,
             "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} for c in tokens]}
 
 
@@ -220,6 +225,7 @@ class _ResponseShape:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.kind = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and body.stream else "")
         self.created = int(time.time())
+        self.text_sent = [0] * len(echoed)  # characters of each choice's text already sent (streams)
 
     def first_of_prompt(self, count: int) -> list[bool]:
         """Which choices count their prompt's tokens in `usage` (the first copy of each prompt)."""
@@ -229,9 +235,10 @@ class _ResponseShape:
         """first: the choice's first (or only) part, which carries the echo and the assistant role."""
         tokens = (out.prompt_logprobs or []) + out.tokens if first else out.tokens
         c = {"index": k, "finish_reason": out.finish_reason if out.finished else None,
-             "logprobs": _logprobs(tokens, self.services, self.chat)}
+             "logprobs": _logprobs(tokens, self.services, self.chat, self.text_sent[k])}
         if not self.chat:
             c["text"] = (self.echoed[k] if first else "") + out.text
+            self.text_sent[k] += len(c["text"])
         elif self.body.stream:
             c["delta"] = ({"role": "assistant"} if first else {}) | {"content": out.text}
         else:

@@ -8,19 +8,24 @@ import sys
 from pathlib import Path
 
 from app.config import Settings, add_setting_flags
-from prompt_store.format import KINDS, TASKS, Kind, Task
+from app.train.data import MAX_LENGTH
+from app.train.trainer import DEFAULT_LR, SCHEDULES, TrainConfig
+from prompt_store.format import KINDS, TASKS, Task
 
 log = logging.getLogger(__name__)
 
 
 def add_train_command(sub) -> None:
+    """The flags' defaults are TrainConfig's (and MAX_LENGTH): written there, once."""
+    D = TrainConfig  # noqa: N806
     p = sub.add_parser("train", help="learn a task prompt (and head) on a JSONL file; see docs/TRAINING.md")
     p.add_argument("data", type=Path, help="training data, JSON Lines")
     p.add_argument("--name", required=True, help="the prompt's name (the API's model id)")
     p.add_argument("--task", choices=TASKS, help="default: inferred from the first line")
-    p.add_argument("--kind", choices=KINDS, default=Kind.PROMPT.value,
-                   help="prompt: shallow [P, hidden] embeddings; prefix: deep per-layer K,V (default: prompt)")
-    p.add_argument("--virtual-tokens", type=int, default=20, help="P, the number of virtual tokens (default: 20)")
+    p.add_argument("--kind", choices=KINDS, default=D.kind.value,
+                   help=f"prompt: shallow [P, hidden] embeddings; prefix: deep per-layer K,V (default: {D.kind})")
+    p.add_argument("--virtual-tokens", type=int, default=D.virtual_tokens,
+                   help=f"P, the number of virtual tokens (default: {D.virtual_tokens})")
     p.add_argument("--out", type=Path, help="the prompt file to write (default: NAME.safetensors)")
     p.add_argument("--metrics-out", type=Path,
                    help="JSON of the final held-out metrics (default: OUT with suffix .metrics.json)")
@@ -31,17 +36,20 @@ def add_train_command(sub) -> None:
     held.add_argument("--heldout", type=Path, help="held-out JSONL evaluated each epoch")
     held.add_argument("--heldout-fraction", type=float, default=0.1,
                       help="fraction of DATA held out when --heldout is not given (default: 0.1)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, help="prompt learning rate (default: 3e-2 for prompt, 1e-2 for prefix)")
-    p.add_argument("--head-lr", type=float, default=1e-3, help="head learning rate (default: 1e-3)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256, help="text tokens per example; longer ones are cut")
-    p.add_argument("--warmup", type=float, default=0.1, help="warmup, as a fraction of the steps (default: 0.1)")
-    p.add_argument("--schedule", choices=("linear", "cosine"), default="linear", help="decay after warmup")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default: 1.0)")
+    p.add_argument("--epochs", type=int, default=D.epochs, help=f"(default: {D.epochs})")
+    p.add_argument("--lr", type=float, help="prompt learning rate (default: "
+                   + ", ".join(f"{lr:g} for {kind}" for kind, lr in DEFAULT_LR.items()) + ")")
+    p.add_argument("--head-lr", type=float, default=D.head_lr, help=f"head learning rate (default: {D.head_lr:g})")
+    p.add_argument("--batch-size", type=int, default=D.batch_size, help=f"(default: {D.batch_size})")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                   help=f"text tokens per example; longer ones are cut (default: {MAX_LENGTH})")
+    p.add_argument("--warmup", type=float, default=D.warmup,
+                   help=f"warmup, as a fraction of the steps (default: {D.warmup})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=D.schedule, help=f"decay after warmup (default: {D.schedule})")
+    p.add_argument("--weight-decay", type=float, default=D.weight_decay, help=f"(default: {D.weight_decay})")
+    p.add_argument("--clip", type=float, default=D.clip, help=f"gradient norm clipping (default: {D.clip})")
     p.add_argument("--patience", type=int, help="stop after this many epochs without held-out improvement")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=D.seed, help=f"(default: {D.seed})")
     p.add_argument("--limit", type=int, help="use only the first N training examples (after shuffling)")
     p.add_argument("--heldout-limit", type=int, help="evaluate on only the first N held-out examples")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
@@ -120,8 +128,6 @@ def tokenize_data(args, task: str, labels: list[str], tokenizer, rows: list, hel
 
 
 def train_config(args, task: str):
-    from app.train.trainer import TrainConfig
-
     return TrainConfig(task=task, kind=args.kind, virtual_tokens=args.virtual_tokens, epochs=args.epochs,
                        lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
                        weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,

@@ -19,6 +19,7 @@ from app.engine.tokenizer import ChatTemplateError, Tokenizer
 from prompt_store.format import TASKS, Task
 
 IGNORE = -100  # target of a position without loss
+MAX_LENGTH = 256  # text tokens per example by default (training and evaluation); longer ones are cut
 
 
 class DataError(ValueError):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from app.engine.model import Transformer
 from app.engine.weights import LoadedModel, base_identity
-from app.train.data import IGNORE, Example
+from app.train.data import IGNORE, MAX_LENGTH, Example
 from app.train.metrics import EntityScore
 from app.train.prompt import TrainablePrompt, initial_embeddings
 from prompt_store.format import Kind, PromptFile, Task, validate_prompt
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LR = {Kind.PROMPT: 3e-2, Kind.PREFIX: 1e-2}  # prompt tuning wants a high lr (Lester et al.: 0.3, Adafactor)
 DEFAULT_HEAD_LR = 1e-3
+SCHEDULES = ("linear", "cosine")  # the learning rate's decay after warmup
 MONITOR = {Task.GENERATE: "loss", Task.TAG: "f1", Task.CLASSIFY: "accuracy"}  # early stopping and best-epoch choice
 
 
@@ -56,7 +57,7 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; expected generate, tag or classify")
         if self.kind not in DEFAULT_LR:
             raise ValueError(f"unknown prompt kind {self.kind!r}; expected 'prompt' or 'prefix'")
-        if self.schedule not in ("linear", "cosine"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected 'linear' or 'cosine'")
         if self.virtual_tokens < 1 or self.epochs < 1 or self.batch_size < 1:
             raise ValueError("virtual_tokens, epochs and batch_size must be at least 1")
@@ -249,7 +250,7 @@ def from_prompt_file(loaded: LoadedModel, pf: PromptFile) -> TrainablePrompt:
 
 
 def evaluate_prompt(loaded: LoadedModel, tokenizer, prompt_file, jsonl_path, limit: int | None = None,
-                    max_length: int = 512, batch_size: int = 32) -> dict:
+                    max_length: int = MAX_LENGTH, batch_size: int = TrainConfig.eval_batch_size) -> dict:
     """Score a prompt file (PromptFile, bytes or path) on the first `limit` lines of a JSONL file."""
     from pathlib import Path
 
