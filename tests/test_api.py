@@ -312,6 +312,10 @@ BAD_REQUESTS = [  # (route, body, status, code, param)
     ("/v1/tag", {"prompt": "ner", "inputs": [""]}, 400, "validation_error", "inputs.0"),
     ("/v1/tag", {"prompt": "ner"}, 400, "validation_error", "inputs"),
     ("/v1/classify", {"prompt": "cls", "inputs": [1]}, 400, "validation_error", "inputs.0"),
+    # a field the route does not take is refused, never ignored (tag and classify sample nothing)
+    ("/v1/tag", {"prompt": "ner", "inputs": "x", "temperature": 0.5}, 400, "unknown_field", "temperature"),
+    ("/v1/classify", {"prompt": "cls", "inputs": "x", "max_tokens": 3}, 400, "unknown_field", "max_tokens"),
+    ("/v1/generate", {"inputs": "x", "n": 2}, 400, "unknown_field", "n"),
 ]
 
 
