@@ -39,9 +39,11 @@ def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
         assert first_chunk.wait(60), server.output()
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
         with httpx.Client(base_url=server.url, timeout=5) as fresh:  # a new connection: still listening
             health = fresh.get("/health")
+            while health.status_code == 200 and time.monotonic() - start < GRACE_S:  # until the signal lands
+                time.sleep(0.02)
+                health = fresh.get("/health")
             refused = fresh.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
         assert time.monotonic() - start < GRACE_S  # asked while the stream was still draining
         assert health.status_code == 503 and health.json()["error"]["code"] == "shutting_down"
