@@ -6,6 +6,7 @@ last byte has gone out, so a stream's line carries its whole duration.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -52,6 +53,27 @@ def length_refusal(length: bytes | None, limit: int, setting: str) -> tuple[int,
     return None
 
 
+DISCARD_BYTES = 64 << 20  # the most of a refused body read (and dropped) before answering
+DISCARD_S = 5.0
+
+
+async def discard_body(receive) -> None:
+    """Read what the client is still sending of a refused body, and drop it, so that it reads the answer:
+    closing on a client that is still writing resets the connection, and it would see an error instead of
+    the 413 (nginx's lingering close). Bounded in bytes and time; past either, the connection is closed."""
+    received, deadline = 0, time.monotonic() + DISCARD_S
+    while received <= DISCARD_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class RequestMiddleware:
     def __init__(self, app, settings, metrics: Metrics, get_services):
         self.app, self.settings, self.metrics, self.get_services = app, settings, metrics, get_services
@@ -90,12 +112,15 @@ class RequestMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body", False):
+                        await discard_body(receive)
                     raise BodyTooLarge(limit, setting)
             return message
 
         try:
             refusal = length_refusal(headers.get(b"content-length"), limit, setting)
             if refusal is not None:
+                await discard_body(receive)
                 await self._refuse(send_with_id, *refusal)
             else:
                 await self.app(scope, counting_receive, send_with_id)
