@@ -1,19 +1,41 @@
-"""Shared fixtures: the default model (fetched once into the cache), tiny random Llama/Qwen2 checkpoints."""
+"""Shared fixtures: the default model (fetched once into the cache), tiny random Llama/Qwen2 checkpoints, and
+a module's live server (`server`, with the module's SERVER_SETTINGS), an HTTP client on it and its base."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_hf_directory, load_model
-from tests.live_server import env_settings
+from tests.live_server import LiveServer, env_settings
 
 CACHE_DIR = env_settings().cache_dir  # SOFTSERVE_CACHE_DIR, else the default
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    """A real server process for the test module, with its SERVER_SETTINGS (SOFTSERVE_* variables) if any."""
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    with LiveServer(tmp_path_factory.mktemp(name) / "store", getattr(request.module, "SERVER_SETTINGS", None)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def base(client) -> dict:
+    """The server's base model identity, which prompt files must match."""
+    return client.get("/v1/prompts").json()["base"]
 
 
 @pytest.fixture(scope="session")

@@ -13,31 +13,13 @@ import torch
 
 from app.api.tasks import merge_entities
 from prompt_store.format import load_prompt_bytes
-from tests.live_server import LiveServer, make_prompt_bytes, sse_events, upload
+from tests.live_server import make_prompt_bytes, sse_events, upload
 
 MAX_SEQ_LEN = 1024
-SETTINGS = {"SOFTSERVE_MAX_UPLOAD_MB": "1", "SOFTSERVE_MAX_REQUEST_MB": "0.5", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
+SERVER_SETTINGS = {"SOFTSERVE_MAX_UPLOAD_MB": "1", "SOFTSERVE_MAX_REQUEST_MB": "0.5", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
             "SOFTSERVE_MAX_TOKENS_PER_REQUEST": "600", "SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN)}
 TAG_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
 CLASS_LABELS = ["ham", "spam", "other"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api")
-    with LiveServer(root / "store", SETTINGS) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def base(client):
-    return client.get("/v1/prompts").json()["base"]
 
 
 @pytest.fixture(scope="module")

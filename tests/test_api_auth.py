@@ -5,22 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.live_server import LiveServer, make_prompt_bytes, upload
+from tests.live_server import make_prompt_bytes, upload
 
 ADMIN, KEYS = "admin-secret", ["key-one", "key-two", "clé-trois"]  # a non-ASCII key works too
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    env = {"SOFTSERVE_ADMIN_TOKEN": ADMIN, "SOFTSERVE_API_KEYS": ",".join(KEYS)}
-    with LiveServer(tmp_path_factory.mktemp("auth") / "store", env) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+SERVER_SETTINGS = {"SOFTSERVE_ADMIN_TOKEN": ADMIN, "SOFTSERVE_API_KEYS": ",".join(KEYS)}
 
 
 def bearer(token: str) -> dict:

@@ -10,7 +10,6 @@ import io
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 import safetensors.torch
 import torch
@@ -25,7 +24,7 @@ from transformers import (  # noqa: E402
 )
 
 from app.engine.weights import fetch_default_model  # noqa: E402
-from tests.live_server import LiveServer, model_cache_dir  # noqa: E402
+from tests.live_server import model_cache_dir  # noqa: E402
 
 P = 8
 TEXTS = ["Ada Lovelace wrote the first program in London.", "The cat sat."]
@@ -40,12 +39,6 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("peft") / "store") as s, httpx.Client(base_url=s.url, timeout=120) as c:
-        yield c
 
 
 def make_adapter(tmp: Path, model_cls, model_dir: Path, peft_config, seed: int, **model_kwargs):

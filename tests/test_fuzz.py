@@ -8,17 +8,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.live_server import LiveServer
 
 MAX_NEW_TOKENS = 4  # generated bodies ask for up to this many tokens, so each case stays fast on a CPU
-SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": "256", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
+SERVER_SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": "256", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "4",
             "SOFTSERVE_MAX_REQUEST_MB": "0.25", "SOFTSERVE_MAX_UPLOAD_MB": "0.25"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("fuzz") / "store", SETTINGS) as s:
-        yield s
 
 
 def few_tokens(context, body):

@@ -13,11 +13,11 @@ import time
 import httpx
 import pytest
 
-from tests.live_server import LiveServer, make_prompt_bytes, upload
+from tests.live_server import make_prompt_bytes, upload
 
 MAX_SEQ_LEN = 1024
 MAX_WAITING = 4
-SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN), "SOFTSERVE_MAX_WAITING": str(MAX_WAITING),
+SERVER_SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN), "SOFTSERVE_MAX_WAITING": str(MAX_WAITING),
             "SOFTSERVE_MAX_TOKENS_PER_REQUEST": str(10**7), "SOFTSERVE_TOKENIZER_THREADS": "1"}
 WORDS = "the quick brown fox jumps over a lazy dog while seven tired bakers sing about cheese".split()
 HEALTH_WITHIN_S = 0.1
@@ -27,23 +27,6 @@ def words(chars: int, seed: int = 0) -> str:
     """Ordinary text (about 5 characters per token), `chars` long."""
     text = " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(chars // 3))
     return text[:chars]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("isolation") / "store", SETTINGS) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def base(client):
-    return client.get("/v1/prompts").json()["base"]
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,16 @@ from collections import Counter
 
 import httpx
 import psutil
-import pytest
 
-from tests.live_server import LiveServer, make_prompt_bytes
+from tests.live_server import make_prompt_bytes
 
 DURATION_S = 20
 WARM_UP_S = 5
 CLIENTS = 30
 RSS_MARGIN_MB = 200  # allocator noise and caches; a leak of a request's text or KV per request is far more
-SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": "512", "SOFTSERVE_MAX_REQUEST_MB": "1", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "8",
+SERVER_SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": "512", "SOFTSERVE_MAX_REQUEST_MB": "1", "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "8",
             "SOFTSERVE_WATCH_INTERVAL_S": "0.5"}
 TAG_LABELS, CLASS_LABELS = ["O", "B-PER", "I-PER"], ["ham", "spam"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("tenants") / "store", SETTINGS) as s:
-        yield s
 
 
 def well_formed(rng: random.Random) -> tuple[str, dict]:
