@@ -23,6 +23,10 @@ import torch
 
 FORMAT_VERSION = 1
 MAX_VIRTUAL_TOKENS = 512  # the default limit; a server may lower or raise it (SOFTSERVE_MAX_VIRTUAL_TOKENS)
+# Constants, not settings: every replica of a shared store must accept the same files.
+MAX_DESCRIPTION_CHARS = 4096  # a description is shown in every listing of prompts
+MAX_METADATA_BYTES = 256 << 10  # a prompt file's metadata (keys + values, UTF-8), or an adapter_config.json
+MAX_JSON_DEPTH = 32  # nesting of a JSON metadata value (softserve.labels, softserve.base) or adapter_config.json
 
 
 class Task(StrEnum):
@@ -183,6 +187,56 @@ def validate_prompt(pf: PromptFile, base: BaseIdentity | None, max_virtual_token
     if base is not None:
         _validate_width(pf, base)
     _validate_labels_and_head(pf)
+    _validate_metadata(pf)
+
+
+def _validate_metadata(pf: PromptFile) -> None:
+    """The description and the whole metadata within their limits (a stored file must be readable again)."""
+    if not isinstance(pf.description, str):
+        raise PromptFormatError("description must be text")
+    if len(pf.description) > MAX_DESCRIPTION_CHARS:
+        raise PromptFormatError(f"description is {len(pf.description)} characters long; the limit is "
+                                f"{MAX_DESCRIPTION_CHARS} (MAX_DESCRIPTION_CHARS)")
+    check_metadata_size(_metadata(pf))
+
+
+def check_metadata_size(metadata: dict[str, str]) -> None:
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in metadata.items())
+    if size > MAX_METADATA_BYTES:
+        raise PromptFormatError(f"the prompt file's metadata is {size} bytes; the limit is {MAX_METADATA_BYTES} "
+                                f"bytes (MAX_METADATA_BYTES)")
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """JSON from an upload: at most MAX_METADATA_BYTES, nested at most MAX_JSON_DEPTH levels; PromptFormatError
+    naming `what` otherwise (never a RecursionError)."""
+    size = len(text.encode() if isinstance(text, str) else text)
+    if size > MAX_METADATA_BYTES:
+        raise PromptFormatError(f"{what} is {size} bytes; the limit is {MAX_METADATA_BYTES} bytes (MAX_METADATA_BYTES)")
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PromptFormatError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's own limit, far deeper than MAX_JSON_DEPTH
+        raise _too_deep(what) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise _too_deep(what)
+    return value
+
+
+def _too_deep(what: str) -> PromptFormatError:
+    return PromptFormatError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep (MAX_JSON_DEPTH)")
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a scalar: 0, [] or {}: 1); no recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _validate_embeddings(pf: PromptFile, max_virtual_tokens: int) -> None:
@@ -276,6 +330,11 @@ def dump_prompt(pf: PromptFile) -> bytes:
         tensors[HEAD_WEIGHT_KEY] = _as_stored(pf.head_weight)
     if pf.head_bias is not None:
         tensors[HEAD_BIAS_KEY] = _as_stored(pf.head_bias)
+    return safetensors.torch.save(tensors, metadata=_metadata(pf))
+
+
+def _metadata(pf: PromptFile) -> dict[str, str]:
+    """The safetensors metadata a prompt file is written with."""
     metadata = {
         "format": "pt",  # what HF tools expect in a torch safetensors file
         "format_version": str(FORMAT_VERSION),
@@ -290,8 +349,7 @@ def dump_prompt(pf: PromptFile) -> bytes:
         "version": str(pf.version),
         "created_at": pf.created_at,
     }
-    metadata = {key if key == "format" else META_PREFIX + key: value for key, value in metadata.items()}
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return {key if key == "format" else META_PREFIX + key: value for key, value in metadata.items()}
 
 
 def _as_stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -306,6 +364,7 @@ def file_digest(data: bytes) -> str:
 def load_prompt_bytes(data: bytes) -> PromptFile:
     """Parse a prompt file. Checks the format only; call validate_prompt for the base-dependent rules."""
     tensors, metadata = read_safetensors_bytes(data)
+    check_metadata_size(metadata)  # before any of it is parsed
     version = metadata.get(META_PREFIX + "format_version")
     if version is None:
         raise PromptFormatError("not a softserve prompt file: metadata key softserve.format_version is missing")
@@ -372,8 +431,4 @@ def _meta_int(metadata: dict[str, str], key: str) -> int:
 
 
 def _meta_json(metadata: dict[str, str], key: str) -> Any:
-    value = _meta(metadata, key)
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        raise PromptFormatError(f"metadata {META_PREFIX}{key} is not valid JSON") from None
+    return parse_json(_meta(metadata, key), f"metadata {META_PREFIX}{key}")

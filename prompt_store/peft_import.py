@@ -12,7 +12,6 @@ What PEFT 0.21 writes (peft/utils/save_and_load.py, peft/peft_model.py get_promp
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,11 +21,13 @@ import torch
 
 from prompt_store.format import (
     EMBEDDINGS_KEY,
+    MAX_VIRTUAL_TOKENS,
     BaseIdentity,
     Kind,
     PromptFile,
     PromptFormatError,
     Task,
+    parse_json,
     read_safetensors_bytes,
     validate_prompt,
 )
@@ -51,6 +52,7 @@ def import_peft_dir(
     base: BaseIdentity,
     labels: list[str] | None = None,
     description: str = "",
+    max_virtual_tokens: int = MAX_VIRTUAL_TOKENS,
 ) -> PromptFile:
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
@@ -63,11 +65,13 @@ def import_peft_dir(
                 f"save the adapter with safe_serialization=True to get {WEIGHTS_FILE}"
             )
         raise PromptFormatError(f"{adapter_dir} has no {WEIGHTS_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PromptFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-    return import_peft_files(config, weights_path.read_bytes(), name, base, labels, description)
+    config = parse_adapter_config(config_path.read_bytes())
+    return import_peft_files(config, weights_path.read_bytes(), name, base, labels, description, max_virtual_tokens)
+
+
+def parse_adapter_config(data: bytes) -> Any:
+    """adapter_config.json's content, within the metadata limits (size, nesting)."""
+    return parse_json(data, CONFIG_FILE)
 
 
 def import_peft_files(
@@ -77,8 +81,10 @@ def import_peft_files(
     base: BaseIdentity,
     labels: list[str] | None = None,
     description: str = "",
+    max_virtual_tokens: int = MAX_VIRTUAL_TOKENS,
 ) -> PromptFile:
-    """The upload path: adapter_config.json already parsed, adapter_model.safetensors as bytes."""
+    """The upload path: adapter_config.json already parsed, adapter_model.safetensors as bytes. Validated
+    against `base` (shapes, labels, limits); nothing is computed with the model here."""
     if not isinstance(config, dict):
         raise PromptFormatError(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
     kind, task = _kind_and_task(config)
@@ -103,7 +109,7 @@ def import_peft_files(
         source=f"peft:{config['peft_type']}",
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    validate_prompt(pf, base)
+    validate_prompt(pf, base, max_virtual_tokens)
     return pf
 
 
