@@ -6,15 +6,22 @@ file, and a replica picks up another replica's changes by polling the folder (re
 A version is identified by its number and its content digest: a prompt deleted and re-created as v1 by
 another replica is a change, even though its number is the same.
 
-Concurrency: the final name is created exclusively (os.link fails if it exists), so when two replicas
+Concurrency: writers (add, delete) of every process sharing the folder take turns on an exclusive lock
+(flock on <directory>/.lock), so an add never meets a half-done delete of its name (its folder renamed away
+between two of its steps) and versions are numbered in order. Readers take no lock: they see a version file
+whole or not at all, and a name's folder there or gone. As a second guard, where the filesystem does not share
+locks between hosts, the final name is created exclusively (os.link fails if it exists): when two replicas
 store the same name at the same instant and pick the same version number, one wins and the other gets
 VersionConflict (HTTP 409: retry); no upload is silently lost. Files follow the process umask
 (umask 027: mode 0640, readable by the group of a replica running as another user).
+
+The index in memory changes only whole: a name is in it with at least one version, or not at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import re
@@ -22,6 +29,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +55,7 @@ log = logging.getLogger(__name__)
 
 VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.safetensors")
 TEMP_PREFIX = "."  # temp files and folders being deleted are hidden, so scans skip them
+LOCK_FILE = ".lock"  # the writers' lock; hidden, and a file, so scans skip it
 STALE_TEMP_S = 300  # a hidden temp file or doomed folder this old was left by a killed writer
 
 # fn(event, name, version): "added" means `version` is now the name's current version (new or replaced);
@@ -67,6 +77,14 @@ class VersionConflict(PromptExists):
 
 
 @dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    created_at: str
+    size_bytes: int
+    digest: str
+
+
+@dataclass(frozen=True)
 class PromptInfo:
     """What listing a prompt shows; no tensors."""
 
@@ -82,6 +100,7 @@ class PromptInfo:
     size_bytes: int  # of the current version's file
     created_at: str
     digest: str  # sha256 of the current version's file
+    history: list[VersionInfo]  # every stored version, oldest first
 
 
 @dataclass(frozen=True)
@@ -173,10 +192,23 @@ class PromptRegistry:
             raise PromptNotFound(f"prompt {name!r} has no version {version} (versions: {available})")
         return versions[version]
 
+    def current(self, name: str) -> tuple[int, str] | None:
+        """(version, digest) of the name's current version, None when it is not stored."""
+        with self._lock:
+            versions = self._index.get(name)
+            return None if versions is None else self._current(versions)
+
+    def info(self, name: str) -> PromptInfo:
+        """One prompt as list() shows it (PromptNotFound if it is not stored)."""
+        with self._lock:
+            return self._info(name, self._versions_of(name))
+
     @staticmethod
     def _info(name: str, versions: dict[int, _StoredVersion]) -> PromptInfo:
         current = versions[max(versions)]
         pf = current.meta
+        history = [VersionInfo(v, stored.meta.created_at, stored.stat[1], stored.meta.digest)
+                   for v, stored in sorted(versions.items())]
         return PromptInfo(
             name=name,
             kind=pf.kind,
@@ -190,16 +222,29 @@ class PromptRegistry:
             size_bytes=current.stat[1],
             created_at=pf.created_at,
             digest=pf.digest,
+            history=history,
         )
 
     # --- writing -----------------------------------------------------------------------------------
 
-    def add(self, pf: PromptFile, replace: bool = True) -> PromptFile:
-        """Validate, store as the next version, prune old versions; returns the stored PromptFile."""
+    def validate(self, pf: PromptFile) -> None:
+        """Refuse (PromptFormatError) a prompt this store would not take: format, limits, fit to the base."""
         if self.base is None:
             raise RuntimeError("this registry was opened without a base identity; adding prompts needs one")
         validate_prompt(pf, self.base, self.max_virtual_tokens)
-        with self._lock:
+
+    def add(self, pf: PromptFile, replace: bool = True) -> PromptFile:
+        """Validate, store as the next version, prune old versions; returns the stored PromptFile."""
+        return self._store(pf, replace)[0]
+
+    def add_and_describe(self, pf: PromptFile) -> PromptInfo:
+        """add(), answered with the prompt as this add left it (its versions then): what an uploader is told,
+        even if another replica replaces or deletes the name right after."""
+        return self._store(pf, replace=True)[1]
+
+    def _store(self, pf: PromptFile, replace: bool) -> tuple[PromptFile, PromptInfo]:
+        self.validate(pf)
+        with self._writing():
             folder = self.directory / pf.name
             on_disk = _version_files(folder)
             if on_disk and not replace:
@@ -217,33 +262,52 @@ class PromptRegistry:
                     f"another writer stored version {stored.version} of prompt {pf.name!r} at the same moment; "
                     "this upload was not stored: retry it"
                 )
-            versions = self._index.setdefault(pf.name, {})
-            versions[stored.version] = _StoredVersion(path, _stat(path), stored.meta)
-            self._prune(pf.name, folder)
+            new = _StoredVersion(path, _stat(path), stored.meta)
+            kept = self._prune(folder)
+            with self._lock:
+                versions = {v: known for v, known in self._index.get(pf.name, {}).items() if v in kept}
+                versions[stored.version] = new
+                self._index[pf.name] = versions
+                info = self._info(pf.name, versions)
         self._notify("added", pf.name, stored.version)
-        return stored
+        return stored, info
 
     def delete(self, name: str) -> None:
         validate_name(name)  # the name becomes a path below
-        with self._lock:
+        with self._writing():
             folder = self.directory / name
-            if not folder.is_dir():
-                raise PromptNotFound(f"no prompt named {name!r}")
-            current = max(self._index.pop(name, {}), default=0)
             # One rename makes the whole name vanish at once for every reader; the slow rmtree follows.
             doomed = self.directory / f"{TEMP_PREFIX}deleting-{name}-{uuid.uuid4().hex}"
+            if not folder.is_dir():  # never stored, or deleted by another writer before this one got the lock
+                raise PromptNotFound(f"no prompt named {name!r}")
             os.replace(folder, doomed)
             _fsync_dir(self.directory)
-            shutil.rmtree(doomed, ignore_errors=True)
+            with self._lock:
+                current = max(self._index.pop(name, {}), default=0)
+        shutil.rmtree(doomed, ignore_errors=True)
         self._notify("removed", name, current)
 
-    def _prune(self, name: str, folder: Path) -> None:
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time on this store, across threads and processes: an exclusive flock on LOCK_FILE
+        (released when its file is closed, also when a process dies). Each call opens its own file, so two
+        threads of one process exclude each other too. The index lock is taken only inside, briefly: readers
+        (list, refresh) never wait for another replica's write."""
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _prune(self, folder: Path) -> set[int]:
+        """Delete the versions beyond keep_versions + 1; the versions kept on disk."""
         on_disk = _version_files(folder)
         keep = set(sorted(on_disk)[-(self.keep_versions + 1) :])
         for version, path in on_disk.items():
             if version not in keep:
                 path.unlink(missing_ok=True)
-                self._index.get(name, {}).pop(version, None)
+        return keep
 
     # --- watching other writers --------------------------------------------------------------------
 
@@ -295,15 +359,23 @@ class PromptRegistry:
         try:
             validate_name(name)
             pf = load_prompt_file(path)
+        except FileNotFoundError:  # removed by another replica while we scanned
+            return None
+        except (PromptFormatError, OSError) as exc:
+            return self._reject(path, stat, exc)
+        try:
             if (pf.name, pf.version) != (name, version):
                 raise PromptFormatError(f"file says it is {pf.name!r} v{pf.version}")
             validate_prompt(pf, self.base, self.max_virtual_tokens)
-        except (PromptFormatError, OSError) as exc:
-            log.warning("ignoring prompt file %s: %s", path, exc)
-            self._rejected[path] = stat
-            return None
+        except PromptFormatError as exc:
+            return self._reject(path, stat, exc)
         self._rejected.pop(path, None)
         return _StoredVersion(path, stat, pf.meta)
+
+    def _reject(self, path: Path, stat: tuple[int, ...], problem: Exception) -> None:
+        """Skip an invalid file, warning once (until it changes)."""
+        log.warning("ignoring prompt file %s: %s", path, problem)
+        self._rejected[path] = stat
 
     def start_watching(self, interval_s: float = 2.0) -> None:
         """Poll the folder in a daemon thread; subscribers hear of every change a refresh finds."""
@@ -337,11 +409,14 @@ class PromptRegistry:
 
 
 def _version_files(folder: Path) -> dict[int, Path]:
-    """v<N>.safetensors files of one prompt folder by version (hidden temp files do not match)."""
-    if not folder.is_dir():
+    """v<N>.safetensors files of one prompt folder by version (hidden temp files do not match); none when the
+    folder is not there (never created, or deleted by another replica meanwhile)."""
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     found = {}
-    for entry in folder.iterdir():
+    for entry in entries:
         match = VERSION_FILE.fullmatch(entry.name)
         if match:
             found[int(match.group(1))] = entry

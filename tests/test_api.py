@@ -13,6 +13,7 @@ import torch
 
 from app.api.tasks import merge_entities
 from prompt_store.format import load_prompt_bytes
+from prompt_store.registry import LOCK_FILE
 from tests.live_server import make_prompt_bytes, sse_events, upload
 
 MAX_SEQ_LEN = 1024
@@ -400,7 +401,8 @@ def test_hostile_prompt_names_refused(client, base, server, name):
     assert f"prompt name {name!r}" in message
     for path in server.store.parent.rglob("*"):
         assert path.is_relative_to(server.store) or path.name.startswith("server-") or path == server.store
-    assert not any(p.name.startswith(".") or p.name in ("base",) or "\n" in p.name for p in server.store.iterdir())
+    assert not any(p.name.startswith(".") and p.name != LOCK_FILE or p.name in ("base",) or "\n" in p.name
+                   for p in server.store.iterdir())
 
 
 def test_empty_names_are_json_errors_not_redirects(client, base):

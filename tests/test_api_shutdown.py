@@ -11,6 +11,7 @@ import time
 import httpx
 
 from prompt_store.format import load_prompt_file
+from prompt_store.registry import LOCK_FILE
 from tests.live_server import LiveServer, make_prompt_bytes, upload
 
 GRACE_S = 2
@@ -63,4 +64,4 @@ def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
     files = sorted((tmp_path / "store").rglob("*.safetensors"))
     assert [f.relative_to(tmp_path / "store").as_posix() for f in files] == ["keeper/v1.safetensors"]
     assert load_prompt_file(files[0]).name == "keeper"
-    assert not [p for p in (tmp_path / "store").rglob(".*")]  # no temp files left behind
+    assert not [p for p in (tmp_path / "store").rglob(".*") if p.name != LOCK_FILE]  # no temp files left behind

@@ -30,8 +30,9 @@ from prompt_store import (
     validate_prompt,
 )
 from prompt_store import registry as registry_module
-from prompt_store.format import embedding_width
-from prompt_store.registry import VersionConflict
+from prompt_store.format import MAX_DESCRIPTION_CHARS, MAX_JSON_DEPTH, MAX_METADATA_BYTES, embedding_width
+from prompt_store.peft_import import parse_adapter_config
+from prompt_store.registry import LOCK_FILE, VersionConflict
 
 # The tiny Llama of the PEFT tests: hidden 64, 2 layers, 2 KV heads of 16.
 BASE = BaseIdentity("llama", 64, 2, 2, 16, 128, "llama-tiny-fingerprint")
@@ -69,8 +70,9 @@ def assert_same_prompt(a: PromptFile, b: PromptFile):
 
 
 def files_under(directory):
-    """Every file and folder, hidden ones included, so leftovers of a failed write show up."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+    """Every file and folder, hidden ones included, so leftovers of a failed write show up (not the writers'
+    lock file, which stays once a write happened)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p != directory / LOCK_FILE)
 
 
 # --- format -----------------------------------------------------------------------------------------
@@ -581,3 +583,93 @@ def test_prompt_file_metadata_of_odd_types_is_refused(changes, message):
 def test_prompt_file_with_integer_tensors_is_refused():
     with pytest.raises(PromptFormatError, match="must be floating-point"):
         load_prompt_bytes(_safetensors_with({"prompt_embeddings": torch.ones(4, 64, dtype=torch.int32)}))
+
+
+# --- metadata limits: refusals that name the field and the limit, never a RecursionError ----------------
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 100_000])
+def test_deeply_nested_json_metadata_is_refused(depth):
+    with pytest.raises(PromptFormatError, match=f"softserve.labels is nested more than {MAX_JSON_DEPTH} levels"):
+        load_prompt_bytes(_safetensors_with(GOOD_TENSORS, **{"softserve.labels": _nested(depth)}))
+    with pytest.raises(PromptFormatError, match=f"adapter_config.json is nested more than {MAX_JSON_DEPTH} levels"):
+        parse_adapter_config(('{"peft_type": ' + _nested(depth) + "}").encode())
+
+
+def test_oversized_metadata_is_refused_before_it_is_parsed():
+    big = "x" * (MAX_METADATA_BYTES + 1)
+    with pytest.raises(PromptFormatError, match=f"metadata is [0-9]+ bytes; the limit is {MAX_METADATA_BYTES} bytes "
+                                                "\\(MAX_METADATA_BYTES\\)"):
+        load_prompt_bytes(_safetensors_with(GOOD_TENSORS, **{"softserve.description": big}))
+    with pytest.raises(PromptFormatError, match=f"adapter_config.json is .* bytes; the limit is {MAX_METADATA_BYTES}"):
+        parse_adapter_config(json.dumps({"peft_type": big}).encode())
+
+
+def test_description_over_the_limit_is_refused():
+    pf = make_prompt()
+    pf.description = "d" * MAX_DESCRIPTION_CHARS
+    validate_prompt(pf, BASE)
+    pf.description += "d"
+    with pytest.raises(PromptFormatError, match=f"description is {MAX_DESCRIPTION_CHARS + 1} characters long; the "
+                                                f"limit is {MAX_DESCRIPTION_CHARS} \\(MAX_DESCRIPTION_CHARS\\)"):
+        validate_prompt(pf, BASE)
+
+
+def test_labels_that_would_overflow_the_metadata_are_refused_before_storing(registry):
+    """What validation accepts the store can read again: a file's metadata is checked as it would be written."""
+    labels = [f"label-{i:06d}-" + "x" * 50 for i in range(MAX_METADATA_BYTES // 50)]
+    with pytest.raises(PromptFormatError, match="metadata is .* bytes; the limit"):
+        registry.add(make_prompt("many", task="classify", labels=labels))
+    assert registry.list() == []
+
+
+# --- concurrent writers on one store ----------------------------------------------------------------------
+
+def test_two_replicas_adding_and_deleting_one_name_never_break(tmp_path, caplog):
+    """Two registries on one folder (two replicas) add and delete one name as fast as they can: each add
+    stores a version or reports a conflict, each delete deletes or finds nothing; listing and refreshing never
+    fail, no name is ever indexed without a version, and both end on what the folder holds."""
+    replicas = [PromptRegistry(tmp_path, BASE), PromptRegistry(tmp_path, BASE)]
+    failures, stop = [], threading.Event()
+
+    def write(registry, seed):
+        rng = torch.Generator().manual_seed(seed)
+        while not stop.is_set():
+            try:
+                if torch.rand(1, generator=rng) < 0.5:
+                    registry.add(make_prompt("raced"))
+                else:
+                    registry.delete("raced")
+            except (PromptNotFound, VersionConflict):
+                pass
+            except Exception as e:  # noqa: BLE001 (what the test is about)
+                failures.append(repr(e))
+
+    def read(registry):
+        while not stop.is_set():
+            try:
+                infos = registry.list()
+                registry.refresh()
+                assert all(info.versions and info.history for info in infos)
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=write, args=(r, i)) for i, r in enumerate(replicas)]
+    threads += [threading.Thread(target=read, args=(r,)) for r in replicas]
+    with caplog.at_level(logging.WARNING):
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert caplog.text == ""  # no failed refresh, no file ignored as invalid
+    for registry in replicas:
+        registry.refresh()
+    assert [r.current("raced") for r in replicas] == [replicas[0].current("raced")] * 2
+    on_disk = registry_module._version_files(tmp_path / "raced")
+    assert replicas[0].versions("raced") == sorted(on_disk) if on_disk else "raced" not in replicas[0]
