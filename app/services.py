@@ -46,19 +46,14 @@ def kv_cache_bytes(settings: Settings, device: str) -> int:
 def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
     """Serve every stored prompt (each loaded on first use), follow the store's changes (ours and other
     replicas'), keep watching."""
-    def serve(name: str, version: int) -> None:
-        digest = registry.meta(name, version).digest
-        engine.register_prompt(name, version, digest, lambda: registry.get(name, version))
-
     def follow(event: str, name: str, version: int) -> None:
-        if event == "added":
-            serve(name, version)
-        else:
-            engine.remove_prompt(name)
+        # Not the notice's version: notices of one name may arrive out of order (an upload's and the watcher's),
+        # so the engine takes the store's state when it applies each one, and the last leaves it on the latest.
+        engine.follow_stored(name, lambda: registry.current(name), lambda stored: registry.get(name, stored))
 
     registry.subscribe(follow)
     for info in registry.list():
-        serve(info.name, info.version)
+        follow("added", info.name, info.version)
     registry.start_watching(interval_s)
 
 

@@ -1,8 +1,10 @@
 """Prompt management: list, show, upload (our file or a PEFT adapter), download, delete.
 
-An upload is checked against this server's base and engine before it is stored; the registry then writes
-it atomically and tells the engine synchronously, so the prompt serves requests as soon as the upload
-returns, with no restart (other replicas sharing the folder pick it up on their next poll).
+An upload is parsed, validated against this server's base and the store's limits (cheap: shapes, row count,
+labels, metadata), and only then built with the model (its prefix and a probe forward, whose cost grows with
+the square of its rows); the registry then writes it atomically and tells the engine synchronously, and the
+engine serves the prompt built here, so it serves requests as soon as the upload returns, with no restart
+(other replicas sharing the folder pick it up on their next poll).
 Status codes: a body that is not a parseable upload is a 400; a parseable upload whose content is refused
 (bad prompt file, bad adapter, bad name, wrong base) is a 422; over SOFTSERVE_MAX_UPLOAD_MB a 413; a 409
 when another replica stored the same version of the name at the same moment (nothing stored: retry).
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,9 +21,11 @@ from starlette.datastructures import UploadFile
 from app.api.deps import get_services, require_admin, require_api_key
 from app.api.errors import APIError
 from app.api.schemas import DeletedPrompt, PromptResponse, PromptList, error_responses
+from app.engine.task_prompt import as_stored
 from app.services import Services
-from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, validate_name
-from prompt_store.peft_import import import_peft_files
+from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, parse_json, validate_name
+from prompt_store.peft_import import import_peft_files, parse_adapter_config
+from prompt_store.registry import PromptInfo, PromptNotFound
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
 
@@ -48,32 +51,19 @@ MULTIPART_SCHEMA = {
 }
 
 
-def _info(services: Services, info, history: bool = False) -> dict:
+def _info(services: Services, info: PromptInfo, history: bool = False) -> dict:
     data = dataclasses.asdict(info)
     data["serving"] = services.engine.prompts.version_of(info.name) == info.version
-    if history:
-        data["history"] = [_version_info(services, info.name, v) for v in info.versions]
+    if not history:
+        del data["history"]
     return data
 
 
-def _version_info(services: Services, name: str, version: int) -> dict:
-    stored = services.registry.meta(name, version)
-    return {"version": version, "created_at": stored.created_at, "size_bytes": _size(services, name, version),
-            "digest": stored.digest}
-
-
-def _size(services: Services, name: str, version: int) -> int:
+def _find(services: Services, name: str) -> PromptInfo:
     try:
-        return services.registry.path(name, version).stat().st_size
-    except OSError:  # pruned or deleted by another replica meanwhile
-        return 0
-
-
-def _find(services: Services, name: str):
-    for info in services.registry.list():
-        if info.name == name:
-            return info
-    raise APIError(404, f"no prompt named {name!r}; GET /v1/prompts lists them", "prompt_not_found")
+        return services.registry.info(name)
+    except PromptNotFound:
+        raise APIError(404, f"no prompt named {name!r}; GET /v1/prompts lists them", "prompt_not_found") from None
 
 
 @router.get("", response_model=PromptList, dependencies=[Depends(require_api_key)],
@@ -118,37 +108,26 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
         validate_name(name)
     except PromptFormatError as e:
         raise APIError(422, str(e), "invalid_name") from e
-    pf = await _read_upload(request, services)
-    pf = dataclasses.replace(pf, name=name)
+    pf = dataclasses.replace(await _read_upload(request, services), name=name)
+    # Validate before anything is computed with the model: a bad file costs a parse, never a forward.
+    await asyncio.to_thread(services.registry.validate, pf)
     try:
-        await asyncio.to_thread(services.engine.check_prompt, pf)  # a small forward: off the event loop
+        built = await asyncio.to_thread(services.engine.check_prompt, pf)  # a forward: off the event loop
     except ValueError as e:
         raise APIError(422, str(e), "invalid_prompt") from e
-    lock = _upload_lock(request)
-    async with lock:  # one writer per store in this process: versions are numbered in order
-        existed = name in services.registry
-        stored = await asyncio.to_thread(services.registry.add, pf)
-    # The version this upload stored, even if another replica's newer one was picked up meanwhile.
-    info = dataclasses.replace(_find(services, stored.name), version=stored.version, digest=stored.digest,
-                               created_at=stored.created_at)
-    return JSONResponse(_info(services, info, history=True), status_code=200 if existed else 201)
+    info = await asyncio.to_thread(services.registry.add_and_describe, pf)
+    await asyncio.to_thread(services.engine.adopt_prompt, as_stored(built, info.version, info.digest))
+    # Version 1 is stored only when the name had no version: a new prompt (a re-created one too).
+    return JSONResponse(_info(services, info, history=True), status_code=201 if info.version == 1 else 200)
 
 
 @router.delete("/{name}", response_model=DeletedPrompt, dependencies=[Depends(require_admin)],
                responses=error_responses(401, 403, 404, 503), summary="Delete a prompt and all its versions")
-async def delete_prompt(name: str, request: Request, services: Services = Depends(get_services)):
+async def delete_prompt(name: str, services: Services = Depends(get_services)):
     """Requests already running keep their version; new requests naming it get 404."""
-    _find(services, name)
-    async with _upload_lock(request):
-        await asyncio.to_thread(services.registry.delete, name)
+    _find(services, name)  # a name this replica does not know (an invalid one too) is a 404
+    await asyncio.to_thread(services.registry.delete, name)  # deleted by another replica meanwhile: 404 too
     return {"id": name, "object": "prompt", "deleted": True}
-
-
-def _upload_lock(request: Request) -> asyncio.Lock:
-    state = request.app.state
-    if getattr(state, "upload_lock", None) is None:
-        state.upload_lock = asyncio.Lock()
-    return state.upload_lock
 
 
 async def _read_upload(request: Request, services: Services) -> PromptFile:
@@ -172,10 +151,10 @@ async def _read_upload(request: Request, services: Services) -> PromptFile:
                 raise APIError(422, "'labels' applies to PEFT adapters; a prompt file carries its own", "invalid_upload")
             pf = await asyncio.to_thread(load_prompt_bytes, await _binary(form.get("file"), "file"))
         elif "adapter_config" in form and "adapter_model" in form:
-            config = _json_config(await _raw(form.get("adapter_config")))
+            config = _adapter_config(await _raw(form.get("adapter_config")))
             weights = await _binary(form.get("adapter_model"), "adapter_model")
             pf = await asyncio.to_thread(import_peft_files, config, weights, "upload", services.registry.base,
-                                         labels, description or "")
+                                         labels, description or "", services.registry.max_virtual_tokens)
         else:
             raise APIError(422, "the upload needs a 'file' field, or both 'adapter_config' and 'adapter_model'",
                            "invalid_upload")
@@ -206,11 +185,11 @@ async def _text(value, field: str) -> str | None:
         raise APIError(422, f"'{field}' must be UTF-8 text", "invalid_upload") from e
 
 
-def _json_config(data: bytes) -> dict:
+def _adapter_config(data: bytes) -> dict:
     try:
-        config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(422, f"adapter_config is not valid JSON: {e}", "invalid_adapter") from e
+        config = parse_adapter_config(data)
+    except PromptFormatError as e:
+        raise APIError(422, str(e), "invalid_adapter") from e
     if not isinstance(config, dict):
         raise APIError(422, "adapter_config must be a JSON object", "invalid_adapter")
     return config
@@ -222,9 +201,9 @@ def _labels(text: str | None) -> list[str] | None:
     text = text.strip()
     if text.startswith("["):
         try:
-            labels = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise APIError(422, f"labels is not a valid JSON list: {e}", "invalid_upload") from e
+            labels = parse_json(text, "labels")
+        except PromptFormatError as e:
+            raise APIError(422, str(e), "invalid_upload") from e
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise APIError(422, "labels must be a JSON list of strings", "invalid_upload")
         return labels

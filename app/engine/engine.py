@@ -119,21 +119,47 @@ class AsyncEngine:
         return static
 
     # ---- prompts -------------------------------------------------------------------------------------
-    def check_prompt(self, prompt_file) -> None:
+    def check_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
         """Refuse, before it is stored, a prompt this engine could not serve (ValueError): label words the LM
-        head cannot tell apart, or values that give non-finite outputs. Runs a small forward: call it off the
-        event loop."""
-        check_servable(self.model, prompt_file, self.tokenizer.encode)
+        head cannot tell apart, or values that give non-finite outputs. Runs a forward (the prompt's prefix, then
+        a probe input): call it off the event loop, and only on a prompt the store has validated. Returns the
+        built prompt, which `adopt_prompt` serves once it is stored."""
+        return check_servable(self.model, prompt_file, self.tokenizer.encode)
+
+    def follow_stored(self, name: str, current: Callable[[], tuple[int, str] | None],
+                      read: Callable[[int], PromptFile]) -> None:
+        """Serve what the store holds under `name` now: `current()` gives its (version, digest), None when it
+        is gone; `read(version)` its file, on first use. `current()` is called on the engine thread, which runs
+        these calls one at a time, so notices of store changes that arrive out of order still leave the engine
+        on the store's latest state. Requests already admitted keep their version."""
+        def follow() -> None:
+            stored = current()
+            entry = self.prompts.entry(name)
+            if stored is None:
+                self.prompts.remove(name)
+            elif entry is None or (entry.version, entry.digest) != stored:
+                version, digest = stored
+                self.prompts.register(PromptEntry(name, version, digest, lambda: read(version)))
+
+        self._on_engine_thread(follow)
 
     def register_prompt(self, name: str, version: int, digest: str, read: Callable[[], PromptFile]) -> None:
         """Serve this version of a stored prompt from the next request on; its file is read and its prefix
         computed on first use. Requests already admitted keep their version."""
-        def register() -> None:
-            entry = self.prompts.entry(name)
-            if entry is None or (entry.version, entry.digest) != (version, digest):
-                self.prompts.register(PromptEntry(name, version, digest, read))
+        self.follow_stored(name, lambda: (version, digest), lambda _version: read())
 
-        self._on_engine_thread(register)
+    def adopt_prompt(self, prompt: TaskPrompt) -> None:
+        """Serve a prompt built by `check_prompt` (as stored: its version and digest) instead of building it again
+        on first use, if that version is the one its name serves; otherwise (another replica's newer version was
+        picked up meanwhile, or the name was deleted) nothing changes."""
+        def adopt() -> None:
+            entry = self.prompts.entry(prompt.name)
+            if entry is not None and entry.loaded is None and (entry.version, entry.digest) == (
+                    prompt.version, prompt.digest):
+                entry.loaded = prompt
+                self.prompts.mark_loaded(entry)
+
+        self._on_engine_thread(adopt)
 
     def load_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
         """Serve this prompt (its prefix computed now, unless this version is already loaded)."""

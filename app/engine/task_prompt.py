@@ -7,6 +7,7 @@ Deep prompts (prefix tuning / P-Tuning v2) already are per-layer K,V: PEFT's `ge
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass, field
@@ -92,10 +93,11 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog, 3 times; then it rest
 
 
 @torch.inference_mode()
-def check_servable(model: Transformer, pf: PromptFile, encode) -> None:
+def check_servable(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
     """Raise ValueError unless the prompt gives finite outputs: bounded values, and a forward of its prefix,
     the model and its head over a probe input that is finite everywhere (a 422 at upload, so that no request
-    ever meets a NaN from it)."""
+    ever meets a NaN from it). The prompt must have passed validate_prompt (shapes, row count, labels): the
+    forward's cost grows with the square of its rows. Returns the prompt it built."""
     for name, tensor in (("prompt_embeddings", pf.prompt_embeddings), ("head.weight", pf.head_weight),
                          ("head.bias", pf.head_bias)):
         if tensor is not None and not tensor.abs().max() <= MAX_ABS_VALUE:
@@ -114,6 +116,7 @@ def check_servable(model: Transformer, pf: PromptFile, encode) -> None:
     for what, tensor in outputs.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"this prompt makes {what} non-finite (NaN or infinite) on a probe input")
+    return prompt
 
 
 def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
@@ -122,8 +125,12 @@ def build_task_prompt(model: Transformer, pf: PromptFile, encode) -> TaskPrompt:
     head_w = None if pf.head_weight is None else pf.head_weight.to(device, dtype)
     head_b = None if pf.head_bias is None else pf.head_bias.to(device, dtype)
     label_ids = label_first_tokens(pf.labels, encode) if pf.task == Task.CLASSIFY and head_w is None else None
-    prompt = TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids,
-                        pf.digest)
-    if pf.digest:
-        prompt.cache_key = hashlib.blake2b(f"{pf.name}\0{pf.version}\0{pf.digest}".encode(), digest_size=16).digest()
-    return prompt
+    prompt = TaskPrompt(pf.name, pf.version, pf.kind, pf.task, list(pf.labels), k, v, head_w, head_b, label_ids)
+    return as_stored(prompt, pf.version, pf.digest) if pf.digest else prompt
+
+
+def as_stored(prompt: TaskPrompt, version: int, digest: str) -> TaskPrompt:
+    """The same prompt (its tensors shared) as the store's version `version` with file digest `digest`; its
+    prefix cache key follows from them, so a reload of that file finds its cached blocks again."""
+    key = hashlib.blake2b(f"{prompt.name}\0{version}\0{digest}".encode(), digest_size=16).digest()
+    return dataclasses.replace(prompt, version=version, digest=digest, cache_key=key)
