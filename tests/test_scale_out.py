@@ -109,3 +109,52 @@ def test_simultaneous_uploads_of_one_name_never_both_succeed_silently(replicas):
         digests = lambda: [c.get("/v1/prompts/raced").json()["digest"] for c in (ca, cb)]  # noqa: E731
         assert poll(lambda: len(set(digests())) == 1)  # each sees the other's last write after a poll
         assert digests()[0] in {s["digest"] for s in stored}
+
+
+def test_put_and_delete_of_one_name_racing_on_two_replicas(replicas):
+    """Both replicas PUT and DELETE one name in a loop for a few seconds: a PUT stores (200/201) or meets a
+    conflict (409), a DELETE deletes (200) or finds nothing (404), never a 500 and never a 404 for a PUT that
+    stored its file; listing answers 200 throughout; the watchers log no failed refresh; afterwards both
+    replicas list, and serve, the same final state."""
+    a, b = replicas
+    with httpx.Client(base_url=a.url, timeout=60) as ca, httpx.Client(base_url=b.url, timeout=60) as cb:
+        base = ca.get("/v1/prompts").json()["base"]
+        answers: list[tuple[str, int, str]] = []
+        listings: list[int] = []
+        end = time.monotonic() + 4
+
+        def puts(client, seed):
+            data = make_prompt_bytes(base, "churn", seed=seed)
+            while time.monotonic() < end:
+                r = upload(client, "churn", data)
+                answers.append(("PUT", r.status_code, r.text))
+                listings.append(client.get("/v1/prompts").status_code)
+
+        def deletes(client):  # cheap, so many of them land while the other replica's PUTs write
+            while time.monotonic() < end:
+                r = client.delete("/v1/prompts/churn")
+                answers.append(("DELETE", r.status_code, r.text))
+                listings.append(client.get("/v1/prompts").status_code)
+
+        threads = [threading.Thread(target=puts, args=(c, 20 + i)) for i, c in enumerate((ca, cb))]
+        threads += [threading.Thread(target=deletes, args=(c,)) for c in (ca, cb)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        allowed = {"PUT": {200, 201, 409}, "DELETE": {200, 404}}
+        assert [x for x in answers if x[1] not in allowed[x[0]]] == []
+        assert {status for method, status, _ in answers if method == "PUT"} & {200, 201}  # some PUTs stored
+        assert set(listings) == {200}
+
+        def state(client):
+            listed = {p["name"]: (p["version"], p["digest"], p["serving"]) for p in client.get("/v1/prompts").json()["data"]}
+            served = client.post("/v1/completions", json={"model": "churn", "prompt": "Hi", "max_tokens": 1}).status_code
+            return listed.get("churn"), served
+
+        assert poll(lambda: state(ca) == state(cb))
+        listed, served = state(ca)
+        assert served == (404 if listed is None else 200) and (listed is None or listed[2] is True)
+    for server in (a, b):
+        log = server.log_path.read_text(errors="replace")
+        assert "refresh failed" not in log and "ignoring prompt file" not in log and "Traceback" not in log
