@@ -117,6 +117,7 @@ def drain(app: FastAPI) -> None:
         services.registry.stop_watching()
         await services.engine.shutdown(settings.shutdown_grace_s)
         services.encoder.close()
+        services.grammars.close()
         log.info(kv(event="stopped"))
 
     app.state.drained = asyncio.ensure_future(stop())

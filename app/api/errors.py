@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.encoder import TextTooLong
 from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
+from app.grammars import GrammarsBusy
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists, VersionConflict
 
@@ -111,6 +112,7 @@ ENGINE_ERRORS = [
     (VersionConflict, 409, "version_conflict"),
     (PromptExists, 409, "prompt_exists"),
     (Overloaded, 429, "overloaded"),
+    (GrammarsBusy, 429, "overloaded"),
     (ShuttingDown, 503, "shutting_down"),
 ]
 

@@ -84,8 +84,8 @@ class OpenAIRequest(Strict):
     repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
                                       description="(vLLM) above 1: prompt and generated tokens are less likely")
     guided_json: dict | None = Field(None, description="(vLLM) a JSON Schema the output follows")
-    guided_regex: str | None = Field(None, min_length=1, max_length=4096, description="(vLLM) a regex the output matches")
-    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=256)] | None = Field(
+    guided_regex: str | None = Field(None, min_length=1, description="(vLLM) a regex the output matches")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="(vLLM) the output is exactly one of these strings")
     # OpenAI fields for what softserve does not do
     store: Refused("storing completions is not supported", False) = None
