@@ -12,6 +12,8 @@ import json
 import torch
 import xgrammar as xgr
 
+ANY_OBJECT = json.dumps({"type": "object"})  # json_object: a JSON object (strict_mode off: any properties)
+
 
 class GrammarError(ValueError):
     """The schema, regex or choices cannot be compiled into a grammar."""
@@ -29,7 +31,7 @@ class Grammars:
         pattern) or "choice" (source: the strings, exactly one of which is generated)."""
         try:
             if kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+                return self.compiler.compile_json_schema(ANY_OBJECT, strict_mode=False)
             if kind == "json_schema":
                 return self.compiler.compile_json_schema(json.dumps(source), strict_mode=True)
             if kind == "regex":
