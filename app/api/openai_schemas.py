@@ -4,6 +4,7 @@ naming it when it asks for something softserve does not do; a field OpenAI does 
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -14,6 +15,7 @@ from app.engine.sampling import SamplingParams
 
 MAX_N = 16
 TokenId = Annotated[int, Field(ge=0)]
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only (str.isdigit takes any script's)
 
 
 def Refused(reason: str, *allowed) -> Any:
@@ -111,8 +113,9 @@ class OpenAIRequest(Strict):
     @classmethod
     def _token_ids(cls, value):
         for key in value or {}:
-            if not key.isdigit():
-                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids, e.g. {\"1234\": -100}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids in ASCII digits (at most "
+                                                           "10), e.g. {\"1234\": -100}")
         return value
 
     @property
