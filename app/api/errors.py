@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.encoder import TextTooLong
+from app.encoder import TextTooLong, UnencodableText
 from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
 from app.grammars import GrammarsBusy
@@ -105,6 +105,7 @@ FIELD_ERROR_CODES = {"unsupported_field": "unsupported_field", "extra_forbidden"
 ENGINE_ERRORS = [
     (WrongTaskType, 422, "wrong_task_type"),
     (TextTooLong, 400, "input_too_long"),
+    (UnencodableText, 400, "invalid_text"),
     (InvalidRequest, 400, "invalid_request"),
     (ChatTemplateError, 400, "chat_template"),
     (PromptNotFound, 404, "prompt_not_found"),
