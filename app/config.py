@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     grammar_compile_threads: int = Field(1, ge=1, description="threads that compile grammars, at the lowest CPU priority")
     grammar_max_pending: int = Field(16, ge=1, description="grammar compiles waiting or running at once (429 above)")
     grammar_cache_mb: float = Field(64.0, gt=0, description="memory for compiled grammars kept for reuse (least recently used dropped)")
+    client_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this long; its body may pause no longer")
     admin_token: str | None = Field(None, description="bearer token for prompt changes; unset: only loopback clients may change prompts")
     api_keys: str = Field("", description="comma-separated keys for the inference routes; empty: open")
 
