@@ -19,14 +19,16 @@ from app.engine.weights import DEFAULT_MODEL, ModelLoadError
 def cmd_serve(args, settings: Settings) -> int:
     import uvicorn
 
+    from app.http_protocol import HTTPProtocol
     from app.server import create_app
 
     if settings.model != DEFAULT_MODEL and not Path(settings.model).expanduser().exists():
         raise ModelLoadError(f"model path {settings.model!r} does not exist (give an HF model directory, "
                              f"a .gguf file, or 'default')")
     # access_log=False: softserve's middleware already logs one line per request (with its request id).
+    # http: uvicorn's protocol with time limits for stalled clients (SOFTSERVE_CLIENT_TIMEOUT_S).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
+                http=HTTPProtocol, access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5)
     return 0
 
 

@@ -15,12 +15,21 @@ from app.engine.engine import InvalidRequest
 from app.engine.tokenizer import Tokenizer
 
 
-class TextTooLong(InvalidRequest):
-    """A text that cannot fit in the context whatever its tokens; `param` names the request field."""
+class TextError(InvalidRequest):
+    """A text that cannot be tokenized as it is; `param` names the request field."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class TextTooLong(TextError):
+    """A text that cannot fit in the context whatever its tokens."""
+
+
+class UnencodableText(TextError):
+    """A text that is not Unicode text: a lone surrogate (which JSON's \\ud800 escapes can carry) has no
+    UTF-8 form, so no tokenizer can read it."""
 
 
 def longest_token_chars(tokenizer: Tokenizer) -> int | None:
@@ -48,15 +57,28 @@ class TextEncoder:
             raise TextTooLong(f"{param} has {chars} characters, more than the {self.max_chars} that can fit in "
                               f"the context of {self.max_seq_len} tokens; shorten it", param)
 
+    @staticmethod
+    def check_encodable(text: str, param: str) -> None:
+        """UnencodableText (400) for a text with no UTF-8 form."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UnencodableText(f"{param} is not valid Unicode text: {e.reason} at character {e.start}",
+                                  param) from None
+
+    def check_text(self, text: str, param: str) -> None:
+        self.check_length(len(text), param)
+        self.check_encodable(text, param)
+
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def encode(self, text: str, param: str) -> list[int]:
-        self.check_length(len(text), param)
+        self.check_text(text, param)
         return await self._run(self.tokenizer.encode, text)
 
     async def encode_with_offsets(self, text: str, param: str) -> tuple[list[int], list[tuple[int, int]]]:
-        self.check_length(len(text), param)
+        self.check_text(text, param)
         return await self._run(self.tokenizer.encode_with_offsets, text)
 
     async def chat(self, messages: list[dict], param: str = "messages") -> list[int]:
@@ -66,6 +88,10 @@ class TextEncoder:
             raise TextTooLong(f"{param} has {len(messages)} messages, more than can fit in the context of "
                               f"{self.max_seq_len} tokens", param)
         self.check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), param)
+        for i, message in enumerate(messages):
+            for key, value in message.items():
+                if isinstance(value, str):
+                    self.check_encodable(value, f"{param}.{i}.{key}")
         return await self._run(self.tokenizer.apply_chat_template, messages)
 
     def close(self) -> None:

@@ -20,8 +20,9 @@ from fastapi import FastAPI
 from app.api import openai, ops, prompts, tasks, tokenize
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
-from app.api.middleware import RequestMiddleware, kv
+from app.api.middleware import HeadAsGet, RequestMiddleware, kv
 from app.config import Settings, environment_settings
+from app.http_protocol import CLIENT_TIMEOUT_STATE
 from app.logs import use_json_lines
 from app.metrics import Metrics
 from app.services import Services, load_services
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.drained = None
     app.state.metrics = Metrics(lambda: app.state.services)
     install_error_handlers(app)
+    app.add_middleware(HeadAsGet)  # (inside RequestMiddleware, which logs the request as HEAD)
     app.add_middleware(RequestMiddleware, settings=settings, metrics=app.state.metrics,
                        get_services=lambda: app.state.services)
 
@@ -75,10 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    """Load in the background (the server answers 503 meanwhile); on the way out, drain."""
+    """Load in the background (the server answers 503 meanwhile); on the way out, drain. The state yielded
+    goes to the server's connections (uvicorn's lifespan state)."""
     app.state.loading = asyncio.create_task(_load(app))
     _chain_stop_signals(app, asyncio.get_running_loop())
-    yield
+    yield {CLIENT_TIMEOUT_STATE: app.state.settings.client_timeout_s}  # the server's state: app/http_protocol.py
     drain(app)
     await app.state.drained
 
@@ -117,6 +120,7 @@ def drain(app: FastAPI) -> None:
         services.registry.stop_watching()
         await services.engine.shutdown(settings.shutdown_grace_s)
         services.encoder.close()
+        services.grammars.close()
         log.info(kv(event="stopped"))
 
     app.state.drained = asyncio.ensure_future(stop())

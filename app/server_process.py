@@ -43,7 +43,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 class ServerProcess:
     """One server: `python -m app.cli serve` (factory=False), or `python -m uvicorn --factory
-    app.server:create_app` (factory=True, the other documented way to run it), on 127.0.0.1:port.
+    app.server:create_app --http app.http_protocol:HTTPProtocol` (factory=True, the other documented way to
+    run it), on 127.0.0.1:port.
 
     env: the child's SOFTSERVE_* variables (and any other to add); SOFTSERVE_HOST and SOFTSERVE_PORT are
     set to the address it listens on. log_path: where its output goes. cwd: its working directory (default:
@@ -62,8 +63,8 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         if self.factory:
-            return [sys.executable, "-m", "uvicorn", "--factory", "app.server:create_app", "--host", HOST,
-                    "--port", str(self.port)]
+            return [sys.executable, "-m", "uvicorn", "--factory", "app.server:create_app", "--http",
+                    "app.http_protocol:HTTPProtocol", "--host", HOST, "--port", str(self.port)]
         return [sys.executable, "-m", "app.cli", "serve"]  # host and port from the environment
 
     def start(self) -> ServerProcess:

@@ -12,7 +12,9 @@ from app.encoder import TextEncoder
 from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
+from app.engine.grammar import Grammars
 from app.engine.weights import LoadedModel, base_identity, load_model
+from app.grammars import GrammarCompiler
 from prompt_store.format import PromptFile, load_prompt_file
 from prompt_store.registry import PromptExists, PromptRegistry
 
@@ -27,6 +29,7 @@ class Services:
     engine: AsyncEngine
     registry: PromptRegistry
     encoder: TextEncoder  # tokenizes off the event loop
+    grammars: GrammarCompiler  # compiles structured output's grammars off the event loop and the engine thread
 
     @property
     def model_name(self) -> str:
@@ -91,5 +94,7 @@ def load_services(settings: Settings) -> Services:
     connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d", loaded.name, device,
              str(settings.resolved_dtype()).removeprefix("torch."), engine.blocks.num_usable, settings.block_size, max_seq_len)
+    grammars = GrammarCompiler(lambda: Grammars(tokenizer.hf, loaded.args.vocab_size), settings.grammar_compile_threads,
+                               settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
     return Services(settings, loaded, tokenizer, engine, registry,
-                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads))
+                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars)

@@ -13,6 +13,7 @@ from typing import Awaitable, TypeVar
 from fastapi import Request
 
 from app.api.errors import APIError
+from app.engine.engine import PromptNotFound
 from app.engine.sequence import Output, Sequence
 from app.engine.task_prompt import TaskPrompt
 from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL, is_hub_id
@@ -159,17 +160,37 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
 BASE = "base"  # the `model`/`prompt` name of the bare base model (an alias of its served id)
 
 
-async def resolve_prompt(services: Services, name: str) -> TaskPrompt | None:
+async def resolve_prompt(services: Services, name: str, param: str = "model") -> TaskPrompt | None:
     """A request's prompt, resolved once (all its inputs run this version). A prompt not used lately is read
     and its prefix computed on the engine thread: that wait happens in a worker thread, not on the event
-    loop. `name@N` pins stored version N (404 once the store no longer has it); `name` is the newest."""
+    loop. `name@N` pins stored version N (404 once the store no longer has it); `name` is the newest.
+    param: the request field that named it."""
     engine, name = services.engine, prompt_name(name, services)
-    base_name, at, version = (name or "").rpartition("@")
-    if at and base_name and version.isdigit():
-        return await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, int(version))))
+    pinned = pinned_version(name or "", param)
+    if pinned is not None:
+        base_name, version = pinned
+        return await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, version)))
     if engine.prompt_is_loaded(name):
         return engine.get_prompt(name)
     return await asyncio.to_thread(engine.get_prompt, name)
+
+
+MAX_VERSION = 10**9  # no store holds more versions of one prompt; a larger number names none
+
+
+def pinned_version(name: str, param: str) -> tuple[str, int] | None:
+    """`name@N` -> (name, N); None for a name without `@` (prompt names never have one). N is ASCII digits:
+    anything else is a 400, and a number beyond any version a store can hold is a 404."""
+    base_name, at, version = name.rpartition("@")
+    if not at:
+        return None
+    if not base_name or not version.isascii() or not version.isdigit():
+        raise APIError(400, f"{param}: a pinned version is written name@N with N in ASCII digits, e.g. 'chat@3'",
+                       "invalid_version", param)
+    if len(version) > len(str(MAX_VERSION)) or int(version) > MAX_VERSION:
+        raise PromptNotFound(f"{param}: prompt {base_name!r} has no version {version[:12]}"
+                             f"{'...' if len(version) > 12 else ''} (versions go up to {MAX_VERSION})")
+    return base_name, int(version)
 
 
 def prompt_name(name: str, services) -> str | None:

@@ -13,9 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.encoder import TextTooLong
+from app.encoder import TextTooLong, UnencodableText
 from app.engine.engine import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
+from app.grammars import GrammarsBusy
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists, VersionConflict
 
@@ -104,6 +105,7 @@ FIELD_ERROR_CODES = {"unsupported_field": "unsupported_field", "extra_forbidden"
 ENGINE_ERRORS = [
     (WrongTaskType, 422, "wrong_task_type"),
     (TextTooLong, 400, "input_too_long"),
+    (UnencodableText, 400, "invalid_text"),
     (InvalidRequest, 400, "invalid_request"),
     (ChatTemplateError, 400, "chat_template"),
     (PromptNotFound, 404, "prompt_not_found"),
@@ -111,6 +113,7 @@ ENGINE_ERRORS = [
     (VersionConflict, 409, "version_conflict"),
     (PromptExists, 409, "prompt_exists"),
     (Overloaded, 429, "overloaded"),
+    (GrammarsBusy, 429, "overloaded"),
     (ShuttingDown, 503, "shutting_down"),
 ]
 

@@ -159,3 +159,21 @@ class RequestMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+class HeadAsGet:
+    """HEAD on any route answers as GET would, without the body (the server sends the headers only, as it
+    does for every HEAD response): load balancers and link checkers probe with HEAD. Routes are declared
+    for GET alone, so that the OpenAPI schema lists each operation once."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+        as_get = dict(scope, method="GET")  # the server's own scope keeps HEAD, so it leaves the body out
+        try:
+            await self.app(as_get, receive, send)
+        finally:  # what routing added (the route, for the access log)
+            scope.update({key: value for key, value in as_get.items() if key not in scope})

@@ -32,6 +32,7 @@ from app.api.common import (
 )
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
+from app.api.grammar_price import GrammarLimits, check_price
 from app.api.openai_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -43,7 +44,7 @@ from app.api.openai_schemas import (
     streamed,
 )
 from app.api.schemas import error_responses
-from app.engine.grammar import GrammarError, GrammarMatcher, Grammars
+from app.engine.grammar import GrammarError, GrammarMatcher
 from app.engine.sampling import SEED_RANGE
 from app.engine.sequence import Output, Sequence
 from app.services import Services
@@ -156,8 +157,9 @@ def _check_token_fields(body: OpenAIRequest, vocab: int) -> None:
                            "invalid_token", "logit_bias")
 
 
-async def _compile_grammar(body: OpenAIRequest, request: Request, services: Services):
-    """The compiled grammar of the structured output asked for (None: free text), compiled off the loop."""
+async def _compile_grammar(body: OpenAIRequest, services: Services):
+    """The compiled grammar of the structured output asked for (None: free text): priced first, then
+    compiled in the grammar pool (app/grammars.py), waited for at most SOFTSERVE_REQUEST_TIMEOUT_S."""
     asked = body.grammar_requests
     if not asked:
         return None
@@ -165,21 +167,22 @@ async def _compile_grammar(body: OpenAIRequest, request: Request, services: Serv
         raise APIError(400, f"{asked[1][0]}: ask for one structured output at a time (also {asked[0][0]})",
                        "unsupported_field", asked[1][0])
     field, kind, source = asked[0]
-    grammars = getattr(request.app.state, "grammars", None)
-    if grammars is None or grammars[0] is not services:  # built once per loaded model (about 0.4 s)
-        built = await asyncio.to_thread(Grammars, services.tokenizer.hf, services.loaded.args.vocab_size)
-        request.app.state.grammars = grammars = (services, built)
+    check_price(field, kind, source, GrammarLimits.from_settings(services.settings))
+    timeout = services.settings.request_timeout_s
     try:
-        return await asyncio.to_thread(grammars[1].compile, kind, source)
+        return await asyncio.wait_for(services.grammars.compile(kind, source), timeout)
     except GrammarError as e:
         raise APIError(400, f"{field}: {e}", "invalid_grammar", field) from None
+    except asyncio.TimeoutError:
+        raise APIError(504, f"{field}: the grammar was not compiled within {timeout:g} s "
+                            f"(SOFTSERVE_REQUEST_TIMEOUT_S)", "timeout", field) from None
 
 
 async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: list[str | None],
                     logprobs: int | None, request: Request, services: Services, chat: bool):
     """Run a completion request (n copies of each prompt) and answer it whole or as a stream."""
     _check_token_fields(body, services.loaded.args.vocab_size)
-    grammar = await _compile_grammar(body, request, services)
+    grammar = await _compile_grammar(body, services)
     seqs = _sequences(body, prompt, ids, logprobs, grammar, services)
     check_tokens(services, seqs)
     echo = getattr(body, "echo", False)

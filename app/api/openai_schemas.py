@@ -4,6 +4,7 @@ naming it when it asks for something softserve does not do; a field OpenAI does 
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -14,6 +15,7 @@ from app.engine.sampling import SamplingParams
 
 MAX_N = 16
 TokenId = Annotated[int, Field(ge=0)]
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only (str.isdigit takes any script's)
 
 
 def Refused(reason: str, *allowed) -> Any:
@@ -84,8 +86,8 @@ class OpenAIRequest(Strict):
     repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
                                       description="(vLLM) above 1: prompt and generated tokens are less likely")
     guided_json: dict | None = Field(None, description="(vLLM) a JSON Schema the output follows")
-    guided_regex: str | None = Field(None, min_length=1, max_length=4096, description="(vLLM) a regex the output matches")
-    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=256)] | None = Field(
+    guided_regex: str | None = Field(None, min_length=1, description="(vLLM) a regex the output matches")
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="(vLLM) the output is exactly one of these strings")
     # OpenAI fields for what softserve does not do
     store: Refused("storing completions is not supported", False) = None
@@ -111,8 +113,9 @@ class OpenAIRequest(Strict):
     @classmethod
     def _token_ids(cls, value):
         for key in value or {}:
-            if not key.isdigit():
-                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids, e.g. {\"1234\": -100}")
+            if not TOKEN_ID_KEY.fullmatch(key):
+                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids in ASCII digits (at most "
+                                                           "10), e.g. {\"1234\": -100}")
         return value
 
     @property

@@ -42,7 +42,7 @@ async def _resolve(request: Request, services: Services, body):
     note_prompt(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    return inputs, await resolve_prompt(services, body.prompt)
+    return inputs, await resolve_prompt(services, body.prompt, "prompt")
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text for one or many inputs")

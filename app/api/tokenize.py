@@ -55,7 +55,7 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
     if isinstance(body, TokenizeChat):
         ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     elif body.add_special_tokens:
-        services.encoder.check_length(len(body.prompt), "prompt")
+        services.encoder.check_text(body.prompt, "prompt")
         ids = services.tokenizer.hf.encode(body.prompt, add_special_tokens=True)
     else:
         ids = await services.encoder.encode(body.prompt, "prompt")

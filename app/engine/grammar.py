@@ -1,8 +1,9 @@
 """Structured output: grammars compiled by xgrammar, one matcher per sequence that masks the tokens the
 grammar does not allow next and follows the tokens the sequence picks.
 
-Compiling takes milliseconds to seconds (a JSON schema with many properties): callers run `compile` off the
-event loop. The compiler caches compiled grammars by their source text (xgrammar's own cache).
+Compiling takes milliseconds to minutes (a JSON schema with many properties or long enums): callers price the
+grammar first (app/api/grammar_price.py) and compile in their own worker pool, which also caches compiled
+grammars (app/grammars.py); so xgrammar's own cache is off, and each compile uses one thread.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import torch
 import xgrammar as xgr
 
-CACHE_LIMIT_BYTES = 256 << 20
+ANY_OBJECT = json.dumps({"type": "object"})  # json_object: a JSON object (strict_mode off: any properties)
 
 
 class GrammarError(ValueError):
@@ -22,7 +23,7 @@ class Grammars:
     def __init__(self, hf_tokenizer, vocab_size: int):
         """vocab_size: the model's (its logits' width), which may exceed the tokenizer's."""
         info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size)
-        self.compiler = xgr.GrammarCompiler(info, cache_enabled=True, cache_limit_bytes=CACHE_LIMIT_BYTES)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.vocab_size = vocab_size
 
     def compile(self, kind: str, source) -> xgr.CompiledGrammar:
@@ -30,7 +31,7 @@ class Grammars:
         pattern) or "choice" (source: the strings, exactly one of which is generated)."""
         try:
             if kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+                return self.compiler.compile_json_schema(ANY_OBJECT, strict_mode=False)
             if kind == "json_schema":
                 return self.compiler.compile_json_schema(json.dumps(source), strict_mode=True)
             if kind == "regex":

@@ -1,5 +1,6 @@
-"""Per-row changes to the logits before sampling: penalties, logit bias, the tokens a row may not pick yet
-(end of sequence before `min_tokens`) and the grammar mask of structured output.
+"""Per-row changes to the logits before sampling: penalties, logit bias, the grammar mask of structured output
+and the tokens a row may not pick yet (end of sequence before `min_tokens`, unless the grammar allows nothing
+else).
 
 Only rows that ask for one of these are touched, one at a time; a batch where no row does returns its logits
 unchanged, so the sampler's all-greedy fast path stays one argmax.
@@ -42,8 +43,18 @@ def adjust_row(row: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> Non
     for token, bias in p.logit_bias.items():
         if token < row.shape[0]:
             row[token] += bias
-    if len(seq.output_ids) < p.min_tokens:
-        banned = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids)) if t < row.shape[0]]
-        row[banned] = float("-inf")
     if seq.grammar is not None:
         seq.grammar.mask(row)
+    if len(seq.output_ids) < p.min_tokens:
+        hold_back_the_end(row, seq, eos_ids)
+
+
+def hold_back_the_end(row: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> None:
+    """min_tokens: end-of-sequence and stop tokens may not be picked yet, unless a grammar allows nothing
+    else (it is complete and only its end may follow): the grammar wins, and the output ends there."""
+    p = seq.sampling
+    banned = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids)) if t < row.shape[0]]
+    kept = row[banned].clone()
+    row[banned] = float("-inf")
+    if seq.grammar is not None and not torch.isfinite(row).any():
+        row[banned] = kept

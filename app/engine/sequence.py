@@ -107,7 +107,8 @@ class Sequence:
 
     def append_token(self, choice: TokenChoice, eos_ids: frozenset[int]) -> None:
         """A sampled token: its text, and whether it ends the sequence (end of sequence, a stop token or
-        string, a completed grammar, max_tokens). Nothing but max_tokens ends it before min_tokens."""
+        string, a completed grammar, max_tokens). Nothing but max_tokens and a complete grammar (whose end
+        was the only token it allowed) ends it before min_tokens; a grammar's end is never text."""
         params = self.sampling
         self.output_ids.append(choice.token_id)
         self.new_tokens.append(choice)
@@ -116,15 +117,16 @@ class Sequence:
         if self.grammar is not None:
             self.grammar.accept(choice.token_id)
         may_stop = len(self.output_ids) >= params.min_tokens
-        is_eos = may_stop and ((choice.token_id in eos_ids and not params.ignore_eos)
-                               or choice.token_id in params.stop_token_ids)
+        grammar_ended = self.grammar is not None and self.grammar.is_terminated()
+        is_eos = grammar_ended or (may_stop and ((choice.token_id in eos_ids and not params.ignore_eos)
+                                                 or choice.token_id in params.stop_token_ids))
         if not is_eos:
             self.decoder.add(choice.token_id)
         text = self.decoder.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in params.stop) if i >= 0] if may_stop else []
         if hits:
             self.decoder.text, self.finish_reason = text[:min(hits)], "stop"
-        elif is_eos or (self.grammar is not None and self.grammar.is_terminated()):
+        elif is_eos:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= params.max_tokens:
             self.finish_reason = "length"
