@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(
         ENGINE.decode_attention, description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
+    linear_kernel: Literal["auto", "onednn", "torch"] = Field(
+        ENGINE.linear_kernel, description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its start-up check, else F.linear), onednn, or torch")
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API

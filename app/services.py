@@ -86,7 +86,7 @@ def load_services(settings: Settings) -> Services:
                           max_batched_tokens=settings.max_batched_tokens, max_num_seqs=settings.max_num_seqs,
                           max_waiting=settings.max_waiting, static_decode=None if settings.cuda_graphs else False,
                           prompt_cache_bytes=int(settings.prompt_cache_mb * (1 << 20)),
-                          decode_attention=settings.decode_attention)
+                          decode_attention=settings.decode_attention, linear_kernel=settings.linear_kernel)
     engine = AsyncEngine(loaded.model, tokenizer, config)
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:

@@ -23,3 +23,6 @@ class EngineConfig:
     # Decode attention of the static steps: "auto" (the Triton kernel on CUDA when it is importable and
     # passes its start-up check, else SDPA), "triton" (required) or "sdpa".
     decode_attention: str = "auto"
+    # Linear layers and the LM head at inference (app/engine/linear_kernels.py): "auto" (oneDNN with packed
+    # weights on CPU where it passes its start-up check, else F.linear), "onednn" (required) or "torch".
+    linear_kernel: str = "auto"

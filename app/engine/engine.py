@@ -21,6 +21,7 @@ from app.engine.decode_graphs import StaticDecoder
 from app.engine.block_manager import BlockManager
 from app.engine.config import EngineConfig
 from app.engine.kv_cache import KVCache
+from app.engine.linear_kernels import use_linear_kernel
 from app.engine.model import Transformer
 from app.engine.prompt_table import PromptEntry, PromptTable
 from app.engine.runner import ModelRunner
@@ -81,6 +82,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.linear_kernel = use_linear_kernel(model, config.linear_kernel)
         weight = model.embed_tokens.weight
         num_blocks = KVCache.blocks_for_budget(model.args, config.block_size, config.kv_cache_bytes, weight.dtype)
         max_blocks_per_seq = -(-config.max_seq_len // config.block_size)

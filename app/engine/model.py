@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -169,24 +169,52 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inference_kernel(kernel: Kernel | None) -> Kernel | None:
+    """The faster kernel attached at load (app/engine/linear_kernels.py), when autograd is off; None when
+    gradients flow (training) or none is attached: then the plain F.linear path runs."""
+    return None if torch.is_grad_enabled() else kernel
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs through `kernel` at inference when one is attached."""
+    kernel: Kernel | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = inference_kernel(self.kernel)
+        return kernel(x) if kernel is not None else F.linear(x, self.weight, self.bias)
+
+
 class SelfAttention(nn.Module):
+    qkv_kernel: Kernel | None = None  # q, k, v projections as one GEMM
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.kv_width, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.kv_width, bias=bias)
+        self.q_proj = Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
+        self.k_proj = Linear(args.hidden_size, args.kv_width, bias=bias)
+        self.v_proj = Linear(args.hidden_size, args.kv_width, bias=bias)
         # Llama's attention_bias covers o_proj too; Qwen2 biases only q, k, v.
         o_bias = bias and args.architecture != "qwen2"
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=o_bias)
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=o_bias)
+
+    def project(self, x):
+        kernel = inference_kernel(self.qkv_kernel)
+        if kernel is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_width = self.num_kv_heads * self.head_dim
+        return kernel(x).split([self.num_heads * self.head_dim, kv_width, kv_width], -1)
 
     def forward(self, x, cos, sin, attention: Attention):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin  # cos/sin: (B, T, 1, D)
         k = k * cos + rotate_half(k) * sin
         out = attention.attend(self.layer, q, k, v)
@@ -194,14 +222,18 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    gate_up_kernel: Kernel | None = None  # gate and up projections as one GEMM
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        kernel = inference_kernel(self.gate_up_kernel)
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if kernel is None else kernel(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -219,6 +251,7 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
     """Parameter names follow HF's `model.*` / `lm_head.*` so checkpoints load by name."""
+    lm_head_kernel: Kernel | None = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -226,7 +259,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -243,9 +276,13 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attention)
         return self.norm(x)
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (..., hidden) -> logits (..., vocab); into `out` when given (2-D hidden only)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if out is not None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return F.linear(hidden, weight)
+            return torch.mm(hidden, self.lm_head_weight.t(), out=out)
+        kernel = inference_kernel(self.lm_head_kernel)
+        return kernel(hidden) if kernel is not None else F.linear(hidden, self.lm_head_weight)

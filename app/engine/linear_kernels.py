@@ -1,0 +1,116 @@
+"""The kernel the model's linear layers and LM head run through at inference, chosen once per model.
+
+- "onednn" (CPU): each weight is reordered once into oneDNN's blocked layout and multiplied with
+  `torch.ops.mkldnn._linear_pointwise`, what vLLM's CPU backend and inductor's weight freezing call. Torch's
+  `F.linear` repacks the weight on every call; on this project's 2-core CPUs the packed GEMM is 2-4x faster at
+  serving's row counts (BENCHMARKS.md). Projections that read the same input are packed together, so a layer
+  runs q,k,v as one GEMM and gate,up as another (vLLM's QKVParallelLinear and MergedColumnParallelLinear).
+- "torch": `F.linear` (cuBLAS on CUDA).
+
+"auto" takes onednn on a CPU where torch has oneDNN and the model is float32 or bfloat16, after a start-up
+check of every packed weight against `F.linear` on random rows; a kernel that fails or disagrees costs speed,
+never correctness. The packed weights are copies: the model's own parameters stay, and with autograd on
+(training) every layer runs `F.linear` on them (app/engine/model.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.model import Transformer
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "onednn", "torch")
+PACKING_ROWS = 64  # the row count oneDNN picks its blocked layout for; every row count runs on it
+CHECK_ROWS = (1, 7)
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative to the largest output
+
+
+class OneDNNLinear:
+    """x (..., in) -> x @ weight.T (+ bias), weight packed once; weights given together are one GEMM."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None):
+        weight = torch.cat(weights).detach()
+        self.sizes = [w.shape[0] for w in weights]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKING_ROWS)
+        biases = biases or [None] * len(weights)
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach() if b is not None else weight.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        self._reference = (weight, self.bias)  # dropped after the start-up check
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def matches_reference(self) -> bool:
+        weight, bias = self._reference
+        self._reference = None
+        g = torch.Generator().manual_seed(0)
+        for rows in CHECK_ROWS:
+            x = torch.randn(rows, weight.shape[1], generator=g).to(weight.dtype)
+            want = F.linear(x, weight, bias).float()
+            error = (self(x).float() - want).abs().max().item()
+            if not error <= CHECK_TOLERANCE[weight.dtype] * max(1.0, want.abs().max().item()):
+                log.warning("the oneDNN linear kernel disagrees with F.linear (max error %.2e on %d rows); "
+                            "linear layers use F.linear", error, rows)
+                return False
+        return True
+
+
+def _onednn_available(model: Transformer) -> str | None:
+    """None when the packed kernel can run this model, else why not."""
+    weight = model.embed_tokens.weight
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device.type}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if weight.dtype not in CHECK_TOLERANCE:
+        return f"the model is {str(weight.dtype).removeprefix('torch.')}"
+    return None
+
+
+def _pack(model: Transformer) -> list[OneDNNLinear]:
+    """One kernel per fused projection and one for the LM head, attached where the model looks for them."""
+    kernels = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        attn.qkv_kernel = OneDNNLinear([p.weight for p in projections], [p.bias for p in projections])
+        attn.o_proj.kernel = OneDNNLinear([attn.o_proj.weight], [attn.o_proj.bias])
+        mlp.gate_up_kernel = OneDNNLinear([mlp.gate_proj.weight, mlp.up_proj.weight])
+        mlp.down_proj.kernel = OneDNNLinear([mlp.down_proj.weight])
+        kernels += [attn.qkv_kernel, attn.o_proj.kernel, mlp.gate_up_kernel, mlp.down_proj.kernel]
+    model.lm_head_kernel = OneDNNLinear([model.lm_head_weight])
+    return kernels + [model.lm_head_kernel]
+
+
+def _unpack(model: Transformer) -> None:
+    for layer in model.layers:
+        layer.self_attn.qkv_kernel = layer.self_attn.o_proj.kernel = None
+        layer.mlp.gate_up_kernel = layer.mlp.down_proj.kernel = None
+    model.lm_head_kernel = None
+
+
+def use_linear_kernel(model: Transformer, choice: str = "auto") -> str:
+    """Attach the chosen kernel to the model's layers -> the kernel in use ("onednn" or "torch").
+    onednn: required (ValueError where it cannot run or fails its check); torch: F.linear."""
+    if choice not in KERNELS:
+        raise ValueError(f"linear_kernel must be one of {', '.join(KERNELS)}, not {choice!r}")
+    _unpack(model)
+    if choice == "torch":
+        return "torch"
+    why_not = _onednn_available(model)
+    if why_not is not None:
+        if choice == "onednn":
+            raise ValueError(f"the oneDNN linear kernel cannot run here: {why_not}")
+        return "torch"
+    with torch.inference_mode():
+        kernels = _pack(model)
+        if all(k.matches_reference() for k in kernels):
+            return "onednn"
+    _unpack(model)
+    if choice == "onednn":
+        raise ValueError("the oneDNN linear kernel failed its start-up check against F.linear (see the log)")
+    return "torch"
