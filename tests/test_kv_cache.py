@@ -51,7 +51,7 @@ def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(
     for seq, row in rows:
         n = positions[row] + 1
         seq_slots = [tables[seq][p // B] * B + p % B for p in range(n)]
-        keys, values = kc[seq_slots].transpose(0, 1), vc[seq_slots].transpose(0, 1)  # (KVH, n, hd)
+        keys, values = kc[:, seq_slots], vc[:, seq_slots]  # (KVH, n, hd)
         query = q[0, row].reshape(ARGS.num_kv_heads, -1, ARGS.head_dim)
         want = F.scaled_dot_product_attention(query, keys, values).reshape(ARGS.num_heads, ARGS.head_dim)
         assert (outs[False][0, row] - want).abs().max() < 1e-5

@@ -6,6 +6,8 @@ written to its slot, then attention reads every sequence's keys through its bloc
   - decode tokens: all together, one SDPA call over their gathered keys (padded to the longest, masked);
   - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
     layer) or one call per chunk (CPU, where the padded call measured 2-3x slower).
+Keys are gathered block by block in the cache's head-major layout (app/engine/kv_cache.py), which gives
+(kv_heads, ..., positions, head_dim) directly; decode attention then runs over (kv_heads, rows) as the batch.
 `StaticDecodeAttention` is the decode-only step at fixed shapes that CUDA graphs replay
 (app/engine/decode_graphs.py); on CUDA its attention is the Triton kernel that reads the block table itself.
 In every path the query heads that share a KV head form one longer query sequence of that head, so SDPA
@@ -31,8 +33,17 @@ class PrefillChunk:
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """q (R, H, hd) -> (R, KVH, H/KVH, hd)."""
-    return q.reshape(q.shape[0], kv_heads, -1, q.shape[-1])
+    """q (R, H, hd) -> (KVH, R, H/KVH, hd): rows batched under each KV head, as the cache gathers keys."""
+    return q.reshape(q.shape[0], kv_heads, -1, q.shape[-1]).transpose(0, 1)
+
+
+def _ungrouped(out: torch.Tensor) -> torch.Tensor:
+    """(KVH, R, H/KVH, hd) -> (R, H, hd)."""
+    return out.transpose(0, 1).flatten(1, 2)
+
+
+def _blocks_for(positions: int, block_size: int) -> int:
+    return -(-positions // block_size)
 
 
 def _tables(tables: list[list[int]], device) -> torch.Tensor:
@@ -53,10 +64,11 @@ class PagedAttention:
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         if self.num_decode:
-            length = max(positions[:self.num_decode]) + 1
-            self.dec_slots = slots_of(_tables(decode_tables, device), length, B)  # (D, L)
+            blocks = _blocks_for(max(positions[:self.num_decode]) + 1, B)
+            self.dec_tables = _tables([t[:blocks] for t in decode_tables], device)  # (D, blocks)
             dec_pos = self.positions[:self.num_decode]
-            self.dec_mask = (torch.arange(length, device=device)[None, :] <= dec_pos[:, None])[:, None, None]
+            # (1, D, 1, L): row d sees its positions 0..dec_pos[d] of the blocks gathered for it
+            self.dec_mask = (torch.arange(blocks * B, device=device)[None, :] <= dec_pos[:, None])[None, :, None]
         self.batch_chunks = device.type == "cuda" if batch_chunks is None else batch_chunks
         if chunks and self.batch_chunks:
             # Padded to the longest chunk: padded row i*T + t is token t of chunk i (past a chunk's end it
@@ -64,7 +76,8 @@ class PagedAttention:
             T = max(c.length for c in chunks)
             self.chunk_len = T
             keys = max(c.start_pos + c.length for c in chunks)
-            self.chunk_slots = slots_of(_tables([c.table for c in chunks], device), keys, B)  # (C, keys)
+            self.chunk_keys = keys
+            self.chunk_tables = _tables([c.table[:_blocks_for(keys, B)] for c in chunks], device)  # (C, blocks)
             self.pad_index = torch.tensor([c.offset + min(t, c.length - 1) for c in chunks for t in range(T)],
                                           device=device)
             self.unpad_index = torch.tensor([i * T + t for i, c in enumerate(chunks) for t in range(c.length)],
@@ -74,8 +87,8 @@ class PagedAttention:
             self.chunk_mask = torch.arange(keys, device=device) <= query_pos[..., None]  # (C, T, keys)
             self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
         elif chunks:
-            self.chunk_slots_each = [slots_of(torch.tensor([c.table], device=device), c.start_pos + c.length, B)[0]
-                                     for c in chunks]
+            self.chunk_tables_each = [torch.tensor(c.table[:_blocks_for(c.start_pos + c.length, B)], device=device)
+                                      for c in chunks]
             self.chunk_masks = [  # None: causal from position 0, no prefix
                 None if c.start_pos == 0 else
                 torch.arange(c.start_pos + c.length, device=device)[None, :]
@@ -84,38 +97,38 @@ class PagedAttention:
             ]
 
     def attend(self, layer, q, k, v):
-        kc, vc = self.cache.flat(layer)  # (slots, KVH, hd)
-        kc[self.write_slots] = k[0]
-        vc[self.write_slots] = v[0]
+        self.cache.write(layer, self.write_slots, k[0], v[0])
         parts = []
         D = self.num_decode
         if D:
-            keys = kc[self.dec_slots].transpose(1, 2)  # (D, KVH, L, hd)
-            values = vc[self.dec_slots].transpose(1, 2)
-            out = F.scaled_dot_product_attention(_grouped(q[0, :D], keys.shape[1]), keys, values,
+            keys, values = self.cache.gather(layer, self.dec_tables)  # (KVH, D, L, hd)
+            out = F.scaled_dot_product_attention(_grouped(q[0, :D], keys.shape[0]), keys, values,
                                                  attn_mask=self.dec_mask)
-            parts.append(out.reshape(D, -1, q.shape[-1]))  # (D, H, hd)
+            parts.append(_ungrouped(out))  # (D, H, hd)
         if self.chunks:
             attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
-            parts.append(attend_chunks(kc, vc, q))
+            parts.append(attend_chunks(layer, q))
         return torch.cat(parts, 0)[None]
 
-    def _attend_each_chunk(self, kc, vc, q):
+    def _attend_each_chunk(self, layer, q):
         """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
         parts = []
-        for c, slots, mask in zip(self.chunks, self.chunk_slots_each, self.chunk_masks):
+        for c, table, mask in zip(self.chunks, self.chunk_tables_each, self.chunk_masks):
             qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
-            keys, values = kc[slots].transpose(0, 1)[None], vc[slots].transpose(0, 1)[None]  # (1, KVH, L, hd)
-            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=True)
+            keys, values = self.cache.gather(layer, table)  # (KVH, blocks * B, hd)
+            n = c.start_pos + c.length
+            out = F.scaled_dot_product_attention(qc, keys[None, :, :n], values[None, :, :n], attn_mask=mask,
+                                                 is_causal=mask is None, enable_gqa=True)
             parts.append(out[0].transpose(0, 1))  # (n, H, hd)
         return torch.cat(parts, 0)
 
-    def _attend_chunks_padded(self, kc, vc, q):
+    def _attend_chunks_padded(self, layer, q):
         """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
         q = q[0]
         C, T = len(self.chunks), self.chunk_len
-        keys, values = kc[self.chunk_slots].transpose(1, 2), vc[self.chunk_slots].transpose(1, 2)  # (C, KVH, L, hd)
+        keys, values = self.cache.gather(layer, self.chunk_tables)  # (KVH, C, blocks * B, hd)
+        keys = keys[:, :, :self.chunk_keys].transpose(0, 1)  # (C, KVH, L, hd)
+        values = values[:, :, :self.chunk_keys].transpose(0, 1)
         kv_heads, hd, keys_len = keys.shape[1], q.shape[-1], keys.shape[2]
         groups = q.shape[1] // kv_heads
         # (C, KVH, G*T, hd): the grouped query heads of a KV head as one longer query sequence.
@@ -147,16 +160,14 @@ class StaticDecodeAttention:
             self.lengths = (positions + 1).to(torch.int32)
         else:
             self.slots = slots_of(tables, length, B)
-            self.mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None]
+            self.mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[None, :, None]
 
     def attend(self, layer, q, k, v):
         """q (rows, 1, H, hd), k/v (rows, 1, KVH, hd) -> (rows, 1, H, hd)."""
-        kc, vc = self.cache.flat(layer)
-        kc[self.write_slots] = k[:, 0]
-        vc[self.write_slots] = v[:, 0]
+        self.cache.write(layer, self.write_slots, k[:, 0], v[:, 0])
         if self.kernel:
-            return decode_attention(q[:, 0], self.cache.k[layer], self.cache.v[layer], self.tables,
-                                    self.lengths)[:, None]
-        keys, values = kc[self.slots].transpose(1, 2), vc[self.slots].transpose(1, 2)  # (rows, KVH, L, hd)
-        out = F.scaled_dot_product_attention(_grouped(q[:, 0], keys.shape[1]), keys, values, attn_mask=self.mask)
-        return out.reshape(q.shape[0], 1, -1, q.shape[-1])
+            return decode_attention(q[:, 0], *self.cache.paged(layer), self.tables, self.lengths)[:, None]
+        kc, vc = self.cache.flat(layer)
+        keys, values = kc[:, self.slots], vc[:, self.slots]  # (KVH, rows, L, hd)
+        out = F.scaled_dot_product_attention(_grouped(q[:, 0], keys.shape[0]), keys, values, attn_mask=self.mask)
+        return _ungrouped(out)[:, None]

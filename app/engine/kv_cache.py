@@ -1,9 +1,11 @@
 """KV memory for serving: a pool of fixed-size blocks, the tensors behind app/engine/block_manager.py.
 
-Layout: k, v of shape (layers, num_blocks, block_size, kv_heads, head_dim). Position p of a sequence lives
-in block `block_table[p // block_size]` at offset `p % block_size`; as one flat index over the pool (a
-"slot", as vLLM calls it) that is `block * block_size + offset`, so a layer's cache reads as a flat
-(num_blocks * block_size, kv_heads, head_dim) table that a step writes and gathers by slot.
+Layout: k, v of shape (layers, kv_heads, num_blocks, block_size, head_dim), head-major as llama.cpp and
+vLLM's CPU backend keep it. Position p of a sequence lives in block `block_table[p // block_size]` at offset
+`p % block_size`; as one flat index over the pool (a "slot", as vLLM calls it) that is
+`block * block_size + offset`, so a layer's cache also reads as (kv_heads, num_blocks * block_size, head_dim),
+written by slot. Reading a sequence's keys gathers whole blocks, each head's block one contiguous run of
+block_size * head_dim values, and yields (kv_heads, positions, head_dim): what attention takes, no transpose.
 Block 0 is scratch (never allocated): padded rows of static decode steps write there.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from app.engine.model import ModelArgs
 class KVCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, device: str | torch.device,
                  dtype: torch.dtype):
-        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
+        shape = (args.num_layers, args.num_kv_heads, num_blocks, block_size, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -34,16 +36,32 @@ class KVCache:
         return int(budget_bytes // (cls.bytes_per_token(args, dtype) * block_size))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's k, v as (num_blocks * block_size, kv_heads, head_dim), indexed by slot."""
+        """One layer's k, v as (kv_heads, num_blocks * block_size, head_dim), indexed by slot on dim 1."""
         k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+        return k.flatten(1, 2), v.flatten(1, 2)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (tokens, kv_heads, head_dim) -> the layer's cache at slots (tokens,)."""
+        kc, vc = self.flat(layer)
+        kc[:, slots] = k.transpose(0, 1)
+        vc[:, slots] = v.transpose(0, 1)
+
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tables (..., blocks) -> the layer's k, v at every position of those blocks, block by block:
+        (kv_heads, ..., blocks * block_size, head_dim)."""
+        k, v = self.k[layer][:, tables], self.v[layer][:, tables]  # (KVH, ..., blocks, block_size, hd)
+        return k.flatten(-3, -2), v.flatten(-3, -2)
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's k, v as strided views (num_blocks, block_size, kv_heads, head_dim), for the decode kernel."""
+        return self.k[layer].permute(1, 2, 0, 3), self.v[layer].permute(1, 2, 0, 3)
 
     def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
         """Positions start..end-1 of a task prefix (k, v: (layers, kv_heads, P, head_dim), on any device)
         -> the first end - start offsets of the block (start is a multiple of the block size)."""
         n = end - start
-        self.k[:, block, :n] = k[:, :, start:end].transpose(1, 2).to(self.k.device, self.k.dtype)
-        self.v[:, block, :n] = v[:, :, start:end].transpose(1, 2).to(self.v.device, self.v.dtype)
+        self.k[:, :, block, :n] = k[:, :, start:end].to(self.k.device, self.k.dtype)
+        self.v[:, :, block, :n] = v[:, :, start:end].to(self.v.device, self.v.dtype)
 
 
 def slots_of(tables: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
