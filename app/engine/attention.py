@@ -65,7 +65,7 @@ class PagedAttention:
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         if self.num_decode:
             blocks = _blocks_for(max(positions[:self.num_decode]) + 1, B)
-            self.dec_tables = _tables([t[:blocks] for t in decode_tables], device)  # (D, blocks)
+            self.dec_gather = cache.plan_gather(_tables([t[:blocks] for t in decode_tables], device))  # (D, blocks)
             dec_pos = self.positions[:self.num_decode]
             # (1, D, 1, L): row d sees its positions 0..dec_pos[d] of the blocks gathered for it
             self.dec_mask = (torch.arange(blocks * B, device=device)[None, :] <= dec_pos[:, None])[None, :, None]
@@ -77,7 +77,7 @@ class PagedAttention:
             self.chunk_len = T
             keys = max(c.start_pos + c.length for c in chunks)
             self.chunk_keys = keys
-            self.chunk_tables = _tables([c.table[:_blocks_for(keys, B)] for c in chunks], device)  # (C, blocks)
+            self.chunk_gather = cache.plan_gather(_tables([c.table[:_blocks_for(keys, B)] for c in chunks], device))
             self.pad_index = torch.tensor([c.offset + min(t, c.length - 1) for c in chunks for t in range(T)],
                                           device=device)
             self.unpad_index = torch.tensor([i * T + t for i, c in enumerate(chunks) for t in range(c.length)],
@@ -87,8 +87,8 @@ class PagedAttention:
             self.chunk_mask = torch.arange(keys, device=device) <= query_pos[..., None]  # (C, T, keys)
             self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
         elif chunks:
-            self.chunk_tables_each = [torch.tensor(c.table[:_blocks_for(c.start_pos + c.length, B)], device=device)
-                                      for c in chunks]
+            self.chunk_gathers = [cache.plan_gather(torch.tensor(c.table[:_blocks_for(c.start_pos + c.length, B)],
+                                                                 device=device)) for c in chunks]
             self.chunk_masks = [  # None: causal from position 0, no prefix
                 None if c.start_pos == 0 else
                 torch.arange(c.start_pos + c.length, device=device)[None, :]
@@ -101,7 +101,7 @@ class PagedAttention:
         parts = []
         D = self.num_decode
         if D:
-            keys, values = self.cache.gather(layer, self.dec_tables)  # (KVH, D, L, hd)
+            keys, values = self.cache.gather(layer, self.dec_gather)  # (KVH, D, L, hd)
             out = F.scaled_dot_product_attention(_grouped(q[0, :D], keys.shape[0]), keys, values,
                                                  attn_mask=self.dec_mask)
             parts.append(_ungrouped(out))  # (D, H, hd)
@@ -113,9 +113,9 @@ class PagedAttention:
     def _attend_each_chunk(self, layer, q):
         """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
         parts = []
-        for c, table, mask in zip(self.chunks, self.chunk_tables_each, self.chunk_masks):
+        for c, plan, mask in zip(self.chunks, self.chunk_gathers, self.chunk_masks):
             qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
-            keys, values = self.cache.gather(layer, table)  # (KVH, blocks * B, hd)
+            keys, values = self.cache.gather(layer, plan)  # (KVH, blocks * B, hd)
             n = c.start_pos + c.length
             out = F.scaled_dot_product_attention(qc, keys[None, :, :n], values[None, :, :n], attn_mask=mask,
                                                  is_causal=mask is None, enable_gqa=True)
@@ -126,7 +126,7 @@ class PagedAttention:
         """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
         q = q[0]
         C, T = len(self.chunks), self.chunk_len
-        keys, values = self.cache.gather(layer, self.chunk_tables)  # (KVH, C, blocks * B, hd)
+        keys, values = self.cache.gather(layer, self.chunk_gather)  # (KVH, C, blocks * B, hd)
         keys = keys[:, :, :self.chunk_keys].transpose(0, 1)  # (C, KVH, L, hd)
         values = values[:, :, :self.chunk_keys].transpose(0, 1)
         kv_heads, hd, keys_len = keys.shape[1], q.shape[-1], keys.shape[2]
