@@ -101,6 +101,10 @@ def test_openapi_tells_the_truth_and_docs_work_offline(client):
     assert "cdn" not in html and "/docs/assets/swagger-ui-bundle.js" in html
     bundle = client.get("/docs/assets/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and b"SwaggerUIBundle" in bundle.content
+    html = client.get("/redoc").text
+    assert "cdn" not in html and "fonts.googleapis" not in html and "/docs/assets/redoc.standalone.js" in html
+    bundle = client.get("/docs/assets/redoc.standalone.js")
+    assert bundle.status_code == 200 and b"Redoc" in bundle.content
     assert client.get("/docs/assets/secret.txt").status_code == 404
 
 
