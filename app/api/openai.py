@@ -58,7 +58,9 @@ COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with s
 def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict | None:
     """OpenAI's logprobs of TokenChoices: chat's `content` list, or completions' parallel lists, whose
     `text_offset` counts each token's characters from `offset` (where this part of the choice's text starts,
-    as vLLM counts them). An echoed prompt's first token has no log-probability (null)."""
+    as vLLM counts them), and whose `top_logprobs` always include the chosen token (OpenAI's "up to
+    logprobs+1 elements", vLLM's too), echoed prompt tokens included. An echoed prompt's first token has no
+    log-probability (null)."""
     if not tokens or all(c.logprob is None for c in tokens):
         return None
     text = lambda i: services.tokenizer.hf.decode([i])  # noqa: E731
@@ -69,7 +71,8 @@ def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict |
     strings = [text(c.token_id) for c in tokens]
     offsets = list(itertools.accumulate((len(t) for t in strings[:-1]), initial=offset))
     return {"tokens": strings, "token_logprobs": [c.logprob for c in tokens], "text_offset": offsets,
-            "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} for c in tokens]}
+            "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} | {s: c.logprob}
+                             for c, s in zip(tokens, strings)]}
 
 
 def _model_cards(services: Services) -> list[dict]:
