@@ -161,7 +161,7 @@ def test_streaming_equals_non_streaming(client, prompts):
         assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
         assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
-        assert all("usage" not in c for c in chunks[:-1])
+        assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI's: null on every chunk but the last
 
 
 def test_chat_streaming(client):
@@ -172,6 +172,7 @@ def test_chat_streaming(client):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("usage" not in c for c in chunks)  # usage not asked for (stream_options.include_usage)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     whole = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Count to three"}], "max_tokens": 8, "temperature": 0}).json()

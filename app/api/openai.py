@@ -195,7 +195,7 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
     for seq, out in zip(seqs, outs):
         record(request, shape.route, seq, out, end)
     return JSONResponse(shape.payload([shape.choice(k, out, True) for k, out in enumerate(outs)],
-                                      usage(outs, shape.first_of_prompt(len(seqs)))),
+                                      usage=usage(outs, shape.first_of_prompt(len(seqs)))),
                         headers=timing_headers(seqs, outs, end))
 
 
@@ -248,10 +248,10 @@ class _ResponseShape:
             c["message"] = {"role": "assistant", "content": out.text}
         return c
 
-    def payload(self, choices: list[dict], usage_counts: dict | None = None) -> dict:
-        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
-                "choices": choices}
-        return body if usage_counts is None else body | {"usage": usage_counts}
+    def payload(self, choices: list[dict], **fields) -> dict:
+        """The response (or chunk) with these choices; fields: more top-level keys (`usage`)."""
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
+                "choices": choices} | fields
 
 
 async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request, services: Services):
@@ -261,20 +261,22 @@ async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request,
     options = shape.body.stream_options
     include_usage = options is not None and options.include_usage
     continuous = options is not None and options.continuous_usage_stats
+    # with include_usage, OpenAI's chunks all carry `usage`: null until the last one, which has the counts
+    chunk_usage = include_usage or continuous
 
     async def events() -> AsyncIterator[str]:
         last: list[Output] = list(firsts)
         started = [False] * len(seqs)
         async for k, out in _merged(streams, firsts):
             last[k] = out
-            payload = shape.payload([shape.choice(k, out, not started[k])],
-                                    usage([out], [True]) if continuous else None)
+            fields = {"usage": usage([out], [True]) if continuous else None} if chunk_usage else {}
+            payload = shape.payload([shape.choice(k, out, not started[k])], **fields)
             started[k] = True
             yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
                 record(request, shape.route, seqs[k], out, time.monotonic())
         if include_usage:
-            yield f"data: {json.dumps(shape.payload([], usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
+            yield f"data: {json.dumps(shape.payload([], usage=usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
