@@ -288,8 +288,9 @@ BAD_REQUESTS = [  # (route, body, status, code, param)
     ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "validation_error", "top_k"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "validation_error", "stop"),
     ("/v1/completions", {"prompt": "x", "stop": "s" * 257}, 400, "validation_error", "stop"),
-    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "prompt_not_found", None),
-    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "prompt_not_found", None),
+    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {"model": "gen@7", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "model_not_found", "model"),
     ("/v1/generate", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
     ("/v1/tag", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
     ("/v1/classify", {"prompt": "nope", "inputs": ["x"]}, 404, "prompt_not_found", None),
@@ -349,7 +350,7 @@ def test_upload_versions_download_delete(client, base):
     r = client.delete("/v1/prompts/versioned")
     assert r.status_code == 200 and r.json() == {"id": "versioned", "object": "prompt", "deleted": True}
     error_of(client.get("/v1/prompts/versioned"), 404, "prompt_not_found")
-    error_of(client.post("/v1/completions", json={"model": "versioned", "prompt": "x"}), 404, "prompt_not_found")
+    error_of(client.post("/v1/completions", json={"model": "versioned", "prompt": "x"}), 404, "model_not_found", "model")
     error_of(client.delete("/v1/prompts/versioned"), 404, "prompt_not_found")
 
 

@@ -48,6 +48,7 @@ from app.engine.sampling import SEED_RANGE
 from app.engine.sequence import Output, Sequence
 from app.services import Services
 from prompt_store.format import Task
+from prompt_store.registry import PromptNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
@@ -109,7 +110,7 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
+    prompt = await _resolve_model(services, body.model)  # 404 before tokenizing
     _check_seqs(services, body.n)
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -122,7 +123,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(services, body.model)
+    prompt = await _resolve_model(services, body.model)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
     vocab = services.loaded.args.vocab_size
@@ -139,6 +140,15 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
             ids.append(list(p))
             texts.append(None)
     return await _complete(body, prompt, ids, texts, body.logprobs, request, services, chat=False)
+
+
+async def _resolve_model(services: Services, model: str):
+    """The prompt `model` names; one that is not served is OpenAI's 404 `model_not_found` (OpenAI clients
+    look for that code), where the native routes say `prompt_not_found`."""
+    try:
+        return await resolve_prompt(services, model)
+    except PromptNotFound as e:
+        raise APIError(404, str(e), "model_not_found", "model") from None
 
 
 def _check_seqs(services: Services, count: int) -> None:
