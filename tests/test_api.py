@@ -509,6 +509,78 @@ def test_metrics(client, prompts, server, base):
     assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens=3" in line
 
 
+# vLLM's histogram buckets (vllm/v1/metrics/buckets.py), which dashboards written for vLLM read
+VLLM_BUCKETS = {
+    "vllm:time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0],
+    "vllm:inter_token_latency_seconds": [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0],
+    "vllm:e2e_request_latency_seconds": [0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                                         40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0],
+}
+VLLM_BUCKETS["vllm:request_time_per_output_token_seconds"] = VLLM_BUCKETS["vllm:inter_token_latency_seconds"]
+for _name in ("vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds"):
+    VLLM_BUCKETS[_name] = VLLM_BUCKETS["vllm:e2e_request_latency_seconds"]
+
+
+def scrape(client: httpx.Client) -> tuple[dict[str, str], dict[tuple, float]]:
+    """/metrics through prometheus_client's parser: ({family: type}, {(sample, labels...): value})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types, samples = {}, {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return types, samples
+
+
+def test_vllm_metric_names(client, prompts):
+    """vLLM's names, types, labels and buckets, beside softserve's own, moving with a request by exactly what
+    the response says (tokens) or what softserve's own series say (the same quantities)."""
+    model = client.get("/v1/models").json()["data"][0]["id"]  # the served base model's id
+    labels = (("engine", "0"), ("model_name", model))
+    _, before = scrape(client)
+    usage = complete(client, "Hello there", "gen", max_tokens=3, ignore_eos=True)["usage"]
+    types, after = scrape(client)
+    grew = lambda name: after[(name, *labels)] - before.get((name, *labels), 0)  # noqa: E731
+
+    for name, kind in {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+                       "vllm:kv_cache_usage_perc": "gauge", "vllm:prompt_tokens": "counter",
+                       "vllm:generation_tokens": "counter", "vllm:num_preemptions": "counter",
+                       "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
+                       **{name: "histogram" for name in VLLM_BUCKETS}}.items():
+        assert types.get(name) == kind, name
+    for name, buckets in VLLM_BUCKETS.items():
+        bounds = sorted(float(dict(key[1:])["le"]) for key in after if key[0] == name + "_bucket")
+        assert bounds == buckets + [math.inf], name
+    assert after[("vllm:num_requests_running", *labels)] == after[("vllm:num_requests_waiting", *labels)] == 0
+    assert after[("vllm:kv_cache_usage_perc", *labels)] == after[("softserve_kv_usage_ratio",)] == 0
+    for vllm, own in [("vllm:num_preemptions_total", "softserve_preemptions_total"),
+                      ("vllm:prefix_cache_queries_total", "softserve_prefix_cache_queries_total"),
+                      ("vllm:prefix_cache_hits_total", "softserve_prefix_cache_hits_total"),
+                      ("vllm:generation_tokens_total", "softserve_engine_generation_tokens_total")]:
+        assert after[(vllm, *labels)] == after[(own,)], vllm
+    assert grew("vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert grew("vllm:generation_tokens_total") == usage["completion_tokens"] == 3
+    for name in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                 "vllm:request_inference_time_seconds"):
+        assert grew(name + "_count") == 1, name
+    assert grew("vllm:inter_token_latency_seconds_count") == 2  # 3 tokens, 2 gaps between them
+    tpot = grew("vllm:request_time_per_output_token_seconds_sum")
+    assert grew("vllm:inter_token_latency_seconds_sum") == pytest.approx(2 * tpot)
+    ttft = grew("vllm:time_to_first_token_seconds_sum")
+    assert grew("vllm:e2e_request_latency_seconds_sum") == pytest.approx(ttft + 2 * tpot)
+
+    with client.stream("POST", "/v1/completions", json={"model": "gen", "prompt": "Once upon a time",
+                                                        "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())  # generating: the request runs and holds KV blocks
+        _, running = scrape(client)
+    assert running[("vllm:num_requests_running", *labels)] == 1
+    assert running[("vllm:kv_cache_usage_perc", *labels)] == running[("softserve_kv_usage_ratio",)] > 0
+
+
 def test_grafana_dashboard_charts_served_metrics(client, prompts):
     """Every series deploy/grafana/softserve.json queries is one the server exports."""
     from pathlib import Path
