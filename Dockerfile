@@ -31,13 +31,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY app/ app/
 COPY prompt_store/ prompt_store/
 COPY examples/ examples/
-# xgrammar (structured output) depends on triton, which only CUDA uses (xgrammar's GPU masks, the decode
-# kernel): a CPU build of torch drops it, 1 GB less (xgrammar's CPU path does not import it).
-RUN pip install . \
+# Every version from the lock (requirements.lock, as `make run` installs). xgrammar (structured output)
+# depends on triton, which only CUDA uses (xgrammar's GPU masks, the decode kernel): a CPU build of torch
+# drops it, 1 GB less (xgrammar's CPU path does not import it).
+RUN pip install -c requirements.lock . \
     && if python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then pip uninstall -y triton; fi
 
 # Unprivileged user; it owns the prompt store (/data) and the model cache (/models). The model is fetched

@@ -3,8 +3,10 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
 SOFTSERVE ?= softserve
+# the exact versions every install takes (pip constraints; scripts/lock.sh writes it)
+LOCK ?= requirements.lock
 
-.PHONY: torch install install-dev run test deploy-test bench data docker
+.PHONY: torch install install-dev run test deploy-test bench data docker lock
 
 # torch first, on its own, in the build that fits the machine (CPU build unless nvidia-smi shows a GPU;
 # scripts/install_torch.sh), so that the project install after it finds torch satisfied. Every step is a
@@ -14,11 +16,11 @@ torch:
 
 # what serving needs
 install: torch
-	$(PIP) install -e .
+	$(PIP) install -c $(LOCK) -e .
 
 # what the tests need too: pytest, peft, openai, triton, kubernetes-validate, kubectl
 install-dev: torch
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -c $(LOCK) -e '.[dev]'
 
 run: install
 	$(SOFTSERVE) serve
@@ -38,3 +40,7 @@ data:
 
 docker:
 	docker build -t softserve:cpu .
+
+# resolve requirements.lock afresh (newest versions pyproject.toml allows) in a new virtual environment
+lock:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) sh scripts/lock.sh

@@ -2,6 +2,9 @@
 
 Counters and histograms are recorded by the HTTP layer as requests end; the engine's gauges (queue depth,
 batch, KV use) and its own counters are read from `engine.stats()` at scrape time by a custom collector.
+
+Beside softserve's own names, vLLM's (`vllm:*`, VLLMMetrics), so that dashboards and autoscalers written for
+vLLM work unchanged.
 """
 from __future__ import annotations
 
@@ -13,6 +16,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# vLLM's buckets (vllm/v1/metrics/buckets.py): time to first token, per-token latencies, request phases
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                      20.0, 40.0, 80.0)
+VLLM_PHASE_BUCKETS = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                      120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM labels every series with the served model's name (a LoRA adapter's requests too, under their base's
+# name; here every prompt's) and the engine's index (one engine per softserve server)
+VLLM_LABELS = ("model_name", "engine")
+ENGINE_INDEX = "0"
 
 
 class EngineCollector:
@@ -63,6 +78,81 @@ class EngineCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)
             yield c
+        yield from self._vllm(services, s)
+
+    @staticmethod
+    def _vllm(services, s):
+        """vLLM's engine gauges and counters (vllm/v1/metrics/loggers.py), from the same stats."""
+        from app.api.common import served_model_id  # app.api.common imports this module
+
+        labels = [served_model_id(services), ENGINE_INDEX]
+        for name, doc, value in [
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", s.running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0),
+        ]:
+            g = GaugeMetricFamily(name, doc, labels=VLLM_LABELS)
+            g.add_metric(labels, value)
+            yield g
+        for name, doc, value in [
+            ("vllm:generation_tokens", "Number of generation tokens processed.", s.generation_tokens_total),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", s.preemptions),
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             s.prefix_cache_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", s.prefix_cache_hits),
+        ]:
+            c = CounterMetricFamily(name, doc, labels=VLLM_LABELS)
+            c.add_metric(labels, value)
+            yield c
+
+
+class VLLMMetrics:
+    """vLLM's per-request metrics under vLLM's names, units and buckets, recorded as each sequence finishes.
+
+    vllm:prompt_tokens_total counts a request's whole prompt (prefix-cache hits included), as vLLM's does.
+    vllm:inter_token_latency_seconds counts every gap between two of a generation's tokens, as vLLM's does,
+    each at the generation's mean gap: its sum and count are vLLM's, its spread within one generation is
+    not recorded (the engine keeps no per-token times)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, VLLM_LABELS, buckets=buckets, registry=registry)
+
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", VLLM_LABELS,
+                                     registry=registry)
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds",
+                                             "Histogram of time to first token in seconds.", VLLM_TTFT_BUCKETS)
+        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds",
+                                             "Histogram of inter-token latency in seconds.", VLLM_TOKEN_BUCKETS)
+        self.request_time_per_output_token = histogram("vllm:request_time_per_output_token_seconds",
+                                                       "Histogram of time_per_output_token_seconds per request.",
+                                                       VLLM_TOKEN_BUCKETS)
+        self.e2e_latency = histogram("vllm:e2e_request_latency_seconds",
+                                     "Histogram of e2e request latency in seconds.", VLLM_PHASE_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.", VLLM_PHASE_BUCKETS)
+        self.inference_time = histogram("vllm:request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.", VLLM_PHASE_BUCKETS)
+
+    def finished(self, model_name: str, seq, out, end: float, admitted: float | None) -> None:
+        """A finished sequence (app/engine/sequence.py's Sequence and its last Output), ended at `end`,
+        admitted into the running batch at `admitted` (None: never)."""
+        labels = (model_name, ENGINE_INDEX)
+        self.prompt_tokens.labels(*labels).inc(out.prompt_tokens)
+        self.e2e_latency.labels(*labels).observe(end - seq.arrival)
+        if seq.first_token_time is not None:
+            self.time_to_first_token.labels(*labels).observe(seq.first_token_time - seq.arrival)
+            gaps = out.completion_tokens - 1
+            if gaps > 0:
+                mean_gap = (end - seq.first_token_time) / gaps
+                self.request_time_per_output_token.labels(*labels).observe(mean_gap)
+                inter_token = self.inter_token_latency.labels(*labels)
+                for _ in range(gaps):
+                    inter_token.observe(mean_gap)
+        if admitted is not None:
+            self.queue_time.labels(*labels).observe(admitted - seq.arrival)
+            self.inference_time.labels(*labels).observe(end - admitted)
 
 
 class Metrics:
@@ -99,6 +189,7 @@ class Metrics:
                                          buckets=TOKEN_BUCKETS, registry=r)
         self.batch_tokens = Histogram("softserve_batch_tokens_per_step", "tokens in each forward pass",
                                       buckets=TOKEN_BUCKETS, registry=r)
+        self.vllm = VLLMMetrics(r)
         r.register(EngineCollector(get_services))
 
     def observe_step(self, sequences: int, tokens: int) -> None:

@@ -102,6 +102,10 @@ def test_openapi_tells_the_truth_and_docs_work_offline(client):
     assert "cdn" not in html and "/docs/assets/swagger-ui-bundle.js" in html
     bundle = client.get("/docs/assets/swagger-ui-bundle.js")
     assert bundle.status_code == 200 and b"SwaggerUIBundle" in bundle.content
+    html = client.get("/redoc").text
+    assert "cdn" not in html and "fonts.googleapis" not in html and "/docs/assets/redoc.standalone.js" in html
+    bundle = client.get("/docs/assets/redoc.standalone.js")
+    assert bundle.status_code == 200 and b"Redoc" in bundle.content
     assert client.get("/docs/assets/secret.txt").status_code == 404
 
 
@@ -158,7 +162,7 @@ def test_streaming_equals_non_streaming(client, prompts):
         assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
         assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
-        assert all("usage" not in c for c in chunks[:-1])
+        assert all(c["usage"] is None for c in chunks[:-1])  # OpenAI's: null on every chunk but the last
 
 
 def test_chat_streaming(client):
@@ -169,6 +173,7 @@ def test_chat_streaming(client):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("usage" not in c for c in chunks)  # usage not asked for (stream_options.include_usage)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     whole = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Count to three"}], "max_tokens": 8, "temperature": 0}).json()
@@ -284,8 +289,9 @@ BAD_REQUESTS = [  # (route, body, status, code, param)
     ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "validation_error", "top_k"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "validation_error", "stop"),
     ("/v1/completions", {"prompt": "x", "stop": "s" * 257}, 400, "validation_error", "stop"),
-    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "prompt_not_found", None),
-    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "prompt_not_found", None),
+    ("/v1/completions", {"model": "no-such-prompt", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/v1/completions", {"model": "gen@7", "prompt": "x"}, 404, "model_not_found", "model"),
+    ("/v1/chat/completions", {**CHAT, "model": "../../etc/passwd"}, 404, "model_not_found", "model"),
     ("/v1/generate", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
     ("/v1/tag", {"prompt": "nope", "inputs": "x"}, 404, "prompt_not_found", None),
     ("/v1/classify", {"prompt": "nope", "inputs": ["x"]}, 404, "prompt_not_found", None),
@@ -345,7 +351,7 @@ def test_upload_versions_download_delete(client, base):
     r = client.delete("/v1/prompts/versioned")
     assert r.status_code == 200 and r.json() == {"id": "versioned", "object": "prompt", "deleted": True}
     error_of(client.get("/v1/prompts/versioned"), 404, "prompt_not_found")
-    error_of(client.post("/v1/completions", json={"model": "versioned", "prompt": "x"}), 404, "prompt_not_found")
+    error_of(client.post("/v1/completions", json={"model": "versioned", "prompt": "x"}), 404, "model_not_found", "model")
     error_of(client.delete("/v1/prompts/versioned"), 404, "prompt_not_found")
 
 
@@ -503,6 +509,78 @@ def test_metrics(client, prompts, server, base):
     usage = r.json()["usage"]  # the access log line carries the request's tokens
     line = next(line for line in server.output().splitlines() if "request_id=metrics-probe" in line)
     assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens=3" in line
+
+
+# vLLM's histogram buckets (vllm/v1/metrics/buckets.py), which dashboards written for vLLM read
+VLLM_BUCKETS = {
+    "vllm:time_to_first_token_seconds": [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0],
+    "vllm:inter_token_latency_seconds": [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                                         5.0, 7.5, 10.0, 20.0, 40.0, 80.0],
+    "vllm:e2e_request_latency_seconds": [0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                                         40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0],
+}
+VLLM_BUCKETS["vllm:request_time_per_output_token_seconds"] = VLLM_BUCKETS["vllm:inter_token_latency_seconds"]
+for _name in ("vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds"):
+    VLLM_BUCKETS[_name] = VLLM_BUCKETS["vllm:e2e_request_latency_seconds"]
+
+
+def scrape(client: httpx.Client) -> tuple[dict[str, str], dict[tuple, float]]:
+    """/metrics through prometheus_client's parser: ({family: type}, {(sample, labels...): value})."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types, samples = {}, {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return types, samples
+
+
+def test_vllm_metric_names(client, prompts):
+    """vLLM's names, types, labels and buckets, beside softserve's own, moving with a request by exactly what
+    the response says (tokens) or what softserve's own series say (the same quantities)."""
+    model = client.get("/v1/models").json()["data"][0]["id"]  # the served base model's id
+    labels = (("engine", "0"), ("model_name", model))
+    _, before = scrape(client)
+    usage = complete(client, "Hello there", "gen", max_tokens=3, ignore_eos=True)["usage"]
+    types, after = scrape(client)
+    grew = lambda name: after[(name, *labels)] - before.get((name, *labels), 0)  # noqa: E731
+
+    for name, kind in {"vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
+                       "vllm:kv_cache_usage_perc": "gauge", "vllm:prompt_tokens": "counter",
+                       "vllm:generation_tokens": "counter", "vllm:num_preemptions": "counter",
+                       "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
+                       **{name: "histogram" for name in VLLM_BUCKETS}}.items():
+        assert types.get(name) == kind, name
+    for name, buckets in VLLM_BUCKETS.items():
+        bounds = sorted(float(dict(key[1:])["le"]) for key in after if key[0] == name + "_bucket")
+        assert bounds == buckets + [math.inf], name
+    assert after[("vllm:num_requests_running", *labels)] == after[("vllm:num_requests_waiting", *labels)] == 0
+    assert after[("vllm:kv_cache_usage_perc", *labels)] == after[("softserve_kv_usage_ratio",)] == 0
+    for vllm, own in [("vllm:num_preemptions_total", "softserve_preemptions_total"),
+                      ("vllm:prefix_cache_queries_total", "softserve_prefix_cache_queries_total"),
+                      ("vllm:prefix_cache_hits_total", "softserve_prefix_cache_hits_total"),
+                      ("vllm:generation_tokens_total", "softserve_engine_generation_tokens_total")]:
+        assert after[(vllm, *labels)] == after[(own,)], vllm
+    assert grew("vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert grew("vllm:generation_tokens_total") == usage["completion_tokens"] == 3
+    for name in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                 "vllm:request_inference_time_seconds"):
+        assert grew(name + "_count") == 1, name
+    assert grew("vllm:inter_token_latency_seconds_count") == 2  # 3 tokens, 2 gaps between them
+    tpot = grew("vllm:request_time_per_output_token_seconds_sum")
+    assert grew("vllm:inter_token_latency_seconds_sum") == pytest.approx(2 * tpot)
+    ttft = grew("vllm:time_to_first_token_seconds_sum")
+    assert grew("vllm:e2e_request_latency_seconds_sum") == pytest.approx(ttft + 2 * tpot)
+
+    with client.stream("POST", "/v1/completions", json={"model": "gen", "prompt": "Once upon a time",
+                                                        "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        next(r.iter_lines())  # generating: the request runs and holds KV blocks
+        _, running = scrape(client)
+    assert running[("vllm:num_requests_running", *labels)] == 1
+    assert running[("vllm:kv_cache_usage_perc", *labels)] == running[("softserve_kv_usage_ratio",)] > 0
 
 
 def test_grafana_dashboard_charts_served_metrics(client, prompts):

@@ -255,7 +255,11 @@ def test_echo_logprobs_equal_the_models_own(client, default_model, tokenizer):
             want = model.logits(hidden)[0].float().log_softmax(-1)
         expected = [float(want[i, ids[i + 1]]) for i in range(len(ids) - 1)]
         assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-3)
-        assert len(lp.tokens) == len(ids) + 1 and len(lp.top_logprobs[1]) == 2
+        assert len(lp.tokens) == len(ids) + 1
+        for i in range(1, len(ids)):  # the 2 likeliest tokens and the prompt's own, as OpenAI and vLLM give them
+            alternatives = want[i - 1].topk(2).indices.tolist() + [ids[i]]
+            top = {tokenizer.hf.decode([t]): float(want[i - 1, t]) for t in alternatives}
+            assert lp.top_logprobs[i] == pytest.approx(top, abs=1e-3)
 
 
 def test_logprobs_of_generated_tokens_both_routes(http):
@@ -284,6 +288,11 @@ def test_logprobs_of_generated_tokens_both_routes(http):
         assert len(top) == 2 and (top[0]["token"], top[0]["logprob"]) == (entry["token"], entry["logprob"])
         assert 0 >= top[0]["logprob"] >= top[1]["logprob"]
         assert entry["bytes"] == list(entry["token"].encode()) and top[1]["bytes"] == list(top[1]["token"].encode())
+
+    r = http.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 1.5,
+                                           "seed": 7, "logprobs": 0})
+    lp = r.json()["choices"][0]["logprobs"]  # no alternatives asked for: the sampled token's alone
+    assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
 
     without = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
                                                       "top_logprobs": 2})

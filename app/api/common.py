@@ -155,6 +155,7 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
     if admitted is not None:
         metrics.queue_time.labels(route).observe(admitted - seq.arrival)
         metrics.inference_time.labels(route).observe(end - admitted)
+    metrics.vllm.finished(served_model_id(request.app.state.services), seq, out, end, admitted)
 
 
 BASE = "base"  # the `model`/`prompt` name of the bare base model (an alias of its served id)

@@ -1,17 +1,18 @@
-"""/docs served offline (Swagger UI's files from the `fastapi-swagger` wheel, no CDN) and the OpenAPI
-document's security schemes: which routes take an API key, which the admin token."""
+"""/docs (Swagger UI) and /redoc (ReDoc) served offline (their files from the `fastapi-offline` wheel, no CDN)
+and the OpenAPI document's security schemes: which routes take an API key, which the admin token."""
 from __future__ import annotations
 
 from importlib import resources
 
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from app.api.errors import APIError
 
-ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon-32x32.png": "image/png"}
+ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+          "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
 SECURITY_SCHEMES = {
     "apiKey": {"type": "http", "scheme": "bearer",
                "description": "one of SOFTSERVE_API_KEYS (inference and read routes; open when unset)"},
@@ -27,13 +28,19 @@ def install_docs(app: FastAPI) -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
                                    swagger_js_url="/docs/assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs/assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs/assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                              redoc_js_url="/docs/assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs/assets/favicon.png", with_google_fonts=False)
 
     @app.get("/docs/assets/{name}", include_in_schema=False)
     async def swagger_asset(name: str):
         if name not in ASSETS:
             raise APIError(404, f"no docs asset named {name!r}", "not_found")
-        data = resources.files("fastapi_swagger").joinpath("resources", name).read_bytes()
+        data = resources.files("fastapi_offline").joinpath("static", name).read_bytes()
         return Response(data, media_type=ASSETS[name], headers={"Cache-Control": "public, max-age=86400"})
 
     def openapi() -> dict:

@@ -49,6 +49,7 @@ from app.engine.sampling import SEED_RANGE
 from app.engine.sequence import Output, Sequence
 from app.services import Services
 from prompt_store.format import Task
+from prompt_store.registry import PromptNotFound
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
@@ -59,7 +60,9 @@ COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with s
 def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict | None:
     """OpenAI's logprobs of TokenChoices: chat's `content` list, or completions' parallel lists, whose
     `text_offset` counts each token's characters from `offset` (where this part of the choice's text starts,
-    as vLLM counts them). An echoed prompt's first token has no log-probability (null)."""
+    as vLLM counts them), and whose `top_logprobs` always include the chosen token (OpenAI's "up to
+    logprobs+1 elements", vLLM's too), echoed prompt tokens included. An echoed prompt's first token has no
+    log-probability (null)."""
     if not tokens or all(c.logprob is None for c in tokens):
         return None
     text = lambda i: services.tokenizer.hf.decode([i])  # noqa: E731
@@ -70,7 +73,8 @@ def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict |
     strings = [text(c.token_id) for c in tokens]
     offsets = list(itertools.accumulate((len(t) for t in strings[:-1]), initial=offset))
     return {"tokens": strings, "token_logprobs": [c.logprob for c in tokens], "text_offset": offsets,
-            "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} for c in tokens]}
+            "top_logprobs": [None if c.logprob is None else {text(i): lp for i, lp in (c.top or [])} | {s: c.logprob}
+                             for c, s in zip(tokens, strings)]}
 
 
 def _model_cards(services: Services) -> list[dict]:
@@ -107,7 +111,7 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(services, body.model)  # 404 before tokenizing
+    prompt = await _resolve_model(services, body.model)  # 404 before tokenizing
     _check_seqs(services, body.n)
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -120,7 +124,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await resolve_prompt(services, body.model)
+    prompt = await _resolve_model(services, body.model)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
     vocab = services.loaded.args.vocab_size
@@ -137,6 +141,15 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
             ids.append(list(p))
             texts.append(None)
     return await _complete(body, prompt, ids, texts, body.logprobs, request, services, chat=False)
+
+
+async def _resolve_model(services: Services, model: str):
+    """The prompt `model` names; one that is not served is OpenAI's 404 `model_not_found` (OpenAI clients
+    look for that code), where the native routes say `prompt_not_found`."""
+    try:
+        return await resolve_prompt(services, model)
+    except PromptNotFound as e:
+        raise APIError(404, str(e), "model_not_found", "model") from None
 
 
 def _check_seqs(services: Services, count: int) -> None:
@@ -195,7 +208,7 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
     for seq, out in zip(seqs, outs):
         record(request, shape.route, seq, out, end)
     return JSONResponse(shape.payload([shape.choice(k, out, True) for k, out in enumerate(outs)],
-                                      usage(outs, shape.first_of_prompt(len(seqs)))),
+                                      usage=usage(outs, shape.first_of_prompt(len(seqs)))),
                         headers=timing_headers(seqs, outs, end))
 
 
@@ -248,10 +261,10 @@ class _ResponseShape:
             c["message"] = {"role": "assistant", "content": out.text}
         return c
 
-    def payload(self, choices: list[dict], usage_counts: dict | None = None) -> dict:
-        body = {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
-                "choices": choices}
-        return body if usage_counts is None else body | {"usage": usage_counts}
+    def payload(self, choices: list[dict], **fields) -> dict:
+        """The response (or chunk) with these choices; fields: more top-level keys (`usage`)."""
+        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
+                "choices": choices} | fields
 
 
 async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request, services: Services):
@@ -261,20 +274,22 @@ async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request,
     options = shape.body.stream_options
     include_usage = options is not None and options.include_usage
     continuous = options is not None and options.continuous_usage_stats
+    # with include_usage, OpenAI's chunks all carry `usage`: null until the last one, which has the counts
+    chunk_usage = include_usage or continuous
 
     async def events() -> AsyncIterator[str]:
         last: list[Output] = list(firsts)
         started = [False] * len(seqs)
         async for k, out in _merged(streams, firsts):
             last[k] = out
-            payload = shape.payload([shape.choice(k, out, not started[k])],
-                                    usage([out], [True]) if continuous else None)
+            fields = {"usage": usage([out], [True]) if continuous else None} if chunk_usage else {}
+            payload = shape.payload([shape.choice(k, out, not started[k])], **fields)
             started[k] = True
             yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
                 record(request, shape.route, seqs[k], out, time.monotonic())
         if include_usage:
-            yield f"data: {json.dumps(shape.payload([], usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
+            yield f"data: {json.dumps(shape.payload([], usage=usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

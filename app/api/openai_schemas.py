@@ -34,7 +34,8 @@ class Strict(BaseModel):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = Field(False, description="a last chunk with `choices: []` and the request's usage")
+    include_usage: bool = Field(False, description="a last chunk with `choices: []` and the request's usage "
+                                                   "(`usage: null` on the chunks before it)")
     continuous_usage_stats: bool = Field(False, description="(vLLM) usage so far on every chunk")
 
 
@@ -289,5 +290,5 @@ def streamed(chunk: str) -> dict:
     """OpenAPI `responses` entry of a route that streams Server-Sent Events with `stream: true`."""
     return {200: {"content": {"text/event-stream": {"schema": {
         "type": "string", "description": f"with stream: true, `data: {{{chunk} JSON}}` events, then `data: [DONE]`; "
-                                         "with stream_options.include_usage a last chunk with `choices: []` and "
-                                         "`usage`"}}}}}
+                                         "with stream_options.include_usage `usage: null` on every chunk but a last "
+                                         "one with `choices: []` and the `usage`"}}}}}
