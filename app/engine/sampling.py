@@ -5,9 +5,12 @@ NaN-safe on its own: whatever values a row's logits or parameters hold (NaN, inf
 it yields a valid token and finite log-probabilities, so one request can never fail the rows it shares a
 step with.
 
-A seeded row draws its n-th token from a generator seeded with (seed, n), not from a generator that runs
-along with the request: the same seed gives the same tokens whatever shares the batch, and a step that is
-run again (after a failure elsewhere in it, or a preemption) draws exactly what it would have drawn.
+A draw is an exponential race, as gpt-fast samples: the token with the largest p / E, E ~ Exp(1) per
+token, is distributed as p. Every row's noise is made on the device and all rows are decided together, so a
+step has one host sync however many rows sample (torch.multinomial and int() per row cost one each).
+A seeded row draws its n-th token from noise seeded with (seed, n), not from a generator that runs along
+with the request: the same seed gives the same tokens whatever shares the batch, and a step that is run
+again (after a failure elsewhere in it, or a preemption) draws exactly what it would have drawn.
 """
 from __future__ import annotations
 
@@ -101,36 +104,55 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
 
 
-def draw(probs: torch.Tensor, seed: int | None, index: int, generator: torch.Generator) -> int:
-    """One token from probs (V,); a seeded row's index-th draw depends only on (seed, index)."""
-    if seed is None:
-        return int(torch.multinomial(probs, 1)[0])
-    generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % SEED_RANGE)  # a golden-ratio stride per token
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
+def race_noise(rows: list[tuple[int | None, int]], vocab: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    """Exp(1) noise (len(rows), vocab), one row per (seed, draw index); a seeded row's noise depends only on
+    (seed, index), an unseeded row's on the engine's generator state."""
+    noise = torch.empty(len(rows), vocab, device=device)
+    for i, (seed, index) in enumerate(rows):
+        if seed is None:
+            noise[i].exponential_()
+        else:
+            generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % SEED_RANGE)  # a golden-ratio stride per token
+            noise[i].exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # p / 0 would pick a token of probability 0
+
+
+def draw(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+         generator: torch.Generator) -> torch.Tensor:
+    """Sanitized logits (R, V) -> chosen tokens (R,) on the device: the argmax for greedy rows, a draw for the
+    others (a row's draw index: how many tokens its request has generated)."""
+    chosen = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        probs = torch.stack([sampling_probs(logits[i], params[i]) for i in rows])
+        noise = race_noise([(params[i].seed, positions[i]) for i in rows], logits.shape[-1], generator, logits.device)
+        chosen[rows] = (probs / noise).argmax(-1)
+    return chosen
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
            generator: torch.Generator) -> list[TokenChoice]:
     """logits (R, V), one row per request; positions: how many tokens each row's request has generated
-    (its draw index) -> one TokenChoice per row. generator: the engine's, reseeded per seeded draw."""
-    if all(p.greedy and p.logprobs is None for p in params):  # the common case: one argmax, one sync
+    (its draw index) -> one TokenChoice per row, after one host sync. generator: the engine's, reseeded per
+    seeded draw."""
+    if all(p.greedy and p.logprobs is None for p in params):  # the common case: one argmax
         return [TokenChoice(t) for t in logits.argmax(-1).tolist()]
     logits = sanitize(logits)
-    chosen = logits.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            chosen[i] = draw(sampling_probs(logits[i], p), p.seed, positions[i], generator)
-    if all(p.logprobs is None for p in params):
-        return [TokenChoice(t) for t in chosen]
+    chosen = draw(logits, params, positions, generator)
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if not wanted:
+        return [TokenChoice(t) for t in chosen.tolist()]
+    # Of the logits as adjusted (app/engine/logits.py); every row's, in one transfer with the choices.
     logprobs = logits.log_softmax(-1).clamp(min=LOGPROB_FLOOR)
+    top_values, top_ids = logprobs.topk(max(wanted), dim=-1)
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])[:, 0]
+    tokens, lps, values, ids = (t.tolist() for t in (chosen, chosen_logprobs, top_values, top_ids))
     out = []
-    for i, (p, t) in enumerate(zip(params, chosen)):  # of the logits as adjusted (app/engine/logits.py)
+    for i, p in enumerate(params):
         if p.logprobs is None:
-            out.append(TokenChoice(t))
-            continue
-        top = None
-        if p.logprobs > 0:
-            values, ids = logprobs[i].topk(p.logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
-        out.append(TokenChoice(t, float(logprobs[i, t]), top))
+            out.append(TokenChoice(tokens[i]))
+        else:
+            top = list(zip(ids[i][:p.logprobs], values[i][:p.logprobs])) if p.logprobs > 0 else None
+            out.append(TokenChoice(tokens[i], lps[i], top))
     return out
