@@ -6,7 +6,7 @@ SOFTSERVE ?= softserve
 # the exact versions every install takes (pip constraints; scripts/lock.sh writes it)
 LOCK ?= requirements.lock
 
-.PHONY: torch install install-dev run test deploy-test bench data docker lock
+.PHONY: torch install install-dev run test deploy-test gpu-check bench data docker lock
 
 # torch first, on its own, in the build that fits the machine (CPU build unless nvidia-smi shows a GPU;
 # scripts/install_torch.sh), so that the project install after it finds torch satisfied. Every step is a
@@ -31,6 +31,10 @@ test: install-dev
 # builds the image and runs it, and the compose scale-out, against a real Docker engine (skipped without one)
 deploy-test: install-dev
 	$(PYTHON) -m pytest -q -m deploy tests/deploy
+
+# every GPU check and benchmark in one run on a CUDA machine (~8 min on one H100): scripts/gpu_check.sh
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
 
 bench:
 	$(SOFTSERVE) bench

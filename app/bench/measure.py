@@ -84,22 +84,36 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     return 2 * nbytes / best
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Dense matmul FLOP/s in the model's dtype (the compute roof)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
     best = math.inf
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t = time.perf_counter()
-        a @ b
+        fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return best
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> tuple[float, str]:
+    """The machine's dense matmul FLOP/s in the model's dtype (the compute roof) and the kernel that reached
+    it: the best of torch's matmul and, where it runs, oneDNN with a packed weight (the engine's CPU linear
+    kernel, app/engine/linear_kernels.py), so that the roof is the machine's, not one kernel's."""
+    from app.engine.linear_kernels import OneDNNLinear
+
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    kernels = {"torch.matmul": lambda: a @ b}
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16):
+        packed = OneDNNLinear([b])
+        kernels["oneDNN packed"] = lambda: packed(a)
+    times = {name: _best_time(fn, device, repeats) for name, fn in kernels.items()}
+    best = min(times, key=times.get)
+    return 2 * n ** 3 / times[best], best
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -107,7 +121,8 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def decode_bound(bandwidth: float, weight_bytes: int, kv_bytes_per_token: int, batch: int,
-                 mean_context: float, flops: float | None = None, flops_per_token: float | None = None) -> dict:
+                 mean_context: float, flops: float | None = None, flops_per_token: float | None = None,
+                 flops_kernel: str = "") -> dict:
     """Ceiling of decode. Memory: each step reads every weight once plus the live KV of the batch and
     yields one token per row: tokens/s = bandwidth / bytes per step * batch. Compute (when given):
     tokens/s = matmul FLOP/s / FLOPs per token. The bound is the lower of the two."""
@@ -117,7 +132,8 @@ def decode_bound(bandwidth: float, weight_bytes: int, kv_bytes_per_token: int, b
                step_bytes=int(step_bytes), memory_bound_tok_s=memory, bound_tok_s=memory, limited_by="memory")
     if flops and flops_per_token:
         compute = flops / flops_per_token
-        out.update(matmul_tflops=flops / 1e12, flops_per_token=flops_per_token, compute_bound_tok_s=compute)
+        out.update(matmul_tflops=flops / 1e12, matmul_kernel=flops_kernel, flops_per_token=flops_per_token,
+                   compute_bound_tok_s=compute)
         if compute < memory:
             out.update(bound_tok_s=compute, limited_by="compute")
     return out

@@ -18,14 +18,14 @@ from prompt_store.format import Task
 
 def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, max_batched_tokens: int,
                   cuda_graphs: bool = True, decode_attention: str = "auto", block_size: int = 16,
-                  prefix_caching: bool = True) -> EngineConfig:
+                  prefix_caching: bool = True, linear_kernel: str = "auto") -> EngineConfig:
     """A KV cache that holds num_seqs sequences of max_seq_len positions at once (and the scratch block)."""
     blocks = num_seqs * -(-max_seq_len // block_size) + 1
     per_block = KVCache.bytes_per_token(model.args, model.embed_tokens.weight.dtype) * block_size
     return EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=per_block * blocks, block_size=block_size,
                         prefix_caching=prefix_caching, max_batched_tokens=max_batched_tokens, max_num_seqs=num_seqs,
                         max_waiting=max(256, num_seqs), static_decode=None if cuda_graphs else False,
-                        decode_attention=decode_attention)
+                        decode_attention=decode_attention, linear_kernel=linear_kernel)
 
 
 async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:

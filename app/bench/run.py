@@ -47,6 +47,7 @@ class BenchConfig:
     max_batched_tokens: int = EngineConfig.max_batched_tokens
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
+    linear_kernel: str = EngineConfig.linear_kernel  # auto | onednn | torch (app/engine/linear_kernels.py)
     cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
     warmup: bool = True
@@ -124,7 +125,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if not cfg.skip_peer:
         peer, peer_results = _run_peer(cfg, models, tensors, reqs, warm, device, dtype)
         agree = agreement(ours_results, peer_results, AGREE_K)
-    bound, memory = _bound_and_memory(cfg, models, device, dtype, ours, per_prompt)
+    bound, memory = _bound_and_memory(cfg, models, device, dtype, ours, peer, per_prompt)
 
     result = dict(
         config={**asdict(cfg), "cache_dir": str(cfg.cache_dir), "device": str(device), "dtype": str(dtype).split(".")[-1]},
@@ -151,7 +152,7 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     tokenizer = Tokenizer(models.directory) if models.directory is not None else NullTokenizer()
     max_seq_len = cfg.virtual + cfg.hi + cfg.new
     econf = engine_config(models.ours, cfg.n, max_seq_len, cfg.max_batched_tokens, cfg.cuda_graphs,
-                          cfg.decode_attention)
+                          cfg.decode_attention, linear_kernel=cfg.linear_kernel)
     t = time.perf_counter()
     engine = AsyncEngine(models.ours, tokenizer, econf)
     engine_setup_s = time.perf_counter() - t  # the KV cache, and on CUDA the decode graphs' capture
@@ -185,6 +186,7 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     static = engine.runner.static
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
+    ours["linear_kernel"] = engine.linear_kernel
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
     return ours, ours_results, per_prompt, prompt_load_s
@@ -206,15 +208,20 @@ def _run_peer(cfg: BenchConfig, models, tensors, reqs, warm, device, dtype):
     return peer, peer_results
 
 
-def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, per_prompt: dict) -> tuple[dict, dict]:
-    """The decode bound from measured copy bandwidth (and ours' share of it); the memory per prompt."""
+def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, peer: dict | None,
+                      per_prompt: dict) -> tuple[dict, dict]:
+    """The decode bound from measured copy bandwidth and the best matmul (and each side's share of it); the
+    memory per prompt."""
     bandwidth = copy_bandwidth(device)
     weights = model_bytes(models.ours)
     kv_per_token = KVCache.bytes_per_token(models.args, dtype)
     mean_context = cfg.virtual + (cfg.lo + cfg.hi) / 2 + cfg.new / 2
-    bound = decode_bound(bandwidth, weights, kv_per_token, cfg.n, mean_context,
-                         matmul_flops(device, dtype), flops_per_token(models.ours, mean_context))
+    flops, kernel = matmul_flops(device, dtype)
+    bound = decode_bound(bandwidth, weights, kv_per_token, cfg.n, mean_context, flops,
+                         flops_per_token(models.ours, mean_context), kernel)
     bound["share_overall"] = ours["tok_s"] / bound["bound_tok_s"]
+    if peer is not None:
+        bound["peer_share_overall"] = peer["tok_s"] / bound["bound_tok_s"]
     if ours.get("decode_window_tok_s"):
         bound["share_decode_window"] = ours["decode_window_tok_s"] / bound["bound_tok_s"]
     total = device_memory_total(device)
@@ -292,6 +299,7 @@ def _notes(r: dict) -> list[str]:
                      f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
     elif c["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
+    lines.append(f"softserve linear layers: {ours['linear_kernel']} (the peer: stock transformers, F.linear)")
     pc = ours["prefix_cache"]
     lines.append(f"softserve KV: {ours['kv_cache_blocks']:,} blocks; prefix cache: {pc['hits']:,} of {pc['queries']:,} "
                  f"prompt tokens reused; {pc['preemptions']} preemptions")
@@ -308,14 +316,16 @@ def _notes(r: dict) -> list[str]:
 
 def _bound_line(r: dict) -> str:
     ours, b = r["softserve"], r["bound"]
-    compute = (f"; compute: {b['matmul_tflops'] * 1e3:,.0f} GFLOP/s matmul / {b['flops_per_token'] / 1e6:,.1f} MFLOP "
+    compute = (f"; compute: {b['matmul_tflops'] * 1e3:,.0f} GFLOP/s matmul ({b['matmul_kernel']}, the best "
+               f"measured here) / {b['flops_per_token'] / 1e6:,.1f} MFLOP "
                f"per token = {b['compute_bound_tok_s']:,.0f} tokens/s" if "compute_bound_tok_s" in b else "")
     return (f"decode bound: memory: copy bandwidth {b['bandwidth_gb_s']:.1f} GB/s / {b['step_bytes'] / 1e6:,.0f} MB "
             f"per step (weights + KV of {b['batch']} rows at mean context {b['mean_context']:.0f}) x "
             f"{b['batch']} = {b['memory_bound_tok_s']:,.0f} tokens/s{compute}; bound {b['bound_tok_s']:,.0f} "
             f"tokens/s ({b['limited_by']}); softserve reaches {100 * b['share_overall']:.1f}% "
             f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
-                          f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else ""))
+                          f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else "")
+            + (f"; the peer {100 * b['peer_share_overall']:.1f}% overall" if 'peer_share_overall' in b else ""))
 
 
 def _memory_line(r: dict) -> str:
