@@ -81,9 +81,10 @@ class TextEncoder:
         self.check_text(text, param)
         return await self._run(self.tokenizer.encode_with_offsets, text)
 
-    async def chat(self, messages: list[dict], param: str = "messages") -> list[int]:
-        """Token ids of the rendered conversation. The template only adds text, so the contents bound it,
-        and it marks every message with at least one token, so does their number."""
+    async def chat(self, messages: list[dict], param: str = "messages", tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the rendered conversation (tools: passed to the template). The template only adds
+        text, so the contents bound it, and it marks every message with at least one token, so does their
+        number."""
         if len(messages) > self.max_seq_len:
             raise TextTooLong(f"{param} has {len(messages)} messages, more than can fit in the context of "
                               f"{self.max_seq_len} tokens", param)
@@ -92,7 +93,7 @@ class TextEncoder:
             for key, value in message.items():
                 if isinstance(value, str):
                     self.check_encodable(value, f"{param}.{i}.{key}")
-        return await self._run(self.tokenizer.apply_chat_template, messages)
+        return await self._run(self.tokenizer.apply_chat_template, messages, tools)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
