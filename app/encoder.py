@@ -9,6 +9,7 @@ once: no vocabulary entry is longer than `longest_token_chars` characters, so a 
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 from app.engine.engine import InvalidRequest
@@ -88,7 +89,8 @@ class TextEncoder:
         if len(messages) > self.max_seq_len:
             raise TextTooLong(f"{param} has {len(messages)} messages, more than can fit in the context of "
                               f"{self.max_seq_len} tokens", param)
-        self.check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), param)
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        self.check_length(chars + (len(json.dumps(tools)) if tools else 0), param)
         for i, message in enumerate(messages):
             for key, value in message.items():
                 if isinstance(value, str):

@@ -175,19 +175,19 @@ def test_tool_results_in_the_history(client):
 
 
 def test_what_langchain_function_calling_sends(http):
-    """The request langchain-openai's with_structured_output(Person, method="function_calling") makes: a
-    pydantic schema as the one tool, named in tool_choice, parallel_tool_calls false; it reads the call's
-    arguments back."""
-    person = {"description": "A person.", "properties": {
-        "name": {"description": "their name", "type": "string", "maxLength": 20},
-        "age": {"description": "their age", "type": "integer", "minimum": 0, "maximum": 130}},
-        "required": ["name", "age"], "type": "object"}
-    body = {"messages": [{"content": "Ada is 36.", "role": "user"}], "model": "base", "stream": False,
-            "n": 1, "temperature": 0.7, "parallel_tool_calls": False,
+    """The body langchain-openai 1.8 sends for with_structured_output(Person, method="function_calling"), as
+    captured from it: the pydantic schema as the one tool, named in tool_choice, parallel_tool_calls false;
+    it reads the call's arguments back (streamed too: the same body with stream true)."""
+    person = {"properties": {"name": {"description": "their name", "maxLength": 20, "type": "string"},
+                             "age": {"description": "their age", "maximum": 130, "minimum": 0, "type": "integer"}},
+              "required": ["name", "age"], "type": "object"}
+    body = {"model": "base", "stream": False,
+            "messages": [{"content": "Ada Lovelace is 36 years old.", "role": "user"}],
+            "max_completion_tokens": 60, "parallel_tool_calls": False, "temperature": 0.7,
+            "tool_choice": {"type": "function", "function": {"name": "Person"}},
             "tools": [{"type": "function", "function": {"name": "Person", "description": "A person.",
-                                                        "parameters": person}}],
-            "tool_choice": {"type": "function", "function": {"name": "Person"}}}
-    r = http.post("/v1/chat/completions", json=body | {"max_tokens": 60})
+                                                        "parameters": person}}]}
+    r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     [call] = r.json()["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "Person"
