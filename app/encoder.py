@@ -9,6 +9,7 @@ once: no vocabulary entry is longer than `longest_token_chars` characters, so a 
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 from app.engine.engine import InvalidRequest
@@ -81,18 +82,20 @@ class TextEncoder:
         self.check_text(text, param)
         return await self._run(self.tokenizer.encode_with_offsets, text)
 
-    async def chat(self, messages: list[dict], param: str = "messages") -> list[int]:
-        """Token ids of the rendered conversation. The template only adds text, so the contents bound it,
-        and it marks every message with at least one token, so does their number."""
+    async def chat(self, messages: list[dict], param: str = "messages", tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the rendered conversation (tools: passed to the template). The template only adds
+        text, so the contents bound it, and it marks every message with at least one token, so does their
+        number."""
         if len(messages) > self.max_seq_len:
             raise TextTooLong(f"{param} has {len(messages)} messages, more than can fit in the context of "
                               f"{self.max_seq_len} tokens", param)
-        self.check_length(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), param)
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        self.check_length(chars + (len(json.dumps(tools)) if tools else 0), param)
         for i, message in enumerate(messages):
             for key, value in message.items():
                 if isinstance(value, str):
                     self.check_encodable(value, f"{param}.{i}.{key}")
-        return await self._run(self.tokenizer.apply_chat_template, messages)
+        return await self._run(self.tokenizer.apply_chat_template, messages, tools)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

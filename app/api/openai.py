@@ -44,6 +44,7 @@ from app.api.openai_schemas import (
     streamed,
 )
 from app.api.schemas import error_responses
+from app.api.tools import ToolCalling, ToolCallReader, check_history, template_tools, tool_calling
 from app.engine.grammar import GrammarError, GrammarMatcher
 from app.engine.sampling import SEED_RANGE
 from app.engine.sequence import Output, Sequence
@@ -109,13 +110,20 @@ async def get_model(model_id: str, services: Services = Depends(get_services)):
 @router.post("/chat/completions", response_model=ChatCompletion, responses=streamed("chat.completion.chunk"),
              summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
-    """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt."""
+    """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt. With
+    `tools`, a named function or `required` makes the answer a tool call (app/api/tools.py)."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
     prompt = await _resolve_model(services, body.model)  # 404 before tokenizing
     _check_seqs(services, body.n)
-    ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
+    has_tools = services.tokenizer.has_tools
+    calling = tool_calling(body, has_tools)
+    if calling is not None:
+        calling.check_prices(GrammarLimits.from_settings(services.settings))
+    check_history(body.messages, has_tools)
+    ids = await services.encoder.chat([m.as_template_input() for m in body.messages],
+                                      tools=template_tools(body, has_tools))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True)
+    return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True, calling=calling)
 
 
 @router.post("/completions", response_model=Completion, responses=streamed("text_completion"),
@@ -170,10 +178,10 @@ def _check_token_fields(body: OpenAIRequest, vocab: int) -> None:
                            "invalid_token", "logit_bias")
 
 
-async def _compile_grammar(body: OpenAIRequest, services: Services):
-    """The compiled grammar of the structured output asked for (None: free text): priced first, then
-    compiled in the grammar pool (app/grammars.py), waited for at most SOFTSERVE_REQUEST_TIMEOUT_S."""
-    asked = body.grammar_requests
+async def _compile_grammar(body: OpenAIRequest, services: Services, calling: ToolCalling | None):
+    """The compiled grammar of the structured output (or tool call) asked for (None: free text): priced
+    first, then compiled in the grammar pool (app/grammars.py), waited for at most SOFTSERVE_REQUEST_TIMEOUT_S."""
+    asked = ([calling.grammar_request] if calling is not None else []) + body.grammar_requests
     if not asked:
         return None
     if len(asked) > 1:
@@ -192,22 +200,24 @@ async def _compile_grammar(body: OpenAIRequest, services: Services):
 
 
 async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: list[str | None],
-                    logprobs: int | None, request: Request, services: Services, chat: bool):
-    """Run a completion request (n copies of each prompt) and answer it whole or as a stream."""
+                    logprobs: int | None, request: Request, services: Services, chat: bool,
+                    calling: ToolCalling | None = None):
+    """Run a completion request (n copies of each prompt) and answer it whole or as a stream; calling: the
+    answer is a tool call."""
     _check_token_fields(body, services.loaded.args.vocab_size)
-    grammar = await _compile_grammar(body, services)
+    grammar = await _compile_grammar(body, services, calling)
     seqs = _sequences(body, prompt, ids, logprobs, grammar, services)
     check_tokens(services, seqs)
     echo = getattr(body, "echo", False)
     echoed = [(text if text is not None else services.tokenizer.decode(prompt_ids)) if echo else ""
               for prompt_ids, text in zip(ids, texts)]
-    shape = _ResponseShape(body, services, chat, [echoed[k // body.n] for k in range(len(seqs))])
+    shape = _ResponseShape(body, services, chat, [echoed[k // body.n] for k in range(len(seqs))], calling)
     if body.stream:
         return await _stream(shape, seqs, request, services)
     outs, end = await run_all(request, services, seqs)
     for seq, out in zip(seqs, outs):
         record(request, shape.route, seq, out, end)
-    return JSONResponse(shape.payload([shape.choice(k, out, True) for k, out in enumerate(outs)],
+    return JSONResponse(shape.payload([shape.choices(k, out, True)[0] for k, out in enumerate(outs)],
                                       usage=usage(outs, shape.first_of_prompt(len(seqs)))),
                         headers=timing_headers(seqs, outs, end))
 
@@ -232,11 +242,14 @@ def _sequences(body: OpenAIRequest, prompt, ids: list[list[int]], logprobs: int 
 
 
 class _ResponseShape:
-    """The JSON of one completion response: its id and object kind, and each choice as chat or text,
-    whole or as a stream delta. echoed[k]: the prompt text that choice k starts with (echo), else ""."""
+    """The JSON of one completion response: its id and object kind, and each choice as chat, tool call or
+    text, whole or as stream deltas. echoed[k]: the prompt text that choice k starts with (echo), else ""."""
 
-    def __init__(self, body: OpenAIRequest, services: Services, chat: bool, echoed: list[str]):
+    def __init__(self, body: OpenAIRequest, services: Services, chat: bool, echoed: list[str],
+                 calling: ToolCalling | None):
         self.body, self.services, self.chat, self.echoed = body, services, chat, echoed
+        self.calls = None if calling is None else [calling.reader() for _ in echoed]  # each choice's call
+        self.announced = [False] * len(echoed)  # (streams) whether choice k's call was announced
         self.route = "/v1/chat/completions" if chat else "/v1/completions"
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.kind = ("chat.completion" if chat else "text_completion") + (".chunk" if chat and body.stream else "")
@@ -247,11 +260,15 @@ class _ResponseShape:
         """Which choices count their prompt's tokens in `usage` (the first copy of each prompt)."""
         return [k % self.body.n == 0 for k in range(count)]
 
-    def choice(self, k: int, out: Output, first: bool) -> dict:
-        """first: the choice's first (or only) part, which carries the echo and the assistant role."""
+    def choices(self, k: int, out: Output, first: bool) -> list[dict]:
+        """Choice k's part for this output: one, or for a tool call's stream two when its name is read here
+        (the header, then the arguments so far). first: the choice's first (or only) part, which carries
+        the echo and the assistant role."""
         tokens = (out.prompt_logprobs or []) + out.tokens if first else out.tokens
         c = {"index": k, "finish_reason": out.finish_reason if out.finished else None,
              "logprobs": _logprobs(tokens, self.services, self.chat, self.text_sent[k])}
+        if self.calls is not None:
+            return self._tool_call(c, self.calls[k], out, first)
         if not self.chat:
             c["text"] = (self.echoed[k] if first else "") + out.text
             self.text_sent[k] += len(c["text"])
@@ -259,7 +276,30 @@ class _ResponseShape:
             c["delta"] = ({"role": "assistant"} if first else {}) | {"content": out.text}
         else:
             c["message"] = {"role": "assistant", "content": out.text}
-        return c
+        return [c]
+
+    def _tool_call(self, c: dict, call: ToolCallReader, out: Output, first: bool) -> list[dict]:
+        """As OpenAI sends a call: `content` null, the call's id, type and name with arguments "" first, then
+        the arguments as they come; finish_reason `tool_calls` once the arguments are complete."""
+        fragment = call.feed(out.text)
+        if out.finished and out.finish_reason == "stop" and call.complete:
+            c["finish_reason"] = "tool_calls"
+        header = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        if not self.body.stream:
+            c["message"] = {"role": "assistant", "content": None}
+            if call.name is not None:
+                c["message"]["tool_calls"] = [header | {"function": {"name": call.name, "arguments": call.arguments}}]
+            return [c]
+        c["delta"] = {"role": "assistant", "content": None} if first else {}
+        if call.name is None or self.announced[c["index"]]:
+            if fragment:
+                c["delta"]["tool_calls"] = [{"index": 0, "function": {"arguments": fragment}}]
+            return [c]
+        self.announced[c["index"]] = True
+        opening = {"index": c["index"], "finish_reason": None, "logprobs": None,
+                   "delta": c["delta"] | {"tool_calls": [{"index": 0} | header]}}
+        c["delta"] = {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]} if fragment else {}
+        return [opening, c]
 
     def payload(self, choices: list[dict], **fields) -> dict:
         """The response (or chunk) with these choices; fields: more top-level keys (`usage`)."""
@@ -283,9 +323,9 @@ async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request,
         async for k, out in _merged(streams, firsts):
             last[k] = out
             fields = {"usage": usage([out], [True]) if continuous else None} if chunk_usage else {}
-            payload = shape.payload([shape.choice(k, out, not started[k])], **fields)
+            for choice in shape.choices(k, out, not started[k]):
+                yield f"data: {json.dumps(shape.payload([choice], **fields))}\n\n"
             started[k] = True
-            yield f"data: {json.dumps(payload)}\n\n"
             if out.finished:
                 record(request, shape.route, seqs[k], out, time.monotonic())
         if include_usage:

@@ -4,10 +4,12 @@ naming it when it asks for something softserve does not do; a field OpenAI does 
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from app.api.schemas import SEED_MAX, SEED_MIN, StopString, Usage
@@ -157,33 +159,125 @@ class ContentPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(description="the arguments as a JSON object, in a string (as OpenAI sends them)")
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError("validation_error", "arguments is a JSON object in a string")
+        return value
+
+
+class ToolCall(Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="'developer' is rendered as 'system'")
-    content: str | list[ContentPart] = Field(description="text, or a list of text parts (joined)")
+    content: str | list[ContentPart] | None = Field(
+        None, description="text, or a list of text parts (joined); only an assistant message with tool_calls may "
+                          "leave it out")
     name: str | None = Field(None, max_length=64, description="passed to the chat template")
     tool_call_id: str | None = Field(None, description="(tool messages) passed to the chat template")
-    tool_calls: Refused("tool calls are not supported", []) = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="(assistant messages) the calls it made, passed to the chat template (which must "
+                          "support tools)")
     function_call: Refused("function calls are not supported") = None
     refusal: Refused("refusal messages are not supported") = None
     audio: Refused("audio is not supported") = None
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call(cls, value, info: ValidationInfo):
+        if value and info.data.get("role") != "assistant":
+            raise PydanticCustomError("unsupported_field", "only assistant messages have tool_calls")
+        return value
+
+    @model_validator(mode="after")
+    def _content_unless_calls(self):
+        if self.content is None and not self.tool_calls:
+            raise PydanticCustomError("validation_error", "content is required (but for an assistant message "
+                                                          "with tool_calls)")
+        return self
+
     def as_template_input(self) -> dict:
-        data = {"role": "system" if self.role == "developer" else self.role,
-                "content": self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)}
+        """The message as chat templates take it; tool calls' arguments as objects (HF's convention)."""
+        text = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        data = {"role": "system" if self.role == "developer" else self.role, "content": text}
         for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
+        if self.tool_calls:
+            data["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
         return data
+
+
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=TOOL_NAME, description="a-z, A-Z, 0-9, _ and -, at most 64")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of `type: object`, the arguments; none: no "
+                                                      "arguments")
+    strict: bool | None = Field(None, description="always strict: the arguments always validate")
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, value):
+        if value is not None and value.get("type") != "object":
+            raise PydanticCustomError("validation_error", "parameters is a JSON Schema of type 'object'")
+        return value
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _choice_kind(value) -> str | None:
+    """tool_choice's member by the value's type; the tags are type names, which error paths leave out."""
+    return "str" if isinstance(value, str) else "dict" if isinstance(value, (dict, NamedToolChoice)) else None
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("str")] | Annotated[NamedToolChoice, Tag("dict")],
+    Discriminator(_choice_kind, custom_error_type="validation_error", custom_error_message=(
+        "tool_choice is 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}"))]
 
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1, description="the conversation, rendered with the chat template")
     logprobs: bool = Field(False, description="return the chosen tokens' log-probabilities")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many alternatives per token")
-    tool_choice: Refused("tools are not supported; only tool_choice 'none' is", "none") = None
-    tools: Refused("tools are not supported", []) = None
-    parallel_tool_calls: bool | None = Field(None, description="accepted; no effect (tools are not supported)")
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = Field(
+        None, description="functions the model may call (names unique)")
+    tool_choice: ToolChoice | None = Field(
+        None, description="a named function or 'required': a call constrained to the tool's schema; 'none': no "
+                          "call; 'auto' (the default with tools) is refused: see docs/API.md")
+    parallel_tool_calls: bool | None = Field(None, description="a choice makes at most one call either way")
     functions: Refused("functions are not supported", []) = None
     function_call: Refused("function calls are not supported", "none") = None
     audio: Refused("audio output is not supported") = None
@@ -194,6 +288,27 @@ class ChatCompletionRequest(OpenAIRequest):
     web_search_options: Refused("web search is not supported") = None
     prompt_cache_key: Refused("prompt_cache_key is not supported (prefix caching is automatic)") = None
     safety_identifier: Refused("safety_identifier is not supported") = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, value):
+        names = [tool.function.name for tool in value or []]
+        for name in names:
+            if names.count(name) > 1:
+                raise PydanticCustomError("validation_error", "tool names must be unique ('{name}' is twice)",
+                                          {"name": name})
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_tool_to_choose(cls, value, info: ValidationInfo):
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise PydanticCustomError("validation_error", "names no function in tools ('{name}')",
+                                      {"name": value.function.name})
+        if value in ("auto", "required") and not names:
+            raise PydanticCustomError("validation_error", "'{value}' goes with tools", {"value": value})
+        return value
 
 
 PromptText = Annotated[str, Field(min_length=1)]
@@ -229,15 +344,28 @@ class CompletionRequest(OpenAIRequest):
 
 # ---- responses (documentation: the routes build these shapes as plain JSON) ---------------------------
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments object's JSON text, as generated")
+
+
+class ResponseToolCall(BaseModel):
+    id: str = Field(description="call_ and 24 random hex digits")
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="null when the answer is a tool call")
+    tool_calls: list[ResponseToolCall] | None = Field(None, description="with tools: the call made")
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: str = Field(description="'stop' (end of sequence, stop string or token, grammar complete) or 'length'")
+    finish_reason: str = Field(description="'stop' (end of sequence, stop string or token, grammar complete), "
+                                           "'tool_calls' (a complete tool call) or 'length'")
     logprobs: dict | None = Field(None, description="`content`: per token `token`, `logprob`, `top_logprobs`")
 
 
