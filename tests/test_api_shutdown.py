@@ -49,6 +49,7 @@ def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
         assert time.monotonic() - start < GRACE_S  # asked while the stream was still draining
         assert health.status_code == 503 and health.json()["error"]["code"] == "shutting_down"
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["retry-after"] == "1"
         reader.join(GRACE_S + 30)
         assert not reader.is_alive()
         server.proc.wait(GRACE_S + 30)
