@@ -4,9 +4,11 @@ while loading and 200 when ready.
 Graceful shutdown: the first SIGTERM/SIGINT starts draining and is held back from uvicorn until the engine
 has drained, so the server keeps listening meanwhile: /health and new requests get 503 (a load balancer
 sees the replica leave), in-flight ones may finish for `shutdown_grace_s`, then are cancelled, so every
-stream still ends with a final chunk and `data: [DONE]`. Then uvicorn gets the signal and exits. A second
-signal goes to uvicorn at once. The store is only ever written atomically, so stopping at any point
-leaves it intact.
+stream still ends with a final chunk and `data: [DONE]`. Kept-alive connections end as the drain starts
+(app/http_protocol.py's ConnectionDrain): idle ones are closed, and every response written while draining
+says `Connection: close`, so a client's next request opens a new connection (to another replica) rather
+than meeting a 503 here. Then uvicorn gets the signal and exits. A second signal goes to uvicorn at once.
+The store is only ever written atomically, so stopping at any point leaves it intact.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import HeadAsGet, RequestMiddleware, kv
 from app.config import Settings, environment_settings
-from app.http_protocol import CLIENT_TIMEOUT_STATE
+from app.http_protocol import CLIENT_TIMEOUT_STATE, DRAIN_STATE, ConnectionDrain
 from app.logs import use_json_lines
 from app.metrics import Metrics
 from app.services import Services, load_services
@@ -60,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.load_error = None
     app.state.draining = False
     app.state.drained = None
+    app.state.connections = ConnectionDrain()  # the server's, once it runs the app's lifespan
     app.state.metrics = Metrics(lambda: app.state.services)
     install_error_handlers(app)
     app.add_middleware(HeadAsGet)  # (inside RequestMiddleware, which logs the request as HEAD)
@@ -81,7 +84,8 @@ async def _lifespan(app: FastAPI):
     goes to the server's connections (uvicorn's lifespan state)."""
     app.state.loading = asyncio.create_task(_load(app))
     _chain_stop_signals(app, asyncio.get_running_loop())
-    yield {CLIENT_TIMEOUT_STATE: app.state.settings.client_timeout_s}  # the server's state: app/http_protocol.py
+    # the server's state, which its connections read (app/http_protocol.py)
+    yield {CLIENT_TIMEOUT_STATE: app.state.settings.client_timeout_s, DRAIN_STATE: app.state.connections}
     drain(app)
     await app.state.drained
 
@@ -102,10 +106,12 @@ async def _load(app: FastAPI) -> None:
 
 
 def drain(app: FastAPI) -> None:
-    """Start the graceful stop once: refuse new requests, let in-flight ones finish, then cancel them."""
+    """Start the graceful stop once: refuse new requests, end kept-alive connections, let in-flight
+    requests finish, then cancel them."""
     if app.state.drained is not None:
         return
     app.state.draining = True
+    app.state.connections.start()
     settings: Settings = app.state.settings
 
     async def stop():

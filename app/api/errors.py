@@ -27,6 +27,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                413: "request_too_large", 415: "invalid_request_error", 422: "invalid_request_error",
                429: "overloaded_error", 499: "client_closed_request", 500: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# errors worth retrying as they are: `Retry-After` seconds. A full queue (429) frees up; a replica that is
+# shutting down (503) is out of its load balancer, and its connection closed after the answer, so the retry
+# goes to another replica on a new connection.
+RETRY_AFTER_S = {"overloaded": "1", "shutting_down": "1"}
 
 
 class APIError(Exception):
@@ -50,6 +54,8 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 
 def error_response(status: int, message: str, code: str | None = None, headers=None,
                    param: str | None = None) -> JSONResponse:
+    if code in RETRY_AFTER_S:
+        headers = {"Retry-After": RETRY_AFTER_S[code], **(headers or {})}
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
@@ -136,8 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     for cls, status, code in ENGINE_ERRORS:
         def handler(request: Request, exc: Exception, status=status, code=code):
-            headers = {"Retry-After": "1"} if status == 429 else None
-            return error_response(status, str(exc), code, headers, getattr(exc, "param", None))
+            return error_response(status, str(exc), code, param=getattr(exc, "param", None))
         app.add_exception_handler(cls, handler)
 
     @app.exception_handler(Exception)
