@@ -23,6 +23,7 @@ from app.engine.sequence import Output
 from app.engine.task_prompt import TaskPrompt
 from app.engine.tokenizer import Tokenizer
 from app.engine.weights import LoadedModel, load_model, resolve_device, resolve_dtype
+from app.own_thread import run_in_own_thread
 from prompt_store.format import PromptFile, Task, load_prompt_file
 
 class LLM:
@@ -31,9 +32,16 @@ class LLM:
         """model: 'default', an HF model directory or a .gguf file, loaded as the server loads it.
         config: the engine's; default: EngineConfig() with max_seq_len within the model's context."""
         device = resolve_device(device)
-        self.loaded: LoadedModel | None = load_model(model, resolve_dtype(dtype, device), device, cache_dir)
-        config = config or EngineConfig(max_seq_len=min(EngineConfig.max_seq_len, self.loaded.args.max_context))
-        self._start(AsyncEngine(self.loaded.model, Tokenizer(self.loaded.directory), config))
+
+        def load() -> AsyncEngine:  # in a thread that ends with it, so that only the engine's thread keeps
+            # an OpenMP pool (app/own_thread.py says why)
+            self.loaded = load_model(model, resolve_dtype(dtype, device), device, cache_dir)
+            max_seq_len = min(EngineConfig.max_seq_len, self.loaded.args.max_context)
+            return AsyncEngine(self.loaded.model, Tokenizer(self.loaded.directory),
+                               config or EngineConfig(max_seq_len=max_seq_len))
+
+        self.loaded: LoadedModel | None = None
+        self._start(run_in_own_thread(load))
 
     @classmethod
     def from_model(cls, model: Transformer, tokenizer, config: EngineConfig = EngineConfig()) -> LLM:

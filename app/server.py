@@ -27,6 +27,7 @@ from app.config import Settings, environment_settings
 from app.http_protocol import CLIENT_TIMEOUT_STATE, DRAIN_STATE, ConnectionDrain
 from app.logs import use_json_lines
 from app.metrics import Metrics
+from app.own_thread import in_own_thread
 from app.services import Services, load_services
 
 log = logging.getLogger("softserve")
@@ -92,7 +93,7 @@ async def _lifespan(app: FastAPI):
 
 async def _load(app: FastAPI) -> None:
     try:
-        services = await asyncio.to_thread(load_services, app.state.settings)
+        services = await in_own_thread(load_services, app.state.settings)  # app/own_thread.py says why
         if app.state.draining:  # a stop came while loading: do not start serving
             services.registry.stop_watching()
             return

@@ -22,6 +22,7 @@ from app.api.deps import get_services, require_admin, require_api_key
 from app.api.errors import APIError
 from app.api.schemas import DeletedPrompt, PromptResponse, PromptList, error_responses
 from app.engine.task_prompt import as_stored
+from app.own_thread import in_own_thread
 from app.services import Services
 from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, parse_json, validate_name
 from prompt_store.peft_import import import_peft_files, parse_adapter_config
@@ -112,7 +113,7 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
     # Validate before anything is computed with the model: a bad file costs a parse, never a forward.
     await asyncio.to_thread(services.registry.validate, pf)
     try:
-        built = await asyncio.to_thread(services.engine.check_prompt, pf)  # a forward: off the event loop
+        built = await in_own_thread(services.engine.check_prompt, pf)  # a forward: off the event loop and its pools
     except ValueError as e:
         raise APIError(422, str(e), "invalid_prompt") from e
     info = await asyncio.to_thread(services.registry.add_and_describe, pf)

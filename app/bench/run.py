@@ -25,6 +25,7 @@ from app.config import DEFAULT_CACHE_DIR
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.kv_cache import KVCache
 from app.engine.weights import resolve_device, resolve_dtype
+from app.own_thread import run_in_own_thread
 
 log = logging.getLogger("softserve.bench")
 
@@ -113,13 +114,16 @@ def run_bench(cfg: BenchConfig) -> dict:
     device, dtype = cfg.resolved_device(), cfg.resolved_dtype()
     load_before = os.getloadavg()
     log.info("building %s on %s (%s)", cfg.shape, device, dtype)
-    models = build_models(cfg.shape, str(device), dtype, cfg.cache_dir)
+    models = run_in_own_thread(build_models, cfg.shape, str(device), dtype, cfg.cache_dir)
     args = models.args
     reqs = workload(cfg.n, args.vocab_size, cfg.lo, cfg.hi, cfg.seed)
     warm = workload(min(6, cfg.n), args.vocab_size, cfg.lo, cfg.hi, cfg.seed + 1000)
-    tensors = prompt_tensors(args, cfg.virtual)
+    tensors = run_in_own_thread(prompt_tensors, args, cfg.virtual)
 
-    ours, ours_results, per_prompt, prompt_load_s = _run_softserve(cfg, models, tensors, reqs, warm, device)
+    # softserve's side in a thread that ends, as the server loads and builds its engine there, so that while it
+    # runs no other thread of this process keeps an OpenMP pool (app/own_thread.py says why).
+    ours, ours_results, per_prompt, prompt_load_s = run_in_own_thread(_run_softserve, cfg, models, tensors, reqs,
+                                                                      warm, device)
     _free(device)  # the peer runs without our KV cache beside it
     peer, agree = None, None
     if not cfg.skip_peer:
@@ -153,11 +157,11 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     max_seq_len = cfg.virtual + cfg.hi + cfg.new
     econf = engine_config(models.ours, cfg.n, max_seq_len, cfg.max_batched_tokens, cfg.cuda_graphs,
                           cfg.decode_attention, linear_kernel=cfg.linear_kernel)
-    t = time.perf_counter()
-    engine = AsyncEngine(models.ours, tokenizer, econf)
+    t = time.perf_counter()  # built in threads that end, as the server builds it (app/own_thread.py)
+    engine = run_in_own_thread(AsyncEngine, models.ours, tokenizer, econf)
     engine_setup_s = time.perf_counter() - t  # the KV cache, and on CUDA the decode graphs' capture
     t = time.perf_counter()
-    task_prompts = {pf.name: engine.load_prompt(pf) for pf in prompt_files(models, tensors)}
+    task_prompts = run_in_own_thread(lambda: {pf.name: engine.load_prompt(pf) for pf in prompt_files(models, tensors)})
     prompt_load_s = time.perf_counter() - t
     timer = StepTimer(engine)
     peak = PeakMemory(device)
