@@ -158,8 +158,17 @@ def running(client) -> int:
     return client.get("/health").json()["running"]
 
 
+def generated_tokens(client) -> float:
+    """The engine's count of generated tokens, from /metrics."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("softserve_engine_generation_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("softserve_engine_generation_tokens_total is missing from /metrics")
+
+
 def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(server, client):
-    """F6: the request's slot is freed within a second of the client dropping the connection."""
+    """F6: the request stops when its client drops the connection: its slot is freed after a small part of the
+    900 tokens it asked for (counted, not timed: a slow machine generates fewer tokens a second, not more)."""
     body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 900, "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -168,12 +177,13 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(server, cli
     while running(client) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert running(client) == 1
+    at_drop = generated_tokens(client)
     sock.close()
     dropped = time.monotonic()
-    while running(client) != 0 and time.monotonic() - dropped < 5:
+    while running(client) != 0 and time.monotonic() - dropped < 60:
         time.sleep(0.05)
-    freed_after = time.monotonic() - dropped
-    assert running(client) == 0 and freed_after < 1.0, freed_after
+    after_drop = generated_tokens(client) - at_drop
+    assert running(client) == 0 and after_drop < 900 / 10, after_drop
 
 
 def test_many_inputs_are_one_request_for_the_queue_limit(server, client, base):

@@ -63,6 +63,7 @@ class Tally:
     def __init__(self):
         self.statuses: Counter = Counter()
         self.problems: list[str] = []
+        self.request_seconds: list[float] = []  # well-formed non-streaming requests, answered 200
 
     def check(self, what: str, status: int, allowed: set[int], body: str = "") -> None:
         self.statuses[status] += 1
@@ -100,9 +101,11 @@ async def tenant(client: httpx.AsyncClient, seed: int, stop: float, tally: Tally
                 if r.status_code == 200:
                     assert_finished(json.loads(events[-2])["choices"][0]["finish_reason"], tally, f"stream {body}")
                 continue
+            start = time.perf_counter()
             r = await client.post(route, json=body)
             tally.check(f"{route} {body}", r.status_code, {200, 429}, r.text)
             if r.status_code == 200:
+                tally.request_seconds.append(time.perf_counter() - start)
                 for reason in finish_reasons(r.json()):
                     assert_finished(reason, tally, f"{route} {body}")
 
@@ -168,7 +171,10 @@ def test_thirty_tenants_with_churn_and_hostile_clients(server):
     asyncio.run(run())
     assert not tally.problems, tally.problems[:20]
     assert tally.statuses[200] > 100, tally.statuses  # the tenants really were served
-    assert latencies and max(latencies) < 2.0, max(latencies)
+    # /health never waits on the engine: its slowest answer beats 90% of the tenants' requests on this server
+    # at this load (a bound relative to the machine's speed, not seconds that a slow machine breaks).
+    busy = sorted(tally.request_seconds)[int(0.9 * len(tally.request_seconds))]
+    assert latencies and max(latencies) < busy, (max(latencies), busy)
     grown_mb = (rss["end"] - rss["warm"]) / 2**20
     assert grown_mb < RSS_MARGIN_MB, grown_mb
     with httpx.Client(base_url=server.url, timeout=10) as c:  # nothing left running for clients that left
