@@ -28,7 +28,8 @@ run: install
 test: install-dev
 	$(PYTHON) -m pytest -q
 
-# builds the image and runs it, and the compose scale-out, against a real Docker engine (skipped without one)
+# builds the image and runs it, the compose scale-out, and the cpu overlay on a one-node Kubernetes cluster
+# (../shared/tools/k8s-here.sh); each part is skipped, with the reason, where its engine or cluster cannot run
 deploy-test: install-dev
 	$(PYTHON) -m pytest -q -m deploy tests/deploy
 

@@ -2,8 +2,8 @@
 
 - "onednn" (CPU): each weight is reordered once into oneDNN's blocked layout and multiplied with
   `torch.ops.mkldnn._linear_pointwise`, what vLLM's CPU backend and inductor's weight freezing call. Torch's
-  `F.linear` repacks the weight on every call; on this project's 2-core CPUs the packed GEMM is 2-4x faster at
-  serving's row counts (BENCHMARKS.md). Projections that read the same input are packed together, so a layer
+  `F.linear` repacks the weight on every call; the packed GEMM measured 1.0-1.6x its speed on one of this
+  project's CPU machines and 2-4x on another (BENCHMARKS.md). Projections that read the same input are packed together, so a layer
   runs q,k,v as one GEMM and gate,up as another (vLLM's QKVParallelLinear and MergedColumnParallelLinear).
 - "torch": `F.linear` (cuBLAS on CUDA).
 
