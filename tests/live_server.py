@@ -8,6 +8,7 @@ a temporary prompt store, no example prompts, a small KV cache; `env` adds or ov
 from __future__ import annotations
 
 import io
+import time
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from app.server_process import ServerProcess, free_port, start_many
 from prompt_store.format import embedding_width
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def poll(condition, what: str, timeout: float = 60, interval: float = 0.05):
+    """condition() until it returns something truthy (that value), else fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(interval)
 
 
 @cache

@@ -12,7 +12,7 @@ import httpx
 
 from prompt_store.format import load_prompt_file
 from prompt_store.registry import LOCK_FILE
-from tests.live_server import LiveServer, make_prompt_bytes, upload
+from tests.live_server import LiveServer, make_prompt_bytes, poll, upload
 
 GRACE_S = 2
 
@@ -214,12 +214,4 @@ def test_draining_ends_kept_alive_connections(tmp_path):
     assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("cancelled", "length")
 
 
-def poll(condition, what: str, timeout: float = 60):
-    """condition() until it returns something truthy (that value), else fail naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
+
