@@ -44,7 +44,7 @@ class LLM:
         self._start(run_in_own_thread(load))
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer, config: EngineConfig = EngineConfig()) -> LLM:
+    def from_model(cls, model: Transformer, tokenizer, config: EngineConfig | None = None) -> LLM:
         """Over a model already in memory (a test's fixture, the bench's random-weight shapes)."""
         llm = cls.__new__(cls)
         llm.loaded = None

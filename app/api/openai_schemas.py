@@ -126,12 +126,6 @@ class OpenAIRequest(Strict):
         return self.max_completion_tokens or self.max_tokens
 
     @property
-    def grammar_request(self) -> tuple[str, str, Any] | None:
-        """(field, kind, source) of the structured output asked for, if any (at most one: see check_grammar)."""
-        asked = self.grammar_requests
-        return asked[0] if asked else None
-
-    @property
     def grammar_requests(self) -> list[tuple[str, str, Any]]:
         asked = []
         fmt = self.response_format
