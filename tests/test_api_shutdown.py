@@ -17,25 +17,31 @@ from tests.live_server import LiveServer, make_prompt_bytes, poll, upload
 GRACE_S = 2
 
 
+def streamed_completion(client: httpx.Client, body: dict) -> tuple[threading.Thread, list[str], threading.Event]:
+    """A thread, not started, that streams a completion: the thread, the stream's data events as they come, and
+    an event set at the first."""
+    events, first = [], threading.Event()
+
+    def read() -> None:
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    return threading.Thread(target=read), events, first
+
+
 def test_sigterm_ends_streams_cleanly_and_keeps_the_store(tmp_path):
     server = LiveServer(tmp_path / "store", {"SOFTSERVE_SHUTDOWN_GRACE_S": str(GRACE_S),
                                               "SOFTSERVE_MAX_SEQ_LEN": "2048"}, cli=True)
     with server, httpx.Client(base_url=server.url, timeout=60) as client:
         base = client.get("/v1/prompts").json()["base"]
         assert upload(client, "keeper", make_prompt_bytes(base, "keeper")).status_code == 201
-        events, first_chunk = [], threading.Event()
-
-        def stream():
-            body = {"model": "keeper", "prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            with client.stream("POST", "/v1/completions", json=body) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first_chunk.set()
-
-        reader = threading.Thread(target=stream)
+        reader, events, first_chunk = streamed_completion(client, {
+            "model": "keeper", "prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True,
+            "stream_options": {"include_usage": True}})
         reader.start()
         assert first_chunk.wait(60), server.output()
         start = time.monotonic()
@@ -110,16 +116,8 @@ def test_draining_ends_kept_alive_connections(tmp_path):
                 return client.request(method, path, **kwargs)
 
         # a long stream, running when the drain starts
-        events, first_chunk = [], threading.Event()
-
-        def stream():
-            body = {"prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-            with streamer.stream("POST", "/v1/completions", json=body) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first_chunk.set()
+        streaming, events, first_chunk = streamed_completion(
+            streamer, {"prompt": "Tell me a long story.", "max_tokens": 2000, "ignore_eos": True})
 
         # a non-streaming request on a kept-alive connection, running (its answer not begun) when the drain starts
         busy_answer: list[httpx.Response] = []
@@ -143,7 +141,7 @@ def test_draining_ends_kept_alive_connections(tmp_path):
                     except httpx.TransportError as e:
                         hammered.append(e)
 
-        threads = [threading.Thread(target=stream), threading.Thread(target=long_request),
+        threads = [streaming, threading.Thread(target=long_request),
                    threading.Thread(target=hammer, daemon=True)]
         try:
             threads[0].start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import jsonschema
 import pytest
 
@@ -15,7 +14,7 @@ openai = pytest.importorskip("openai")
 from app.api.openai_schemas import ChatMessage  # noqa: E402
 from app.api.tools import ToolCallReader  # noqa: E402
 from app.engine.tokenizer import Tokenizer  # noqa: E402
-from tests.live_server import LiveServer, sse_events  # noqa: E402
+from tests.live_server import sse_events  # noqa: E402
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -30,19 +29,7 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("tools") / "store") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def openai_client(server):  # server, client (httpx): tests/conftest.py's
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
@@ -57,35 +44,35 @@ def the_call(response) -> tuple[str, dict]:
     return call.function.name, arguments
 
 
-def test_named_function_gives_arguments_that_validate(client):
+def test_named_function_gives_arguments_that_validate(openai_client):
     for temperature in (0, 1.0):
-        r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice=NAMED,
+        r = openai_client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice=NAMED,
                                            max_tokens=80, temperature=temperature, seed=5)
         assert the_call(r)[0] == "get_weather"
 
 
-def test_required_picks_one_of_the_tools(client):
+def test_required_picks_one_of_the_tools(openai_client):
     names = set()
     for seed in range(4):
-        r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="required",
+        r = openai_client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="required",
                                            max_tokens=80, temperature=1.0, seed=seed, parallel_tool_calls=False)
         names.add(the_call(r)[0])
     assert names <= set(SCHEMAS)
 
 
-def test_a_tool_without_parameters_takes_no_arguments(client):
+def test_a_tool_without_parameters_takes_no_arguments(openai_client):
     tools = [{"type": "function", "function": {"name": "ping"}}]
-    r = client.chat.completions.create(model="base", messages=ASK, tools=tools, tool_choice="required",
+    r = openai_client.chat.completions.create(model="base", messages=ASK, tools=tools, tool_choice="required",
                                        max_tokens=20, temperature=1.0, seed=1)
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {}
 
 
 @pytest.mark.parametrize("tool_choice", [NAMED, "required"])
-def test_streamed_call_equals_the_whole_answer(client, tool_choice):
+def test_streamed_call_equals_the_whole_answer(openai_client, tool_choice):
     ask = dict(model="base", messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=80, temperature=0)
-    whole = client.chat.completions.create(**ask)
+    whole = openai_client.chat.completions.create(**ask)
     name, _ = the_call(whole)
-    chunks = list(client.chat.completions.create(**ask, stream=True))
+    chunks = list(openai_client.chat.completions.create(**ask, stream=True))
     deltas = [c.choices[0].delta for c in chunks]
     assert deltas[0].role == "assistant" and all(d.content is None for d in deltas)
     calls = [call for d in deltas for call in d.tool_calls or []]
@@ -98,25 +85,25 @@ def test_streamed_call_equals_the_whole_answer(client, tool_choice):
     assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
 
 
-def test_a_call_cut_by_max_tokens_says_length(client):
-    r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=3,
+def test_a_call_cut_by_max_tokens_says_length(openai_client):
+    r = openai_client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=3,
                                        temperature=0)
     choice = r.choices[0]
     assert choice.finish_reason == "length" and choice.message.content is None
     assert choice.message.tool_calls[0].function.arguments.startswith("{")
 
 
-def test_tool_choice_none_answers_in_text(client):
-    r = client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=5,
+def test_tool_choice_none_answers_in_text(openai_client):
+    r = openai_client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=5,
                                        temperature=0)
-    plain = client.chat.completions.create(model="base", messages=ASK, max_tokens=5, temperature=0)
+    plain = openai_client.chat.completions.create(model="base", messages=ASK, max_tokens=5, temperature=0)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == plain.choices[0].message.content
 
 
-def test_auto_is_refused_naming_tool_choice_and_why(client):
+def test_auto_is_refused_naming_tool_choice_and_why(openai_client):
     for extra in ({}, {"tool_choice": "auto"}):  # no tool_choice with tools is OpenAI's 'auto'
         with pytest.raises(openai.BadRequestError) as refused:
-            client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, max_tokens=5, **extra)
+            openai_client.chat.completions.create(model="base", messages=ASK, tools=TOOLS, max_tokens=5, **extra)
         error = refused.value.body
         assert error["param"] == "tool_choice" and "chat template has no tool calling" in error["message"]
         assert "'required'" in error["message"]
@@ -150,31 +137,31 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("body,param,code", REFUSED, ids=[f"{r[1]}:{r[2]}" for r in REFUSED])
-def test_bad_tools_are_400_naming_the_field(http, body, param, code):
-    r = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, **body})
+def test_bad_tools_are_400_naming_the_field(client, body, param, code):
+    r = client.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, **body})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["code"] == code, error
     assert param.split(".")[0] in error["message"]
 
 
-def test_tool_results_in_the_history(client):
+def test_tool_results_in_the_history(openai_client):
     called = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                           "arguments": '{"city": "Paris", "unit": "celsius"}'}}]}
     result = {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}
-    r = client.chat.completions.create(model="base", messages=ASK + [result], tools=TOOLS, tool_choice="none",
+    r = openai_client.chat.completions.create(model="base", messages=ASK + [result], tools=TOOLS, tool_choice="none",
                                        max_tokens=5)
     assert r.choices[0].message.content and r.usage.completion_tokens >= 1
     # the default model's template cannot render an earlier call: refused, naming it
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="base", messages=ASK + [called, result], tools=TOOLS,
+        openai_client.chat.completions.create(model="base", messages=ASK + [called, result], tools=TOOLS,
                                        tool_choice="none", max_tokens=5)
     assert refused.value.body["param"] == "messages.1.tool_calls"
     assert "chat template has no tool calling" in refused.value.body["message"]
 
 
-def test_what_langchain_function_calling_sends(http):
+def test_what_langchain_function_calling_sends(client):
     """The body langchain-openai 1.8 sends for with_structured_output(Person, method="function_calling"), as
     captured from it: the pydantic schema as the one tool, named in tool_choice, parallel_tool_calls false;
     it reads the call's arguments back (streamed too: the same body with stream true)."""
@@ -187,17 +174,17 @@ def test_what_langchain_function_calling_sends(http):
             "tool_choice": {"type": "function", "function": {"name": "Person"}},
             "tools": [{"type": "function", "function": {"name": "Person", "description": "A person.",
                                                         "parameters": person}}]}
-    r = http.post("/v1/chat/completions", json=body)
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     [call] = r.json()["choices"][0]["message"]["tool_calls"]
     assert call["function"]["name"] == "Person"
     jsonschema.validate(json.loads(call["function"]["arguments"]), person)
 
 
-def test_streamed_n_choices_have_their_own_calls(http):
+def test_streamed_n_choices_have_their_own_calls(client):
     body = {"messages": ASK, "tools": TOOLS, "tool_choice": NAMED, "max_tokens": 60, "temperature": 1.0, "seed": 2,
             "n": 2, "stream": True}
-    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
         events = [json.loads(e) for e in sse_events(r) if e != "[DONE]"]
     ids, arguments = {}, {0: "", 1: ""}
     for event in events:
