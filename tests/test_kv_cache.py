@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from app.engine.attention import PagedAttention, PrefillChunk
+from app.engine.attention import PagedAttention, PrefillChunk, length_groups
 from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
 
@@ -55,3 +55,26 @@ def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(
         query = q[0, row].reshape(ARGS.num_kv_heads, -1, ARGS.head_dim)
         want = F.scaled_dot_product_attention(query, keys, values).reshape(ARGS.num_heads, ARGS.head_dim)
         assert (outs[False][0, row] - want).abs().max() < 1e-5
+
+
+def test_decode_rows_of_mixed_lengths_are_grouped_by_length_and_each_attends_to_exactly_its_own_keys():
+    positions = [5, 40, 6, 41, 20, 3, 1]  # grouped by length, longest first, out of the step's order
+    assert length_groups([p + 1 for p in positions]) == [[3, 1], [4], [2, 0], [5, 6]]  # 4 groups at most
+    assert length_groups([30, 31, 25]) == [[0, 1, 2]]  # one group: the step's own order
+    order = (torch.randperm(80, generator=torch.Generator().manual_seed(4)) + 1).tolist()
+    tables = [order[i * 11:(i + 1) * 11] for i in range(len(positions))]
+    slots = [t[p // B] * B + p % B for t, p in zip(tables, positions)]
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, len(slots), ARGS.num_heads, ARGS.head_dim, generator=g)
+    k = torch.randn(1, len(slots), ARGS.num_kv_heads, ARGS.head_dim, generator=g)
+    v = torch.randn(1, len(slots), ARGS.num_kv_heads, ARGS.head_dim, generator=g)
+    cache = KVCache(ARGS, num_blocks=81, block_size=B, device="cpu", dtype=torch.float32)
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    out = PagedAttention(cache, slots, positions, tables, []).attend(0, q, k, v)
+    kc, vc = cache.flat(0)
+    for row, (table, position) in enumerate(zip(tables, positions)):
+        seq_slots = [table[p // B] * B + p % B for p in range(position + 1)]
+        query = q[0, row].reshape(ARGS.num_kv_heads, -1, ARGS.head_dim)
+        want = F.scaled_dot_product_attention(query, kc[:, seq_slots], vc[:, seq_slots])
+        assert (out[0, row] - want.reshape(ARGS.num_heads, ARGS.head_dim)).abs().max() < 1e-5

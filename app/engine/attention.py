@@ -3,7 +3,8 @@
 A step's tokens are one flat list (decode tokens of any sequences first, then prefill chunks; B=1, T=N), so
 the projections and MLPs run once over exactly the real tokens, with no padding. Each token's K,V are
 written to its slot, then attention reads every sequence's keys through its block table:
-  - decode tokens: all together, one SDPA call over their gathered keys (padded to the longest, masked);
+  - decode tokens: grouped by length (on CPU), one SDPA call per group over its gathered keys (padded to its
+    longest, masked);
   - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
     layer) or one call per chunk (CPU, where the padded call measured 2-3x slower).
 Keys are gathered block by block in the cache's head-major layout (app/engine/kv_cache.py), which gives
@@ -51,6 +52,40 @@ def _tables(tables: list[list[int]], device) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
+def length_groups(lengths: list[int], ratio: float = 1.5, max_groups: int = 4) -> list[list[int]]:
+    """Row indices grouped by length, longest first (one group: all rows, in order). A group ends where a row
+    is shorter than its longest / ratio, so padding each group to its longest wastes little (rows of 50 and
+    280 keys padded together would each gather and attend over 280); at most max_groups, each costing its own
+    gather and SDPA call per layer."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    groups = [[order[0]]]
+    for row in order[1:]:
+        if lengths[row] * ratio < lengths[groups[-1][0]] and len(groups) < max_groups:
+            groups.append([])
+        groups[-1].append(row)
+    return groups if len(groups) > 1 else [list(range(len(lengths)))]  # one group: in the step's own order
+
+
+class DecodeGroup:
+    """Decode rows of similar length: their keys gathered together, padded to the longest, masked."""
+
+    def __init__(self, cache: KVCache, tables: list[list[int]], positions: list[int], rows: torch.Tensor | None):
+        B, device = cache.block_size, cache.device
+        blocks = _blocks_for(max(positions) + 1, B)
+        self.rows = rows  # which of the step's decode rows (None: all of them, in order)
+        self.gather = cache.plan_gather(_tables([t[:blocks] for t in tables], device))  # (rows, blocks)
+        # (1, rows, 1, L): row d sees its positions 0..positions[d] of the blocks gathered for it
+        self.mask = (torch.arange(blocks * B, device=device)[None, :]
+                     <= torch.tensor(positions, device=device)[:, None])[None, :, None]
+
+    def attend(self, cache: KVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q (decode rows, H, hd) of the whole step -> (this group's rows, H, hd)."""
+        keys, values = cache.gather(layer, self.gather)  # (KVH, rows, L, hd)
+        q = q if self.rows is None else q[self.rows]
+        out = F.scaled_dot_product_attention(_grouped(q, keys.shape[0]), keys, values, attn_mask=self.mask)
+        return _ungrouped(out)
+
+
 class PagedAttention:
     """attend() for one eagerly run step: decode tokens first in the flat list, then prefill chunks."""
 
@@ -64,11 +99,15 @@ class PagedAttention:
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         if self.num_decode:
-            blocks = _blocks_for(max(positions[:self.num_decode]) + 1, B)
-            self.dec_gather = cache.plan_gather(_tables([t[:blocks] for t in decode_tables], device))  # (D, blocks)
-            dec_pos = self.positions[:self.num_decode]
-            # (1, D, 1, L): row d sees its positions 0..dec_pos[d] of the blocks gathered for it
-            self.dec_mask = (torch.arange(blocks * B, device=device)[None, :] <= dec_pos[:, None])[None, :, None]
+            # on CUDA a group's calls cost more than the padding they save
+            groups = length_groups([p + 1 for p in positions[:self.num_decode]],
+                                   max_groups=4 if device.type == "cpu" else 1)
+            self.decode_groups = [DecodeGroup(cache, [decode_tables[r] for r in rows], [positions[r] for r in rows],
+                                              torch.tensor(rows, device=device) if len(groups) > 1 else None)
+                                  for rows in groups]
+            # the groups' outputs, concatenated, back in the step's row order
+            self.decode_order = torch.argsort(torch.tensor([r for rows in groups for r in rows], device=device)) \
+                if len(groups) > 1 else None
         self.batch_chunks = device.type == "cuda" if batch_chunks is None else batch_chunks
         if chunks and self.batch_chunks:
             # Padded to the longest chunk: padded row i*T + t is token t of chunk i (past a chunk's end it
@@ -101,10 +140,8 @@ class PagedAttention:
         parts = []
         D = self.num_decode
         if D:
-            keys, values = self.cache.gather(layer, self.dec_gather)  # (KVH, D, L, hd)
-            out = F.scaled_dot_product_attention(_grouped(q[0, :D], keys.shape[0]), keys, values,
-                                                 attn_mask=self.dec_mask)
-            parts.append(_ungrouped(out))  # (D, H, hd)
+            outs = [group.attend(self.cache, layer, q[0, :D]) for group in self.decode_groups]
+            parts.append(outs[0] if self.decode_order is None else torch.cat(outs)[self.decode_order])  # (D, H, hd)
         if self.chunks:
             attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
             parts.append(attend_chunks(layer, q))
