@@ -3,7 +3,8 @@
 Layout: <directory>/<name>/v<N>.safetensors; the highest N is the current version. <directory>/<name>/traffic.json,
 when there, splits the name's requests between versions (prompt_store/traffic.py); the versions it names are
 never pruned. Files are only ever written whole (temp file + fsync + hard link or rename under the final name),
-so a reader never sees a partial file, and a replica picks up another replica's changes by polling the folder (refresh / start_watching).
+so a reader never sees a partial file, and a replica picks up another replica's changes by polling the folder
+(refresh / start_watching).
 A version is identified by its number and its content digest: a prompt deleted and re-created as v1 by
 another replica is a change, even though its number is the same.
 
@@ -134,8 +135,8 @@ class PromptRegistry:
         self._lock = threading.RLock()
         self._index: dict[str, dict[int, _StoredVersion]] = {}
         self._rejected: dict[Path, tuple[int, int]] = {}  # invalid files already warned about
-        self._splits: dict[str, tuple[tuple[int, ...], TrafficSplit | None]] = {}  # name -> (file stat, split or
-        # None when its file is invalid)
+        # name -> (its traffic file's stat, its split: None when the file is invalid)
+        self._splits: dict[str, tuple[tuple[int, ...], TrafficSplit | None]] = {}
         self._subscribers: list[Subscriber] = []
         self._watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -434,8 +435,7 @@ class PromptRegistry:
         known = self._splits.get(name)
         if known is not None and known[0] == stat:
             return known
-        split = _read_split(path)
-        return stat, split
+        return stat, _read_split(path)
 
     def _reject(self, path: Path, stat: tuple[int, ...], problem: Exception) -> None:
         """Skip an invalid file, warning once (until it changes)."""

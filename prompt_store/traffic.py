@@ -11,11 +11,13 @@ import hashlib
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 TRAFFIC_FILE = "traffic.json"  # in the prompt's folder: deleting the name deletes its split
 BUCKETS = 100
+VERSION_KEY = re.compile(r"[1-9][0-9]*")  # as the store writes version numbers (ASCII; no sign, no leading 0)
 
 
 class TrafficSplitError(ValueError):
@@ -34,7 +36,7 @@ class TrafficSplit:
             raise TrafficSplitError("versions: give at least one version and its percent, e.g. {\"3\": 90, \"4\": 10}")
         weights = {}
         for key, percent in versions.items():
-            if not (isinstance(key, str) and key.isascii() and key.isdigit() and key == str(int(key)) and int(key) >= 1):
+            if not (isinstance(key, str) and VERSION_KEY.fullmatch(key)):
                 raise TrafficSplitError(f"versions: {key!r} is not a version number (1, 2, ...)")
             if type(percent) is not int or not 1 <= percent <= BUCKETS:
                 raise TrafficSplitError(f"versions.{key}: {percent!r} is not a whole percent from 1 to 100")

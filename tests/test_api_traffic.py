@@ -126,9 +126,9 @@ def test_split_shares_requests_by_weight_and_counts_them_per_version(client, spl
                     **labels) == count
         assert grew(before, after, "softserve_prompt_version_request_duration_seconds_count", route="/v1/classify",
                     **labels) == count
-        assert grew(before, after, "softserve_prompt_version_labels_total", label=ANSWER[version], **labels) == 2 * count
-        other = ANSWER[3 - version]
-        assert grew(before, after, "softserve_prompt_version_labels_total", label=other, **labels) == 0
+        answers = {label: grew(before, after, "softserve_prompt_version_labels_total", label=label, **labels)
+                   for label in LABELS}
+        assert answers == {ANSWER[version]: 2 * count, ANSWER[3 - version]: 0}
 
 
 def test_a_user_always_gets_the_same_version(client, split):

@@ -143,7 +143,7 @@ class PromptVersion(BaseModel):
     digest: str = Field(description="sha256 of the version's file")
 
 
-class TrafficSplit(BaseModel):
+class PromptTraffic(BaseModel):
     versions: dict[str, int] = Field(description="version -> percent of the requests naming the bare name")
     updated_at: str
 
@@ -165,7 +165,7 @@ class PromptResponse(BaseModel):
                                     "version and digest serve the same prompt")
     serving: bool = Field(description="whether this replica's engine serves the current version")
     history: list[PromptVersion] | None = Field(None, description="each stored version (GET /v1/prompts/{name})")
-    traffic: TrafficSplit | None = Field(None, description="the split of requests between versions, if any "
+    traffic: PromptTraffic | None = Field(None, description="the split of requests between versions, if any "
                                                            "(PUT /v1/prompts/{name}/traffic)")
 
 
@@ -175,7 +175,7 @@ class TrafficSplitRequest(BaseModel):
                                                        "the bare prompt name, summing to 100")
 
 
-class TrafficSplitResponse(TrafficSplit):
+class TrafficSplitResponse(PromptTraffic):
     name: str
 
 
