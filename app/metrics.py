@@ -189,6 +189,19 @@ class Metrics:
                                          buckets=TOKEN_BUCKETS, registry=r)
         self.batch_tokens = Histogram("softserve_batch_tokens_per_step", "tokens in each forward pass",
                                       buckets=TOKEN_BUCKETS, registry=r)
+        # Per prompt version, to compare a canary with the version it may replace (only versions that served)
+        self.version_requests = Counter("softserve_prompt_version_requests",
+                                        "HTTP requests answered by a prompt version, by route and status",
+                                        ["route", "status", "prompt", "version"], registry=r)
+        self.version_request_duration = Histogram("softserve_prompt_version_request_duration_seconds",
+                                                  "HTTP request latency, to the last byte, by prompt version",
+                                                  ["route", "prompt", "version"], buckets=LATENCY_BUCKETS, registry=r)
+        self.version_finish_reasons = Counter("softserve_prompt_version_finish_reasons",
+                                              "finished generations by prompt version and finish reason",
+                                              ["prompt", "version", "finish_reason"], registry=r)
+        self.version_labels = Counter("softserve_prompt_version_labels",
+                                      "classify answers (each input's most probable label) by prompt version",
+                                      ["prompt", "version", "label"], registry=r)
         self.vllm = VLLMMetrics(r)
         r.register(EngineCollector(get_services))
 

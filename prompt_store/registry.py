@@ -1,8 +1,10 @@
 """The prompt registry: versioned prompt files in a folder that several replicas may share.
 
-Layout: <directory>/<name>/v<N>.safetensors; the highest N is the current version. Files are only ever
-written whole (temp file + fsync + hard link under the final name), so a reader never sees a partial
-file, and a replica picks up another replica's changes by polling the folder (refresh / start_watching).
+Layout: <directory>/<name>/v<N>.safetensors; the highest N is the current version. <directory>/<name>/traffic.json,
+when there, splits the name's requests between versions (prompt_store/traffic.py); the versions it names are
+never pruned. Files are only ever written whole (temp file + fsync + hard link or rename under the final name),
+so a reader never sees a partial file, and a replica picks up another replica's changes by polling the folder
+(refresh / start_watching).
 A version is identified by its number and its content digest: a prompt deleted and re-created as v1 by
 another replica is a change, even though its number is the same.
 
@@ -50,6 +52,7 @@ from prompt_store.format import (
     validate_name,
     validate_prompt,
 )
+from prompt_store.traffic import TRAFFIC_FILE, TrafficSplit, TrafficSplitError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,8 @@ class PromptRegistry:
         self._lock = threading.RLock()
         self._index: dict[str, dict[int, _StoredVersion]] = {}
         self._rejected: dict[Path, tuple[int, int]] = {}  # invalid files already warned about
+        # name -> (its traffic file's stat, its split: None when the file is invalid)
+        self._splits: dict[str, tuple[tuple[int, ...], TrafficSplit | None]] = {}
         self._subscribers: list[Subscriber] = []
         self._watch_thread: threading.Thread | None = None
         self._watch_stop = threading.Event()
@@ -225,6 +230,14 @@ class PromptRegistry:
             history=history,
         )
 
+    def traffic(self, name: str) -> TrafficSplit | None:
+        """The name's traffic split; None when it has none, or when a version it names is no longer stored
+        (removed by hand: the split no longer holds, so the current version serves)."""
+        with self._lock:
+            split = self._splits.get(name, (None, None))[1]
+            stored = self._index.get(name, {})
+        return split if split is not None and set(split.weights) <= set(stored) else None
+
     # --- writing -----------------------------------------------------------------------------------
 
     def validate(self, pf: PromptFile) -> None:
@@ -272,6 +285,42 @@ class PromptRegistry:
         self._notify("added", pf.name, stored.version)
         return stored, info
 
+    def set_traffic(self, name: str, split: TrafficSplit) -> TrafficSplit:
+        """Split the name's requests between its stored versions (every replica follows within a poll);
+        PromptNotFound naming the name or the first version not stored."""
+        validate_name(name)  # the name becomes a path below
+        with self._writing():
+            folder = self.directory / name
+            on_disk = _version_files(folder)
+            if not on_disk:
+                raise PromptNotFound(f"no prompt named {name!r}")
+            missing = sorted(set(split.weights) - set(on_disk))
+            if missing:
+                available = ", ".join(map(str, sorted(on_disk)))
+                raise PromptNotFound(f"prompt {name!r} has no version {missing[0]} (versions: {available})")
+            path = folder / TRAFFIC_FILE
+            _replace_atomically(path, split.to_json())
+            with self._lock:
+                self._splits[name] = (_stat(path), split)
+        return split
+
+    def clear_traffic(self, name: str) -> bool:
+        """Remove the name's traffic split: its current version serves every request again. False when it
+        had none; PromptNotFound when the name is not stored."""
+        validate_name(name)
+        with self._writing():
+            folder = self.directory / name
+            if not _version_files(folder):
+                raise PromptNotFound(f"no prompt named {name!r}")
+            try:
+                (folder / TRAFFIC_FILE).unlink()
+            except FileNotFoundError:
+                return False
+            _fsync_dir(folder)
+            with self._lock:
+                self._splits.pop(name, None)
+        return True
+
     def delete(self, name: str) -> None:
         validate_name(name)  # the name becomes a path below
         with self._writing():
@@ -284,6 +333,7 @@ class PromptRegistry:
             _fsync_dir(self.directory)
             with self._lock:
                 current = max(self._index.pop(name, {}), default=0)
+                self._splits.pop(name, None)  # its file went with the folder
         shutil.rmtree(doomed, ignore_errors=True)
         self._notify("removed", name, current)
 
@@ -301,9 +351,11 @@ class PromptRegistry:
             os.close(fd)
 
     def _prune(self, folder: Path) -> set[int]:
-        """Delete the versions beyond keep_versions + 1; the versions kept on disk."""
+        """Delete the versions beyond keep_versions + 1, except those a traffic split names; the versions kept
+        on disk."""
         on_disk = _version_files(folder)
-        keep = set(sorted(on_disk)[-(self.keep_versions + 1) :])
+        split = _read_split(folder / TRAFFIC_FILE)
+        keep = set(sorted(on_disk)[-(self.keep_versions + 1) :]) | set(split.weights if split else ())
         for version, path in on_disk.items():
             if version not in keep:
                 path.unlink(missing_ok=True)
@@ -319,6 +371,7 @@ class PromptRegistry:
         with self._lock:
             before = {name: self._current(versions) for name, versions in self._index.items()}
             self._index = self._scan()
+            self._splits = {name: self._split_of(name) for name in self._index}
             after = {name: self._current(versions) for name, versions in self._index.items()}
             changed = {name for name, stat in after.items() if before.get(name) != stat}
             removed = set(before) - set(after)
@@ -372,6 +425,18 @@ class PromptRegistry:
         self._rejected.pop(path, None)
         return _StoredVersion(path, stat, pf.meta)
 
+    def _split_of(self, name: str) -> tuple[tuple[int, ...], TrafficSplit | None]:
+        """(stat, split) of the name's traffic file, read again only when it changed; (), None without one."""
+        path = self.directory / name / TRAFFIC_FILE
+        try:
+            stat = _stat(path)
+        except FileNotFoundError:
+            return (), None
+        known = self._splits.get(name)
+        if known is not None and known[0] == stat:
+            return known
+        return stat, _read_split(path)
+
     def _reject(self, path: Path, stat: tuple[int, ...], problem: Exception) -> None:
         """Skip an invalid file, warning once (until it changes)."""
         log.warning("ignoring prompt file %s: %s", path, problem)
@@ -423,6 +488,17 @@ def _version_files(folder: Path) -> dict[int, Path]:
     return found
 
 
+def _read_split(path: Path) -> TrafficSplit | None:
+    """The traffic split stored at `path`; None when there is none, or (with a warning) when it is invalid."""
+    try:
+        return TrafficSplit.from_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (TrafficSplitError, OSError) as exc:
+        log.warning("ignoring traffic split %s: %s", path, exc)
+        return None
+
+
 def _stat(path: Path) -> tuple[int, ...]:
     st = path.stat()
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
@@ -437,25 +513,46 @@ def _create_exclusively(path: Path, data: bytes) -> bool:
     """
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}.tmp"
     linked = False
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        temp = _write_temp(path, data)
         try:
             os.link(temp, path)
         except FileExistsError:
             return False
+        finally:
+            temp.unlink(missing_ok=True)
         linked = True
         _fsync_dir(folder)  # makes the new name itself durable
         return True
     finally:
-        temp.unlink(missing_ok=True)
         if not linked:
             _remove_if_empty(folder)  # a failed first write leaves no empty prompt folder behind
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Write `path` whole, replacing what it held: readers see the old bytes or the new, never a mix."""
+    temp = _write_temp(path, data)
+    try:
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """`data` in a new hidden temp file beside `path` (fsynced; mode 0666 minus the umask)."""
+    temp = path.parent / f"{TEMP_PREFIX}{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
 
 
 def _remove_if_empty(folder: Path) -> None:

@@ -19,6 +19,7 @@ from app.engine.task_prompt import TaskPrompt
 from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL, is_hub_id
 from app.metrics import Metrics
 from app.services import Services
+from prompt_store.format import Task
 
 T = TypeVar("T")
 
@@ -141,6 +142,8 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
     state.prompt_tokens = getattr(state, "prompt_tokens", 0) + out.prompt_tokens
     state.completion_tokens = getattr(state, "completion_tokens", 0) + out.completion_tokens
     prompt = seq.prompt.name if seq.prompt is not None else "base"
+    if seq.prompt is not None and seq.task == Task.GENERATE:
+        metrics.version_finish_reasons.labels(prompt, str(seq.prompt.version), out.finish_reason).inc()
     metrics.prompt_tokens.labels(route, prompt).inc(out.prompt_tokens)
     metrics.e2e_latency.labels(prompt).observe(end - seq.arrival)
     if out.completion_tokens:
@@ -161,19 +164,47 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
 BASE = "base"  # the `model`/`prompt` name of the bare base model (an alias of its served id)
 
 
-async def resolve_prompt(services: Services, name: str, param: str = "model") -> TaskPrompt | None:
-    """A request's prompt, resolved once (all its inputs run this version). A prompt not used lately is read
-    and its prefix computed on the engine thread: that wait happens in a worker thread, not on the event
-    loop. `name@N` pins stored version N (404 once the store no longer has it); `name` is the newest.
+async def resolve_prompt(request: Request, services: Services, name: str, param: str = "model",
+                         user: str | None = None) -> TaskPrompt | None:
+    """A request's prompt, resolved once (all its inputs run this version, which the response's
+    `x-prompt-version` header names). A prompt not used lately is read and its prefix computed on the engine
+    thread: that wait happens in a worker thread, not on the event loop. `name@N` pins stored version N (404
+    once the store no longer has it) and is never split; `name` is the newest, or, when the name has a traffic
+    split, the version the split gives this request (the same for every request of one `user`).
     param: the request field that named it."""
     engine, name = services.engine, prompt_name(name, services)
     pinned = pinned_version(name or "", param)
-    if pinned is not None:
-        base_name, version = pinned
-        return await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, version)))
+    if pinned is None:
+        prompt = await _current(engine, name)
+        split = None if name is None else services.registry.traffic(name)
+        version = None if split is None else split.choose(name, user)
+        if version is None or version == prompt.version:
+            return _served(request, prompt)
+        pinned = name, version
+    base_name, version = pinned
+    prompt = await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, version)))
+    return _served(request, prompt)
+
+
+async def _current(engine, name: str | None) -> TaskPrompt | None:
     if engine.prompt_is_loaded(name):
         return engine.get_prompt(name)
     return await asyncio.to_thread(engine.get_prompt, name)
+
+
+def _served(request: Request, prompt: TaskPrompt | None) -> TaskPrompt | None:
+    """Note the prompt version a request runs, for its `x-prompt-version` header and the per-version metrics
+    (app/api/middleware.py)."""
+    if prompt is not None:
+        request.state.prompt_version = (prompt.name, prompt.version)
+    return prompt
+
+
+def record_label(request: Request, prompt: TaskPrompt, label: str) -> None:
+    """A classify answer, counted per prompt version (a canary's answers compared with the version it may
+    replace)."""
+    metrics: Metrics = request.app.state.metrics
+    metrics.version_labels.labels(prompt.name, str(prompt.version), label).inc()
 
 
 MAX_VERSION = 10**9  # no store holds more versions of one prompt; a larger number names none

@@ -21,6 +21,7 @@ log = logging.getLogger("softserve.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: no trailing newline
+UPLOAD_PATH = re.compile(r"/v1/prompts/[^/]+")  # PUT: a prompt upload (not its /traffic)
 
 
 def kv(**fields) -> str:
@@ -81,7 +82,7 @@ class RequestMiddleware:
     def body_limit(self, scope) -> tuple[int, str]:
         """(bytes, setting): prompt uploads may be large; every other body (inference) is kept small, so
         one client cannot make the server parse and tokenize tens of megabytes."""
-        if scope["method"] == "PUT" and scope["path"].startswith("/v1/prompts/"):
+        if scope["method"] == "PUT" and UPLOAD_PATH.fullmatch(scope["path"]):
             return int(self.settings.max_upload_mb * (1 << 20)), "SOFTSERVE_MAX_UPLOAD_MB"
         return int(self.settings.max_request_mb * (1 << 20)), "SOFTSERVE_MAX_REQUEST_MB"
 
@@ -102,6 +103,9 @@ class RequestMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]
+                served = (scope.get("state") or {}).get("prompt_version")
+                if served is not None:
+                    message["headers"].append((b"x-prompt-version", str(served[1]).encode()))
             await send(message)
 
         received = 0
@@ -134,10 +138,16 @@ class RequestMiddleware:
         prompt = self._prompt_label(scope)
         self.metrics.requests.labels(route_path, str(status), prompt).inc()
         self.metrics.request_duration.labels(route_path).observe(duration)
-        client = scope.get("client")
         state = scope.get("state") or {}
+        served = state.get("prompt_version")  # (name, version), once the request's prompt was resolved
+        if served is not None:
+            name, version = served[0], str(served[1])
+            self.metrics.version_requests.labels(route_path, str(status), name, version).inc()
+            self.metrics.version_request_duration.labels(route_path, name, version).observe(duration)
+        client = scope.get("client")
         fields = dict(request_id=rid, method=scope["method"], path=scope["path"], route=route_path,
                       status=status, duration_ms=round(duration * 1000, 1), prompt=prompt or None,
+                      prompt_version=served[1] if served else None,
                       prompt_tokens=state.get("prompt_tokens"), completion_tokens=state.get("completion_tokens"),
                       client=client[0] if client else None)
         log.info(kv(**fields), extra={"fields": fields})  # (the JSON log format keeps the fields as keys)

@@ -113,7 +113,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt. With
     `tools`, a named function or `required` makes the answer a tool call (app/api/tools.py)."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await _resolve_model(services, body.model)  # 404 before tokenizing
+    prompt = await _resolve_model(request, services, body)  # 404 before tokenizing
     _check_seqs(services, body.n)
     has_tools = services.tokenizer.has_tools
     calling = tool_calling(body, has_tools)
@@ -132,7 +132,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
     note_prompt(request, prompt_name(body.model, services) or BASE)
-    prompt = await _resolve_model(services, body.model)
+    prompt = await _resolve_model(request, services, body)
     prompts = body.prompts
     _check_seqs(services, len(prompts) * body.n)
     vocab = services.loaded.args.vocab_size
@@ -151,11 +151,12 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     return await _complete(body, prompt, ids, texts, body.logprobs, request, services, chat=False)
 
 
-async def _resolve_model(services: Services, model: str):
-    """The prompt `model` names; one that is not served is OpenAI's 404 `model_not_found` (OpenAI clients
-    look for that code), where the native routes say `prompt_not_found`."""
+async def _resolve_model(request: Request, services: Services, body: OpenAIRequest):
+    """The prompt `model` names (with a traffic split, the version it gives this request: sticky per `user`);
+    one that is not served is OpenAI's 404 `model_not_found` (OpenAI clients look for that code), where the
+    native routes say `prompt_not_found`."""
     try:
-        return await resolve_prompt(services, model)
+        return await resolve_prompt(request, services, body.model, user=body.user)
     except PromptNotFound as e:
         raise APIError(404, str(e), "model_not_found", "model") from None
 

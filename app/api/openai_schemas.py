@@ -80,7 +80,8 @@ class OpenAIRequest(Strict):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
         None, description="token id (as a string) -> added to its logit")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained output")
-    user: str | None = Field(None, max_length=256, description="an end-user id (not used)")
+    user: str | None = Field(None, max_length=256, description="an end-user id: under a traffic split, every "
+                             "request of one user gets the same version (not stored or logged)")
     # vLLM's extensions
     top_k: int = Field(0, ge=0, le=1 << 20, description="(vLLM) 0: no top-k cut")
     min_tokens: int = Field(0, ge=0, le=1 << 20, description="(vLLM) nothing but max_tokens ends the output sooner")

@@ -1,4 +1,5 @@
-"""Prompt management: list, show, upload (our file or a PEFT adapter), download, delete.
+"""Prompt management: list, show, upload (our file or a PEFT adapter), download, delete, and traffic splits
+between a prompt's versions (canaries: prompt_store/traffic.py).
 
 An upload is parsed, validated against this server's base and the store's limits (cheap: shapes, row count,
 labels, metadata), and only then built with the model (its prefix and a probe forward, whose cost grows with
@@ -20,13 +21,15 @@ from starlette.datastructures import UploadFile
 
 from app.api.deps import get_services, require_admin, require_api_key
 from app.api.errors import APIError
-from app.api.schemas import DeletedPrompt, PromptResponse, PromptList, error_responses
+from app.api.schemas import (DeletedPrompt, DeletedTrafficSplit, PromptList, PromptResponse, TrafficSplitRequest,
+                             TrafficSplitResponse, error_responses)
 from app.engine.task_prompt import as_stored
 from app.own_thread import in_own_thread
 from app.services import Services
 from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, parse_json, validate_name
 from prompt_store.peft_import import import_peft_files, parse_adapter_config
 from prompt_store.registry import PromptInfo, PromptNotFound
+from prompt_store.traffic import TrafficSplit, TrafficSplitError
 
 router = APIRouter(prefix="/v1/prompts", tags=["prompts"])
 
@@ -55,6 +58,8 @@ MULTIPART_SCHEMA = {
 def _info(services: Services, info: PromptInfo, history: bool = False) -> dict:
     data = dataclasses.asdict(info)
     data["serving"] = services.engine.prompts.version_of(info.name) == info.version
+    split = services.registry.traffic(info.name)
+    data["traffic"] = None if split is None else split.as_dict()
     if not history:
         del data["history"]
     return data
@@ -129,6 +134,45 @@ async def delete_prompt(name: str, services: Services = Depends(get_services)):
     _find(services, name)  # a name this replica does not know (an invalid one too) is a 404
     await asyncio.to_thread(services.registry.delete, name)  # deleted by another replica meanwhile: 404 too
     return {"id": name, "object": "prompt", "deleted": True}
+
+
+@router.get("/{name}/traffic", response_model=TrafficSplitResponse, dependencies=[Depends(require_api_key)],
+            responses=error_responses(401, 404, 503), summary="Show a prompt's traffic split")
+async def get_traffic(name: str, services: Services = Depends(get_services)):
+    """404 `traffic_split_not_found` when the prompt has none (its current version serves every request)."""
+    _find(services, name)
+    split = services.registry.traffic(name)
+    if split is None:
+        raise APIError(404, f"prompt {name!r} has no traffic split: its current version serves every request",
+                       "traffic_split_not_found")
+    return {"name": name} | split.as_dict()
+
+
+@router.put("/{name}/traffic", response_model=TrafficSplitResponse, dependencies=[Depends(require_admin)],
+            responses=error_responses(400, 401, 403, 404, 503), summary="Split a prompt's traffic between versions")
+async def put_traffic(name: str, body: TrafficSplitRequest, services: Services = Depends(get_services)):
+    """`versions`: stored version -> whole percent of the requests naming the bare `name`, summing to 100
+    (`{"3": 90, "4": 10}`; one version at 100 serves it instead of the newest). Requests naming `name@N` are
+    never split; requests with a `user` get the same version every time while the split stands. Replaces any
+    split the name had; every replica follows within SOFTSERVE_WATCH_INTERVAL_S. The versions a split names are
+    kept however many newer ones are uploaded."""
+    _find(services, name)
+    try:
+        split = TrafficSplit.parse(body.versions)
+    except TrafficSplitError as e:
+        raise APIError(400, str(e), "invalid_traffic_split", "versions") from None
+    split = await asyncio.to_thread(services.registry.set_traffic, name, split)  # 404 naming a version not stored
+    return {"name": name} | split.as_dict()
+
+
+@router.delete("/{name}/traffic", response_model=DeletedTrafficSplit, dependencies=[Depends(require_admin)],
+               responses=error_responses(401, 403, 404, 503), summary="Remove a prompt's traffic split")
+async def delete_traffic(name: str, services: Services = Depends(get_services)):
+    """The current (newest) version serves every request again."""
+    _find(services, name)
+    if not await asyncio.to_thread(services.registry.clear_traffic, name):
+        raise APIError(404, f"prompt {name!r} has no traffic split", "traffic_split_not_found")
+    return {"name": name, "object": "traffic_split", "deleted": True}
 
 
 async def _read_upload(request: Request, services: Services) -> PromptFile:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from app.engine.sampling import SamplingParams
 from prompt_store.format import Kind, Task
@@ -46,6 +46,8 @@ class TaskRequest(BaseModel):
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one text or a list of texts (SOFTSERVE_MAX_INPUTS_PER_REQUEST at most); all are submitted "
                     "at once, so the engine batches them")
+    user: str | None = Field(None, max_length=256, description="an end-user id, as OpenAI's `user`: under a "
+                             "traffic split, every request of one user gets the same version")
 
     @property
     def input_list(self) -> list[str]:
@@ -141,6 +143,11 @@ class PromptVersion(BaseModel):
     digest: str = Field(description="sha256 of the version's file")
 
 
+class PromptTraffic(BaseModel):
+    versions: dict[str, int] = Field(description="version -> percent of the requests naming the bare name")
+    updated_at: str
+
+
 class PromptResponse(BaseModel):
     """A stored prompt as the API shows it: the store's PromptInfo, whether this replica serves it, its history."""
     name: str
@@ -158,6 +165,24 @@ class PromptResponse(BaseModel):
                                     "version and digest serve the same prompt")
     serving: bool = Field(description="whether this replica's engine serves the current version")
     history: list[PromptVersion] | None = Field(None, description="each stored version (GET /v1/prompts/{name})")
+    traffic: PromptTraffic | None = Field(None, description="the split of requests between versions, if any "
+                                                           "(PUT /v1/prompts/{name}/traffic)")
+
+
+class TrafficSplitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"versions": {"3": 90, "4": 10}}})
+    versions: dict[str, StrictInt] = Field(description="stored version -> whole percent of the requests naming "
+                                                       "the bare prompt name, summing to 100")
+
+
+class TrafficSplitResponse(PromptTraffic):
+    name: str
+
+
+class DeletedTrafficSplit(BaseModel):
+    name: str
+    object: Literal["traffic_split"] = "traffic_split"
+    deleted: bool
 
 
 class PromptList(BaseModel):

@@ -10,8 +10,8 @@ import re
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from app.api.common import (check_inputs, check_tokens, note_prompt, record, resolve_prompt, run_all, timing_headers,
-                             usage)
+from app.api.common import (check_inputs, check_tokens, note_prompt, record, record_label, resolve_prompt, run_all,
+                             timing_headers, usage)
 from app.api.deps import get_services, require_api_key
 from app.api.schemas import (
     ClassifyRequest,
@@ -38,11 +38,12 @@ async def _run(request: Request, services: Services, route: str, seqs):
 
 async def _resolve(request: Request, services: Services, body):
     """(inputs, prompt): the prompt is resolved once, so every input of the request (and the labels in
-    the answer) uses the same version even if an upload lands meanwhile; 404 before any tokenizing."""
+    the answer) uses the same version even if an upload lands meanwhile, or a traffic split is changed;
+    404 before any tokenizing."""
     note_prompt(request, body.prompt)
     inputs = body.input_list
     check_inputs(services, inputs)
-    return inputs, await resolve_prompt(services, body.prompt, "prompt")
+    return inputs, await resolve_prompt(request, services, body.prompt, "prompt", body.user)
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text for one or many inputs")
@@ -97,6 +98,7 @@ async def classify(body: ClassifyRequest, request: Request, services: Services =
         best = max(range(len(probs)), key=probs.__getitem__)
         results.append({"index": i, "label": labels[best], "score": probs[best],
                         "probs": dict(zip(labels, probs))})
+        record_label(request, prompt, labels[best])
     return JSONResponse({"prompt": body.prompt, "labels": labels, "results": results, "usage": usage(outs)},
                         headers=headers)
 

@@ -51,7 +51,7 @@ class DetokenizeResponse(BaseModel):
 async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
                    services: Services = Depends(get_services)):
     note_prompt(request, prompt_name(body.model, services) or "base")
-    prompt = await resolve_prompt(services, body.model)
+    prompt = await resolve_prompt(request, services, body.model)
     if isinstance(body, TokenizeChat):
         ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
     elif body.add_special_tokens:
@@ -67,7 +67,7 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
 @router.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text (vLLM)")
 async def detokenize(body: DetokenizeRequest, request: Request, services: Services = Depends(get_services)):
     note_prompt(request, prompt_name(body.model, services) or "base")
-    await resolve_prompt(services, body.model)  # 404 for an unknown model, as elsewhere
+    await resolve_prompt(request, services, body.model)  # 404 for an unknown model, as elsewhere
     vocab = services.loaded.args.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(400, f"tokens: ids must be below the vocabulary size {vocab}", "invalid_token", "tokens")
