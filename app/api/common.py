@@ -13,7 +13,7 @@ from typing import Awaitable, TypeVar
 from fastapi import Request
 
 from app.api.errors import APIError
-from app.engine.engine import PromptNotFound
+from app.engine.request import PromptNotFound
 from app.engine.sequence import Output, Sequence
 from app.engine.task_prompt import TaskPrompt
 from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL, is_hub_id
