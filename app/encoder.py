@@ -12,7 +12,7 @@ import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from app.engine.engine import InvalidRequest
+from app.engine.request import InvalidRequest
 from app.engine.tokenizer import Tokenizer
 
 

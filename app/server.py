@@ -97,7 +97,7 @@ async def _load(app: FastAPI) -> None:
         if app.state.draining:  # a stop came while loading: do not start serving
             services.registry.stop_watching()
             return
-        services.engine.on_step = app.state.metrics.observe_step
+        services.engine.core.on_step = app.state.metrics.observe_step
         services.engine.start()
         app.state.services = services
         log.info(kv(event="ready", model=services.model_name, prompts=len(services.engine.prompts)))

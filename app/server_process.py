@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -122,16 +122,3 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def start_many(servers: Iterable[ServerProcess], timeout: float = 180) -> list[dict]:
-    """Start them all at once (they load the model in parallel), then wait for each: their /health JSON.
-    If one fails, all are stopped."""
-    servers = list(servers)
-    try:
-        for server in servers:
-            server.start()
-        return [server.wait_ready(timeout) for server in servers]
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise

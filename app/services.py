@@ -93,7 +93,7 @@ def load_services(settings: Settings) -> Services:
         add_example_prompts(registry, settings.example_prompts_dir)
     connect_registry(registry, engine, settings.watch_interval_s)
     log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d", loaded.name, device,
-             str(settings.resolved_dtype()).removeprefix("torch."), engine.blocks.num_usable, settings.block_size, max_seq_len)
+             str(settings.resolved_dtype()).removeprefix("torch."), engine.core.blocks.num_usable, settings.block_size, max_seq_len)
     grammars = GrammarCompiler(lambda: Grammars(tokenizer.hf, loaded.args.vocab_size), settings.grammar_compile_threads,
                                settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
     return Services(settings, loaded, tokenizer, engine, registry,

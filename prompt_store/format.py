@@ -21,19 +21,14 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from app.engine.request import Task  # what the engine runs on; imported from here by the store's users
+
 FORMAT_VERSION = 1
 MAX_VIRTUAL_TOKENS = 512  # the default limit; a server may lower or raise it (SOFTSERVE_MAX_VIRTUAL_TOKENS)
 # Constants, not settings: every replica of a shared store must accept the same files.
 MAX_DESCRIPTION_CHARS = 4096  # a description is shown in every listing of prompts
 MAX_METADATA_BYTES = 256 << 10  # a prompt file's metadata (keys + values, UTF-8), or an adapter_config.json
 MAX_JSON_DEPTH = 32  # nesting of a JSON metadata value (softserve.labels, softserve.base) or adapter_config.json
-
-
-class Task(StrEnum):
-    """What a prompt serves; a str, so `task == "tag"`, f-strings and JSON keep working."""
-    GENERATE = "generate"
-    TAG = "tag"
-    CLASSIFY = "classify"
 
 
 class Kind(StrEnum):

@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from app.engine.request import PromptNotFound
 from prompt_store.format import (
     MAX_VIRTUAL_TOKENS,
     BaseIdentity,
@@ -64,11 +65,6 @@ STALE_TEMP_S = 300  # a hidden temp file or doomed folder this old was left by a
 # fn(event, name, version): "added" means `version` is now the name's current version (new or replaced);
 # "removed" means the name is gone, `version` being the one that was current.
 Subscriber = Callable[[str, str, int], None]
-
-
-class PromptNotFound(KeyError):
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
 
 
 class PromptExists(ValueError):

@@ -22,7 +22,7 @@ import torch
 from app.bench.ours import engine_config
 from app.bench.workload import NullTokenizer, build_models, prompt_files, prompt_tensors, workload
 from app.engine.decode_graphs import StaticDecoder
-from app.engine.engine import AsyncEngine
+from app.engine.llm_engine import LLMEngine
 from app.engine.sampling import SamplingParams
 from app.engine.weights import resolve_device
 from prompt_store.format import Task
@@ -100,9 +100,9 @@ def steps(shape: str, out: Path) -> None:
     n, lo, hi, virtual, new = 192, 32, 256, 20, 128
     config = engine_config(models.ours, n, virtual + hi + new, 8192)
     config.static_decode = True  # on CPU: the static step, eagerly
-    engine = AsyncEngine(models.ours, NullTokenizer(), config)
+    engine = LLMEngine(models.ours, NullTokenizer(), config)
     for pf in prompt_files(models, prompt_tensors(models.args, virtual)):
-        engine.load_prompt(pf)
+        engine.prompts.load(pf)
     rows, max_seq_len = n, config.max_seq_len
     tokens = torch.randint(3, models.args.vocab_size, (rows,)).tolist()
     positions = torch.randint(20, max_seq_len - 1, (rows,)).tolist()  # uniform, as the workload's

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from app.config import Settings
-from app.server_process import ServerProcess, free_port, start_many
+from app.server_process import ServerProcess, free_port
 from prompt_store.format import embedding_width
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,8 +59,17 @@ class LiveServer(ServerProcess):
 
 
 def start_servers(*servers: LiveServer) -> None:
-    """Start several at once (they load the model in parallel), then wait for each."""
-    start_many(servers)
+    """Start several at once (they load the model in parallel), then wait for each; if one fails, all are
+    stopped."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
 
 
 def sse_events(response: httpx.Response) -> list[str]:

@@ -54,7 +54,7 @@ def with_and_without_graphs(dtype: torch.dtype):
         eager = llm.run(requests)
     replays = []
     with engine(models, files, static_decode=True) as llm:
-        static = llm.engine.runner.static
+        static = llm.engine.core.runner.static
         inner = static.run
         static.run = lambda *a: replays.append(1) or inner(*a)
         graphs = llm.run(requests)

@@ -8,8 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from app.engine.engine import AsyncEngine, EngineConfig, InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
+from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.llm_engine import LLMEngine
+from app.engine.request import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
 from app.engine.sampling import SamplingParams
+from app.engine.sequence import Output
 from app.engine import task_prompt
 from app.engine.weights import base_identity
 from prompt_store.format import PromptFile, Task, embedding_width
@@ -78,6 +81,31 @@ def assert_same(a, b):
         assert (a.probs - b.probs).abs().max() < 1e-5
 
 
+def test_the_synchronous_engine_stepped_by_hand_gives_what_the_async_engine_gives(tiny_llama, tokenizer, prompts):
+    """LLMEngine alone (no thread, no event loop): add the sequences, step until none is left."""
+    _, loaded = tiny_llama
+    requests = [(name, ids(n, i), mode, greedy(6 + i)) for i, (name, n, mode) in enumerate(REQUESTS)]
+    engine = new_engine(loaded, tokenizer, prompts)
+    try:
+        want = run(engine, requests)
+    finally:
+        asyncio.run(engine.shutdown(1))
+    core = LLMEngine(loaded.model, tokenizer, EngineConfig(max_seq_len=128, kv_cache_bytes=1 << 24))
+    for pf in prompts:
+        core.prompts.load(pf)
+    seqs = [core.make_sequence(*r) for r in requests]
+    core.add(seqs)
+    got = {seq.request_id: Output(seq.request_id) for seq in seqs}  # each request's outputs concatenated
+    while core.has_work:
+        for out in core.step():
+            total = got[out.request_id]
+            got[out.request_id] = dataclasses.replace(out, text=total.text + out.text, tokens=total.tokens + out.tokens)
+    for seq, expected in zip(seqs, want):
+        assert got[seq.request_id].finished and got[seq.request_id].finish_reason == expected.finish_reason
+        assert_same(got[seq.request_id], expected)
+    assert core.stats().kv_blocks_used == 0
+
+
 @pytest.mark.parametrize("static_decode", [False, True], ids=["dynamic", "static"])
 def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, tokenizer, prompts, static_decode):
     _, loaded = tiny_llama
@@ -114,8 +142,8 @@ def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokeniz
     for static in (False, True):
         engine = new_engine(loaded, tokenizer, prompts, static_decode=static)
         if static:
-            inner = engine.runner.static.run
-            engine.runner.static.run = lambda *a: static_steps.append(len(a[0])) or inner(*a)
+            inner = engine.core.runner.static.run
+            engine.core.runner.static.run = lambda *a: static_steps.append(len(a[0])) or inner(*a)
         try:
             outputs[static] = run(engine, requests)
         finally:
@@ -175,7 +203,7 @@ def test_cancelling_mid_stream_frees_its_slot_and_the_rest_finish(tiny_llama, to
             if not long.block_table:
                 break
             await asyncio.sleep(0.01)
-        freed = [engine.blocks.ref_counts[b] == 0 for b in held]
+        freed = [engine.core.blocks.ref_counts[b] == 0 for b in held]
         return received, held, freed, long, await asyncio.gather(*rest)
 
     try:
@@ -291,7 +319,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_lla
                                                                         monkeypatch):
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, prompts)
-    real_run = engine.runner.run
+    real_run = engine.core.runner.run
     calls = {"n": 0}
 
     def flaky(step):
@@ -300,7 +328,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_lla
             raise RuntimeError("device fell over")
         return real_run(step)
 
-    monkeypatch.setattr(engine.runner, "run", flaky)
+    monkeypatch.setattr(engine.core.runner, "run", flaky)
     try:
         failed = run(engine, [("deep", ids(6, 1), Task.GENERATE, greedy(10))])[0]
         after = run(engine, [("deep", ids(6, 1), Task.GENERATE, greedy(3))])[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.engine import task_prompt
-from app.engine.engine import Overloaded
+from app.engine.request import Overloaded
 from app.engine.sampling import LOGPROB_FLOOR, SamplingParams, sample
 from prompt_store.format import Task
 from tests.test_engine import assert_same, greedy, ids, make_prompt, new_engine, run
@@ -83,7 +83,7 @@ def test_a_fault_on_one_requests_row_fails_only_that_request(tiny_llama, tokeniz
     engine = new_engine(loaded, tokenizer, prompts)
     try:
         alone = [run(engine, [r])[0] for r in requests]
-        real_run = engine.runner.run
+        real_run = engine.core.runner.run
         victims = []
 
         def run_with_a_bad_row(step):  # as a device error or a bad value on that request's row would
@@ -92,7 +92,7 @@ def test_a_fault_on_one_requests_row_fails_only_that_request(tiny_llama, tokeniz
                 raise RuntimeError("bad value on a row")
             return real_run(step)
 
-        monkeypatch.setattr(engine.runner, "run", run_with_a_bad_row)
+        monkeypatch.setattr(engine.core.runner, "run", run_with_a_bad_row)
         together = run(engine, requests[:2] + [poisoned] + requests[2:])
         after = run(engine, [requests[0]])[0]
     finally:

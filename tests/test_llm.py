@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from app import LLM
-from app.engine.engine import EngineConfig, PromptNotFound
+from app.engine.engine import EngineConfig
+from app.engine.request import PromptNotFound
 from prompt_store.format import load_prompt_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "prompts"

@@ -8,7 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import httpx
 import jsonschema
 import pytest
 import torch
@@ -16,30 +15,24 @@ import torch
 openai = pytest.importorskip("openai")
 
 from app.engine.model import DenseAttention  # noqa: E402
-from tests.live_server import LiveServer, sse_events, upload  # noqa: E402
+from tests.live_server import sse_events, upload  # noqa: E402
 
 MAX_SEQ_LEN = 512
 CHAT_PROMPT = Path(__file__).resolve().parents[1] / "examples" / "prompts" / "chat.safetensors"
 USER = [{"role": "user", "content": "Say something about the sea."}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LiveServer(tmp_path_factory.mktemp("fields") / "store", {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
-                                                                   "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "8"}) as s:
-        with httpx.Client(base_url=s.url, timeout=60) as c:
-            assert upload(c, "chat", CHAT_PROMPT.read_bytes()).status_code == 201
-        yield s
+SERVER_SETTINGS = {"SOFTSERVE_MAX_SEQ_LEN": str(MAX_SEQ_LEN), "SOFTSERVE_MAX_INPUTS_PER_REQUEST": "8"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chat_prompt(client) -> None:  # server, client (httpx): tests/conftest.py's
+    """The example chat prompt, stored once for the module's tests (model="chat")."""
+    assert upload(client, "chat", CHAT_PROMPT.read_bytes()).status_code == 201
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def openai_client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
@@ -89,8 +82,8 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("route,body,param,code", REFUSED, ids=[f"{r[0]}:{r[2]}" for r in REFUSED])
-def test_refused_fields_are_400_naming_the_field(http, route, body, param, code):
-    r = http.post(route, json=body)
+def test_refused_fields_are_400_naming_the_field(client, route, body, param, code):
+    r = client.post(route, json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
@@ -99,67 +92,69 @@ def test_refused_fields_are_400_naming_the_field(http, route, body, param, code)
         assert error["code"] == code, error
 
 
-def test_accepted_no_op_values(client):
+def test_accepted_no_op_values(openai_client):
     """Values of refused fields that ask for nothing softserve lacks are accepted."""
-    r = client.chat.completions.create(model="base", messages=USER, max_tokens=2, tools=[], tool_choice="none",
-                                       store=False, service_tier="auto", extra_body={"modalities": ["text"]})
+    r = openai_client.chat.completions.create(model="base", messages=USER, max_tokens=2, tools=[], tool_choice="none",
+                                              store=False, service_tier="auto", extra_body={"modalities": ["text"]})
     assert r.usage.completion_tokens == 2
 
 
 # ---- lengths and stops -------------------------------------------------------------------------------
 
-def test_max_completion_tokens_both_routes(client):
-    chat = client.chat.completions.create(model="base", messages=USER, max_completion_tokens=5, temperature=0)
+def test_max_completion_tokens_both_routes(openai_client):
+    chat = openai_client.chat.completions.create(model="base", messages=USER, max_completion_tokens=5, temperature=0)
     assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
-    text = client.completions.create(model="base", prompt="Once upon a time", temperature=0,
-                                     extra_body={"max_completion_tokens": 5})
+    text = openai_client.completions.create(model="base", prompt="Once upon a time", temperature=0,
+                                            extra_body={"max_completion_tokens": 5})
     assert text.usage.completion_tokens == 5
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_ignore_eos_gives_exactly_n_tokens_through_both_routes(client, stream):
+def test_ignore_eos_gives_exactly_n_tokens_through_both_routes(openai_client, stream):
     """What a benchmark client sends: max_completion_tokens, ignore_eos, stream_options."""
     extra = {"ignore_eos": True}
     opts = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
-    chat = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}],
-                                          max_completion_tokens=40, temperature=0.8, extra_body=extra, **opts)
-    text = client.completions.create(model="base", prompt="Hi", max_tokens=40, temperature=0.8, extra_body=extra,
-                                     **opts)
+    chat = openai_client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_completion_tokens=40, temperature=0.8, extra_body=extra, **opts)
+    text = openai_client.completions.create(model="base", prompt="Hi", max_tokens=40, temperature=0.8, extra_body=extra,
+                                            **opts)
     for answer in (chat, text):
         usage = list(answer)[-1].usage if stream else answer.usage
         assert usage.completion_tokens == 40
 
 
-def test_default_max_tokens_is_the_rest_of_the_context(client):
+def test_default_max_tokens_is_the_rest_of_the_context(openai_client):
     ids = [28] * (MAX_SEQ_LEN - 24)
-    r = client.completions.create(model="base", prompt=ids, temperature=0, extra_body={"ignore_eos": True})
+    r = openai_client.completions.create(model="base", prompt=ids, temperature=0, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
-    chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}], temperature=0)
+    chat = openai_client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}],
+                                                 temperature=0)
     assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 0  # not cut at 16
 
 
-def test_stop_strings_stop_token_ids_and_min_tokens(client, tokenizer):
-    free = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0)
+def test_stop_strings_stop_token_ids_and_min_tokens(openai_client, tokenizer):
+    free = openai_client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0)
     text = free.choices[0].text
     word = text.split()[1]
     for stop in (word, [word, "zzzz"]):
-        cut = client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0, stop=stop)
+        cut = openai_client.completions.create(model="base", prompt="The sea is", max_tokens=12, temperature=0,
+                                               stop=stop)
         assert cut.choices[0].text == text[:text.index(word)] and cut.choices[0].finish_reason == "stop"
     ids = tokenizer.hf.encode("The sea is")
-    generated = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, logprobs=0)
+    generated = openai_client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0, logprobs=0)
     fourth = tokenizer.hf.encode(generated.choices[0].logprobs.tokens[3])[0]
     first_at = next(i for i, t in enumerate(generated.choices[0].logprobs.tokens)
                     if tokenizer.hf.encode(t)[0] == fourth)
-    stopped = client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0,
-                                        extra_body={"stop_token_ids": [fourth]})
+    stopped = openai_client.completions.create(model="base", prompt=ids, max_tokens=12, temperature=0,
+                                               extra_body={"stop_token_ids": [fourth]})
     assert stopped.usage.completion_tokens == first_at + 1 and stopped.choices[0].finish_reason == "stop"
-    held = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}], temperature=0,
-                                          max_tokens=60, extra_body={"min_tokens": 50})
+    held = openai_client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi!"}],
+                                                 temperature=0, max_tokens=60, extra_body={"min_tokens": 50})
     assert held.usage.completion_tokens >= 50
 
 
-def test_developer_role_is_system(client):
-    ask = lambda role: client.chat.completions.create(  # noqa: E731
+def test_developer_role_is_system(openai_client):
+    ask = lambda role: openai_client.chat.completions.create(  # noqa: E731
         model="base", temperature=0, max_tokens=10,
         messages=[{"role": role, "content": "Answer in French."}, *USER]).choices[0].message.content
     assert ask("developer") == ask("system")
@@ -167,22 +162,23 @@ def test_developer_role_is_system(client):
 
 # ---- prompts and choices -------------------------------------------------------------------------------
 
-def test_prompt_forms_and_choice_indexes(client, tokenizer):
-    one = lambda p: client.completions.create(model="base", prompt=p, max_tokens=6, temperature=0).choices[0].text  # noqa: E731
+def test_prompt_forms_and_choice_indexes(openai_client, tokenizer):
+    one = lambda p: openai_client.completions.create(  # noqa: E731
+        model="base", prompt=p, max_tokens=6, temperature=0).choices[0].text
     texts = ["The sea is", "Paris is"]
     want = [one(t) for t in texts]
     ids = [tokenizer.hf.encode(t) for t in texts]
     assert one(ids[0]) == want[0]
     for prompt in (texts, ids):
-        r = client.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, n=2)
+        r = openai_client.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, n=2)
         assert [c.index for c in r.choices] == [0, 1, 2, 3]
         assert [c.text for c in r.choices] == [want[0], want[0], want[1], want[1]]
         assert r.usage.prompt_tokens == sum(len(i) for i in ids)
 
 
-def test_n_choices_seeded_sampling(client):
-    make = lambda: client.chat.completions.create(model="chat", messages=USER, n=3, max_tokens=10, seed=7,  # noqa: E731
-                                                  temperature=1.0, extra_body={"ignore_eos": True})
+def test_n_choices_seeded_sampling(openai_client):
+    make = lambda: openai_client.chat.completions.create(  # noqa: E731
+        model="chat", messages=USER, n=3, max_tokens=10, seed=7, temperature=1.0, extra_body={"ignore_eos": True})
     first, again = make(), make()
     texts = [c.message.content for c in first.choices]
     assert texts == [c.message.content for c in again.choices] and len(set(texts)) > 1
@@ -190,63 +186,64 @@ def test_n_choices_seeded_sampling(client):
 
 
 @pytest.mark.parametrize("route", ["chat", "text"])
-def test_n_streams_equal_non_streamed(client, route):
+def test_n_streams_equal_non_streamed(openai_client, route):
     kw = dict(model="base", max_tokens=8, temperature=0, n=2)
     if route == "chat":
-        full = client.chat.completions.create(messages=USER, **kw)
-        chunks = list(client.chat.completions.create(messages=USER, stream=True, **kw))
+        full = openai_client.chat.completions.create(messages=USER, **kw)
+        chunks = list(openai_client.chat.completions.create(messages=USER, stream=True, **kw))
         got = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == k) for k in (0, 1)]
         want = [c.message.content for c in full.choices]
     else:
-        full = client.completions.create(prompt="The sea is", **kw)
-        chunks = list(client.completions.create(prompt="The sea is", stream=True, **kw))
+        full = openai_client.completions.create(prompt="The sea is", **kw)
+        chunks = list(openai_client.completions.create(prompt="The sea is", stream=True, **kw))
         got = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == k) for k in (0, 1)]
         want = [c.text for c in full.choices]
     assert got == want
     assert all(c.usage is None for c in chunks)  # no stream_options: no usage anywhere
 
 
-def test_stream_usage_chunk_and_continuous_stats(client):
-    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, n=2,
-                                            stream=True, stream_options={"include_usage": True}))
+def test_stream_usage_chunk_and_continuous_stats(openai_client):
+    chunks = list(openai_client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, n=2,
+                                                   stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     assert chunks[-1].usage.prompt_tokens == 1 and all(c.usage is None for c in chunks[:-1])
-    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, stream=True,
-                                            stream_options={"include_usage": False},
-                                            extra_body={"stream_options": {"continuous_usage_stats": True}}))
+    chunks = list(openai_client.completions.create(model="base", prompt="Hi", max_tokens=4, temperature=0, stream=True,
+                                                   stream_options={"include_usage": False},
+                                                   extra_body={"stream_options": {"continuous_usage_stats": True}}))
     assert [c.usage.completion_tokens for c in chunks] == list(range(1, len(chunks) + 1))
 
 
 # ---- penalties and bias --------------------------------------------------------------------------------
 
-def test_logit_bias_forces_and_bans_tokens(client, tokenizer):
+def test_logit_bias_forces_and_bans_tokens(openai_client, tokenizer):
     token = tokenizer.hf.encode(" sea")[0]
-    forced = client.completions.create(model="base", prompt="Hi", max_tokens=5, temperature=0,
-                                       logit_bias={str(token): 100}, logprobs=0)
+    forced = openai_client.completions.create(model="base", prompt="Hi", max_tokens=5, temperature=0,
+                                              logit_bias={str(token): 100}, logprobs=0)
     assert forced.choices[0].text == " sea" * 5
-    free = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0)
+    free = openai_client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0)
     banned_id = tokenizer.hf.encode(free.choices[0].logprobs.tokens[0])[0]
-    banned = client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0,
-                                       logit_bias={str(banned_id): -100})
+    banned = openai_client.completions.create(model="base", prompt="The", max_tokens=1, temperature=0, logprobs=0,
+                                              logit_bias={str(banned_id): -100})
     assert banned.choices[0].text != free.choices[0].text
 
 
-def test_greedy_penalties_apply(client):
+def test_greedy_penalties_apply(openai_client):
     """Greedy rows with penalties leave the fast path: repeating text changes under each penalty."""
     prompt = "one two one two one two one two"
-    base = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    base = openai_client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
     for extra in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 2.0}}):
-        got = client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, **extra)
+        got = openai_client.completions.create(model="base", prompt=prompt, max_tokens=12, temperature=0, **extra)
         assert got.choices[0].text != base, extra
 
 
 # ---- echo and prompt log-probabilities -----------------------------------------------------------------
 
-def test_echo_logprobs_equal_the_models_own(client, default_model, tokenizer):
+def test_echo_logprobs_equal_the_models_own(openai_client, default_model, tokenizer):
     text = "The quick brown fox jumps over the lazy dog."
     ids = tokenizer.hf.encode(text)
     for _ in range(2):  # the second time the prompt's blocks are cached: they must be computed again
-        r = client.completions.create(model="base", prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2)
+        r = openai_client.completions.create(model="base", prompt=text, max_tokens=1, temperature=0, echo=True,
+                                             logprobs=2)
         lp = r.choices[0].logprobs
         assert r.choices[0].text.startswith(text)
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
@@ -264,9 +261,9 @@ def test_echo_logprobs_equal_the_models_own(client, default_model, tokenizer):
             assert lp.top_logprobs[i] == pytest.approx(top, abs=1e-3)
 
 
-def test_logprobs_of_generated_tokens_both_routes(http):
+def test_logprobs_of_generated_tokens_both_routes(client):
     """The raw JSON: one entry per generated token, that spells the text; greedy picks each step's best."""
-    r = http.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
+    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
                                            "logprobs": 2})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -278,7 +275,7 @@ def test_logprobs_of_generated_tokens_both_routes(http):
         assert logprob <= 0 and all(v <= 0 for v in top.values())
     assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(n)]  # each token's start in the text
 
-    r = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "temperature": 0,
+    r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 8, "temperature": 0,
                                                 "logprobs": True, "top_logprobs": 2})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
@@ -291,26 +288,26 @@ def test_logprobs_of_generated_tokens_both_routes(http):
         assert 0 >= top[0]["logprob"] >= top[1]["logprob"]
         assert entry["bytes"] == list(entry["token"].encode()) and top[1]["bytes"] == list(top[1]["token"].encode())
 
-    r = http.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 1.5,
+    r = client.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 1.5,
                                            "seed": 7, "logprobs": 0})
     lp = r.json()["choices"][0]["logprobs"]  # no alternatives asked for: the sampled token's alone
     assert lp["top_logprobs"] == [{t: v} for t, v in zip(lp["tokens"], lp["token_logprobs"])]
 
-    without = http.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
+    without = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2, "logprobs": False,
                                                       "top_logprobs": 2})
     assert without.status_code == 200 and without.json()["choices"][0]["logprobs"] is None
 
 
-def test_text_offsets_run_on_through_the_echo_and_across_stream_chunks(http):
+def test_text_offsets_run_on_through_the_echo_and_across_stream_chunks(client):
     """text_offset counts from the start of the choice's text: past the echoed prompt, and on from chunk to
     chunk of a stream, so a client can place every token in the text it assembled."""
     body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 1, "echo": True}
-    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
     lp = whole["logprobs"]
     assert lp["token_logprobs"][0] is None and whole["text"].startswith("The capital of France is")
     assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(len(lp["tokens"]))]
 
-    with http.stream("POST", "/v1/completions", json={**body, "echo": False, "stream": True}) as r:
+    with client.stream("POST", "/v1/completions", json={**body, "echo": False, "stream": True}) as r:
         chunks = [json.loads(e)["choices"][0] for e in sse_events(r) if e != "[DONE]"]
     text, offsets, tokens = "", [], []
     for chunk in chunks:
@@ -322,9 +319,9 @@ def test_text_offsets_run_on_through_the_echo_and_across_stream_chunks(http):
     assert offsets == [len("".join(tokens[:j])) for j in range(len(tokens))] and "".join(tokens) == text
 
 
-def test_echo_without_logprobs_prepends_the_prompt(client):
-    plain = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0)
-    echoed = client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0, echo=True)
+def test_echo_without_logprobs_prepends_the_prompt(openai_client):
+    plain = openai_client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0)
+    echoed = openai_client.completions.create(model="base", prompt="The sea is", max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text == "The sea is" + plain.choices[0].text
 
 
@@ -336,23 +333,24 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.mark.parametrize("model", ["base", "chat"])
-def test_json_schema_output_validates(client, model):
+def test_json_schema_output_validates(openai_client, model):
     messages = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     for temperature in (0, 1.0):
-        r = client.chat.completions.create(model=model, messages=messages, response_format=fmt, max_tokens=60,
-                                           temperature=temperature, seed=3)
+        r = openai_client.chat.completions.create(model=model, messages=messages, response_format=fmt, max_tokens=60,
+                                                  temperature=temperature, seed=3)
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
-def test_json_object_and_free_text_share_a_batch(client):
+def test_json_object_and_free_text_share_a_batch(openai_client):
     from concurrent.futures import ThreadPoolExecutor
 
-    free = lambda: client.chat.completions.create(model="base", messages=USER, max_tokens=8, temperature=0)  # noqa: E731
+    free = lambda: openai_client.chat.completions.create(  # noqa: E731
+        model="base", messages=USER, max_tokens=8, temperature=0)
     alone = free().choices[0].message.content
     with ThreadPoolExecutor(4) as pool:
-        shaped = [pool.submit(client.chat.completions.create, model=m, messages=[
+        shaped = [pool.submit(openai_client.chat.completions.create, model=m, messages=[
             {"role": "user", "content": "Give me a JSON object about the sea."}], max_tokens=40, temperature=0,
             response_format={"type": "json_object"}, extra_body={"ignore_eos": False}) for m in ("base", "chat")]
         free_runs = [pool.submit(free) for _ in range(2)]
@@ -365,10 +363,11 @@ def test_json_object_and_free_text_share_a_batch(client):
         assert [f.result().choices[0].message.content for f in free_runs] == [alone, alone]
 
 
-def test_guided_choice_and_regex(client):
-    choice = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Is water wet?"}],
-                                            temperature=1.0, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+def test_guided_choice_and_regex(openai_client):
+    choice = openai_client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "Is water wet?"}], temperature=1.0,
+        extra_body={"guided_choice": ["yes", "no", "maybe"]})
     assert choice.choices[0].message.content in ("yes", "no", "maybe")
-    regex = client.completions.create(model="base", prompt="A phone number:", temperature=1.0, max_tokens=20,
-                                      extra_body={"guided_regex": r"\d{3}-\d{4}"})
+    regex = openai_client.completions.create(model="base", prompt="A phone number:", temperature=1.0, max_tokens=20,
+                                             extra_body={"guided_regex": r"\d{3}-\d{4}"})
     assert re.fullmatch(r"\d{3}-\d{4}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"

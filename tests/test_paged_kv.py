@@ -189,7 +189,7 @@ def test_no_block_leaks_after_a_thousand_random_requests_with_cancellations_and_
     try:
         results = asyncio.run(go())
         stats = engine.stats()
-        refs = list(engine.blocks.ref_counts)
+        refs = list(engine.core.blocks.ref_counts)
     finally:
         asyncio.run(engine.shutdown(1))
     finished = [r for r in results if not isinstance(r, BaseException)]
@@ -230,13 +230,14 @@ def test_tag_outputs_do_not_depend_on_cached_text(tiny_llama, tokenizer):
 
 
 def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenizer, monkeypatch):
-    """No other thread changes the engine's prompt table or runs the model beside its steps."""
+    """No other thread changes the engine's prompt table (its LRU order included) or runs the model beside
+    its steps."""
     import threading
 
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, [])
     seen = []
-    for method in ("register", "mark_loaded", "remove"):
+    for method in ("register", "mark_loaded", "remove", "touch"):
         inner = getattr(engine.prompts, method)
         monkeypatch.setattr(engine.prompts, method,
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))

@@ -13,7 +13,7 @@ from typing import Awaitable, TypeVar
 from fastapi import Request
 
 from app.api.errors import APIError
-from app.engine.engine import PromptNotFound
+from app.engine.request import PromptNotFound
 from app.engine.sequence import Output, Sequence
 from app.engine.task_prompt import TaskPrompt
 from app.engine.weights import DEFAULT_HUB_ID, DEFAULT_MODEL, is_hub_id
@@ -98,11 +98,6 @@ def check_output(out: Output) -> None:
         raise APIError(500, out.error or "internal error in the engine", "engine_error")
 
 
-def admitted_at(seq: Sequence) -> float | None:
-    """When the request left the waiting queue (None if it never did)."""
-    return seq.scheduled_time
-
-
 def usage(outs: list[Output], first_of_prompt: list[bool] | None = None) -> dict:
     """Token counts of a response. With copies of one prompt (n > 1), the prompt's tokens count once,
     as OpenAI counts them: first_of_prompt marks the outputs whose prompt is counted."""
@@ -119,7 +114,7 @@ def timing_headers(seqs: list[Sequence], outs: list[Output], end: float) -> dict
     generated = sum(o.completion_tokens for o in outs)
     headers = {"x-total-time": _ms(end - arrival), "x-generated-tokens": str(generated),
                "x-prompt-tokens": str(sum(o.prompt_tokens for o in outs))}
-    admitted = [admitted_at(s) for s in seqs]
+    admitted = [s.scheduled_time for s in seqs]
     if all(a is not None for a in admitted):
         headers["x-queue-time"] = _ms(max(a - s.arrival for a, s in zip(admitted, seqs)))
         inference = end - min(admitted)
@@ -154,7 +149,7 @@ def record(request: Request, route: str, seq: Sequence, out: Output, end: float)
         if out.completion_tokens > 1:
             metrics.time_per_output_token.labels(prompt).observe(
                 (end - seq.first_token_time) / (out.completion_tokens - 1))
-    admitted = admitted_at(seq)
+    admitted = seq.scheduled_time
     if admitted is not None:
         metrics.queue_time.labels(route).observe(admitted - seq.arrival)
         metrics.inference_time.labels(route).observe(end - admitted)

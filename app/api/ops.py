@@ -20,7 +20,7 @@ async def health(request: Request):
         return error_response(refusal.status, refusal.message, refusal.code)
     services = request.app.state.services
     stats = services.engine.stats()
-    return {"status": "ok", "model": services.model_name, "device": str(services.engine.runner.device),
+    return {"status": "ok", "model": services.model_name, "device": str(services.engine.core.runner.device),
             "prompts": len(services.engine.prompts), "running": stats.running, "waiting": stats.waiting}
 
 

@@ -31,7 +31,7 @@ def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, max_batch
 async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     seqs = [engine.make_sequence(r.task, r.token_ids, Task.GENERATE, params) for r in reqs]
-    sync(engine.runner.device)
+    sync(engine.core.runner.device)
     t0 = time.perf_counter()
 
     async def one(seq) -> RequestResult:
@@ -74,13 +74,13 @@ def run_ours(engine: AsyncEngine, phases: list[tuple[list[Request], int]], progr
 
 
 class StepTimer:
-    """Wraps engine.runner.run (the engine is not modified) to split the engine's time into steps that
+    """Wraps engine.core.runner.run (the engine is not modified) to split the engine's time into steps that
     carry prefill tokens and decode-only steps. run() ends in a host sync (sampling's .tolist())."""
 
     def __init__(self, engine: AsyncEngine):
         self.stats = dict(prefill_steps=0, prefill_s=0.0, prefill_tokens=0, decode_steps=0, decode_s=0.0,
                           decode_tokens=0)
-        inner = engine.runner.run
+        inner = engine.core.runner.run
 
         def timed(step):
             t = time.perf_counter()
@@ -92,7 +92,7 @@ class StepTimer:
             self.stats[f"{key}_tokens"] += result.num_tokens
             return result
 
-        engine.runner.run = timed
+        engine.core.runner.run = timed
 
     def reset(self) -> None:
         for k in self.stats:

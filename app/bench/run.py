@@ -185,12 +185,12 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     ours["kv_cache_blocks"] = stats.kv_blocks_total
     ours["prefix_cache"] = dict(queries=stats.prefix_cache_queries, hits=stats.prefix_cache_hits,
                                 preemptions=stats.preemptions)
-    ours["kv_cache_bytes"] = engine.cache.k.numel() * engine.cache.k.element_size() * 2
+    ours["kv_cache_bytes"] = engine.core.cache.k.numel() * engine.core.cache.k.element_size() * 2
     ours["engine_setup_s"] = engine_setup_s
-    static = engine.runner.static
+    static = engine.core.runner.static
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
-    ours["linear_kernel"] = engine.linear_kernel
+    ours["linear_kernel"] = engine.core.linear_kernel
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
     return ours, ours_results, per_prompt, prompt_load_s

@@ -6,6 +6,10 @@ kept within a CPU memory budget, least recently used out (a store of thousands o
 not thousands of prefixes). On the device, prefixes live in KV blocks shared by every request of the task,
 cached and evicted like any block (block_manager.py). A request holds its TaskPrompt object, so replacing,
 removing or unloading a name never touches requests that run.
+
+Only the engine thread changes the table. Other threads may call `loaded`, `entry`, `version_of`,
+`num_loaded`, `in` and `len`: each is one read of a dict (atomic under the GIL) and sees the table before or
+after a change, never half of one.
 """
 from __future__ import annotations
 
@@ -58,13 +62,16 @@ class PromptTable:
     def entry(self, name: str) -> PromptEntry | None:
         return self._entries.get(name)
 
-    def use(self, name: str) -> TaskPrompt | None:
-        """The loaded prompt of this name (now the most recently used), or None if it is not loaded."""
+    def loaded(self, name: str) -> TaskPrompt | None:
+        """The loaded prompt of this name, or None if it is not loaded. Changes nothing."""
         entry = self._loaded.get(name)
-        if entry is None:
-            return None
-        self._loaded.move_to_end(name)
-        return entry.loaded
+        return None if entry is None else entry.loaded
+
+    def touch(self, prompt: TaskPrompt) -> None:
+        """A request of this prompt arrived: if its name serves it loaded, it is now the most recently used."""
+        entry = self._loaded.get(prompt.name)
+        if entry is not None and entry.loaded is prompt:
+            self._loaded.move_to_end(prompt.name)
 
     @property
     def num_loaded(self) -> int:

@@ -17,7 +17,7 @@ from app.engine.logits import adjust_logits
 from app.engine.sampling import LOGPROB_FLOOR, TokenChoice, sample, sanitize
 from app.engine.scheduler import ScheduledStep, StepResult
 from app.engine.sequence import Sequence
-from prompt_store.format import Task
+from app.engine.request import Task
 
 # Not cuDNN: it builds an execution plan for every new shape (~0.4 s each on an H200), and the padded
 # shapes of prefill steps are new almost every step. The memory-efficient kernel needs no plan.

@@ -5,11 +5,11 @@ prefilled in chunks within a per-step token budget; new requests join while KV b
 first come, first served: the queue head is never skipped, so a long prompt is not starved, and chunked
 prefill keeps it from stalling the decoders behind it.
 
-Memory is paged (app/engine/block_manager.py): admission takes blocks for the tokens a request has (after
-reusing every cached block of its longest cached prefix), and decoding takes one more block every
-block_size tokens. When a decoding sequence needs a block and none is free, the most recently admitted
-running sequence is preempted: its blocks are released (they stay cached), it goes back to the front of
-the queue with the tokens it generated, and is recomputed when admitted again.
+Memory is paged (app/engine/block_manager.py, which owns the hashing and the allocation): admission takes
+blocks for the tokens a request has (after reusing every cached block of its longest cached prefix), and
+decoding takes one more block every block_size tokens. When a decoding sequence needs a block and none is
+free, the most recently admitted running sequence is preempted: its blocks are released (they stay cached),
+it goes back to the front of the queue with the tokens it generated, and is recomputed when admitted again.
 
 `schedule()` decides a step; `postprocess()` is the one place a sequence advances after it: counters,
 sampled tokens, finish decisions, prefix-cache registration and freeing blocks.
@@ -22,15 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.block_manager import BlockManager, chain_hash, token_bytes
+from app.engine.block_manager import BlockManager
+from app.engine.request import FinishReason, Task
 from app.engine.sampling import TokenChoice
 from app.engine.sequence import Sequence, Status
-from prompt_store.format import Task
-
-
-class Overloaded(RuntimeError):
-    """The waiting queue is full."""
-
 
 @dataclass
 class ScheduledStep:
@@ -73,7 +68,7 @@ class StepResult:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_batched_tokens: int, max_num_seqs: int, eos_ids: frozenset[int]):
-        self.blocks, self.block_size = blocks, blocks.block_size
+        self.blocks = blocks
         self.max_batched_tokens, self.max_num_seqs, self.eos_ids = max_batched_tokens, max_num_seqs, eos_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -82,9 +77,6 @@ class Scheduler:
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def blocks_needed(self, positions: int) -> int:
-        return -(-positions // self.block_size)
 
     # ---- deciding a step ---------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
@@ -112,70 +104,31 @@ class Scheduler:
     def _make_room_to_decode(self, seq: Sequence) -> bool:
         """A block for the position this decode step writes, preempting the youngest running sequences if
         none is free. False if seq itself was preempted."""
-        position = seq.prefix_len + seq.num_cached
-        if position < len(seq.block_table) * self.block_size:
-            return True
-        while not self.blocks.num_free:
+        while not self.blocks.can_append(seq):
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
                 return False
-        seq.block_table.append(self.blocks.take_new())
+        self.blocks.may_append(seq)
         return True
 
     def preempt(self, seq: Sequence) -> None:
         """Back to the front of the queue with what it generated; its blocks stay cached for its return."""
         self.running.remove(seq)
-        self._release(seq)
+        self.blocks.deallocate(seq)
         seq.status, seq.num_cached, seq.head_probs = Status.WAITING, 0, []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _admit(self, seq: Sequence) -> bool:
-        """Blocks for every position the sequence has, reusing its longest cached prefix; False if they do
-        not fit now. Positions of the task prompt in fresh blocks are queued for copying (prefix_copies)."""
-        B, P = self.block_size, seq.prefix_len
-        tokens = seq.token_ids
-        hashes = self._full_block_hashes(seq)
-        # A hit may cover virtual positions always, text only where the text's K,V are enough (not tagging),
-        # and never the block of the last token to compute: its hidden state is needed.
-        reusable = len(hashes) if seq.reuses_cached_text else P // B
-        reusable = min(reusable, (P + seq.prefill_target - 1) // B)
-        hits = self.blocks.count_hits(hashes[:reusable])
-        hit_blocks = [self.blocks.cached(h) for h in hashes[:hits]]
-        fresh = self.blocks_needed(P + len(tokens)) - hits
-        reviving = sum(1 for b in hit_blocks if self.blocks.ref_counts[b] == 0)
-        if fresh > self.blocks.num_free - reviving:
+        """Blocks for every position the sequence has; False if they do not fit now."""
+        if not self.blocks.can_allocate(seq):
             return False
-        for block in hit_blocks:
-            self.blocks.take_cached(block)
-        seq.block_table = hit_blocks + [self.blocks.take_new() for _ in range(fresh)]
-        seq.num_registered = hits
-        for j in range(hits, min(fresh + hits, self.blocks_needed(P))):  # fresh blocks holding virtual positions
-            block, end = seq.block_table[j], min(P, (j + 1) * B)
-            seq.prefix_copies.append((block, j * B, end))
-            if end == (j + 1) * B:  # all virtual: complete once copied, shareable at once
-                self.blocks.register(block, hashes[j])
-                seq.num_registered = j + 1
-        seq.num_cached = max(0, hits * B - P)
-        self.blocks.query_tokens += len(tokens)
-        self.blocks.hit_tokens += seq.num_cached
+        self.blocks.allocate(seq)
         seq.status = Status.RUNNING
         if seq.scheduled_time is None:
             seq.scheduled_time = time.monotonic()
         return True
-
-    def _full_block_hashes(self, seq: Sequence) -> list[bytes]:
-        """Chained hashes of the sequence's full blocks (extends seq.block_hashes as its tokens grow)."""
-        B, P = self.block_size, seq.prefix_len
-        tokens = seq.token_ids
-        hashes = seq.block_hashes
-        for j in range(len(hashes), (P + len(tokens)) // B):
-            previous = hashes[-1] if hashes else seq.cache_root
-            start, end = j * B, (j + 1) * B
-            content = b"virtual%d" % j if end <= P else token_bytes(tokens[max(0, start - P):end - P])
-            hashes.append(chain_hash(previous, content))
-        return hashes
 
     # ---- after a step ------------------------------------------------------------------------------
     def postprocess(self, step: ScheduledStep, result: StepResult, failed: set[Sequence]) -> list[Sequence]:
@@ -192,7 +145,7 @@ class Scheduler:
             if seq in failed or seq.status != Status.RUNNING:
                 continue
             seq.prefix_copies = []
-            self._register_computed_blocks(seq)
+            self.blocks.hash_blocks(seq)
             if seq.request_id in result.prompt_logprobs:
                 first, choices = result.prompt_logprobs[seq.request_id]
                 if first == len(seq.prompt_choices) + 1:  # not again when a preempted prompt is recomputed
@@ -206,30 +159,16 @@ class Scheduler:
                 seq.head_probs.append(result.probs[seq.request_id])
                 if seq.in_prefill:
                     continue
-                seq.finish_reason = "stop"
+                seq.finish_reason = FinishReason.STOP
             if seq.finish_reason is not None:
                 self.finish(seq)
             changed.append(seq)
         return changed
 
-    def _register_computed_blocks(self, seq: Sequence) -> None:
-        """Full blocks whose K,V are now all computed become reusable by their hash."""
-        if not seq.reuses_cached_text:
-            return
-        computed = (seq.prefix_len + seq.num_cached) // self.block_size
-        hashes = self._full_block_hashes(seq)
-        for j in range(seq.num_registered, min(computed, len(hashes))):
-            self.blocks.register(seq.block_table[j], hashes[j])
-        seq.num_registered = max(seq.num_registered, computed)
-
     def finish(self, seq: Sequence) -> None:
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
-            self._release(seq)
+            self.blocks.deallocate(seq)
         elif seq.status == Status.WAITING:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
-
-    def _release(self, seq: Sequence) -> None:
-        self.blocks.release(seq.block_table)
-        seq.block_table, seq.num_registered, seq.prefix_copies = [], 0, []

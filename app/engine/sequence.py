@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.request import FinishReason, Task
 from app.engine.sampling import SamplingParams, TokenChoice
 from app.engine.task_prompt import TaskPrompt
 from app.engine.tokenizer import IncrementalDecoder
-from prompt_store.format import Task
 
 _ids = itertools.count()
 BASE_CACHE_ROOT = b"base"  # the prefix-cache identity of the bare model (no task prompt)
@@ -30,7 +30,7 @@ class Output:
     text: str = ""  # new text since the last update
     tokens: list[TokenChoice] = field(default_factory=list)  # new tokens since the last update
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "timeout" | "error"
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_logprobs: list[TokenChoice] | None = None  # echo: one per prompt token (the first has no logprob)
@@ -65,7 +65,7 @@ class Sequence:
     num_registered: int = 0  # leading blocks already offered to the prefix cache
     prefix_copies: list[tuple[int, int, int]] = field(default_factory=list)  # (block, start, end) to fill
     # delivery
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     new_tokens: list[TokenChoice] = field(default_factory=list)  # sampled since the last Output
     sent: int = 0  # characters of text already released
     sent_prompt_logprobs: bool = False
@@ -125,11 +125,11 @@ class Sequence:
         text = self.decoder.text
         hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in params.stop) if i >= 0] if may_stop else []
         if hits:
-            self.decoder.text, self.finish_reason = text[:min(hits)], "stop"
+            self.decoder.text, self.finish_reason = text[:min(hits)], FinishReason.STOP
         elif is_eos:
-            self.finish_reason = "stop"
+            self.finish_reason = FinishReason.STOP
         elif len(self.output_ids) >= params.max_tokens:
-            self.finish_reason = "length"
+            self.finish_reason = FinishReason.LENGTH
 
     def take_output(self) -> Output:
         """What is new for the client since the last Output. Text that could still become a stop string is

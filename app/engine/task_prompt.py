@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from app.engine.model import DenseAttention, ModelArgs, Transformer
+from app.engine.request import Task
 from app.engine.sampling import sanitize
-from prompt_store.format import Kind, PromptFile, Task
+from prompt_store.format import Kind, PromptFile
 
 
 @dataclass(eq=False)  # identity: two versions of one name are different prompts, whatever their fields
