@@ -177,7 +177,9 @@ async def resolve_prompt(request: Request, services: Services, name: str, param:
             return _served(request, prompt)
         pinned = name, version
     base_name, version = pinned
-    prompt = await asyncio.to_thread(lambda: engine.pinned_prompt(services.registry.get(base_name, version)))
+    prompt = engine.built_prompt(base_name, version, services.registry.meta(base_name, version).digest)
+    if prompt is None:  # read from the store and built on the engine thread, then kept for the next request
+        prompt = await asyncio.to_thread(engine.pinned_prompt, lambda: services.registry.get(base_name, version))
     return _served(request, prompt)
 
 

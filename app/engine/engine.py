@@ -79,10 +79,15 @@ class AsyncEngine:
     def load_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
         return self._on_engine_thread(lambda: self.core.prompts.load(prompt_file))
 
-    def pinned_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
-        """A stored version asked for by number (Prompts.pinned). Waits for the engine thread: call it off
-        the event loop."""
-        return self._on_engine_thread(lambda: self.core.prompts.pinned(prompt_file))
+    def built_prompt(self, name: str, version: int, digest: str) -> TaskPrompt | None:
+        """This stored version if it is built (Prompts.built): a pinned or split request's fast path, which
+        neither reads the file nor waits for the engine thread."""
+        return self.core.prompts.built(name, version, digest)
+
+    def pinned_prompt(self, read: Callable[[], PromptFile]) -> TaskPrompt:
+        """A stored version asked for by number, `read()` its file (Prompts.pinned). Waits for the engine
+        thread: call it off the event loop."""
+        return self._on_engine_thread(lambda: self.core.prompts.pinned(read))
 
     def remove_prompt(self, name: str) -> None:
         self._on_engine_thread(lambda: self.core.prompts.remove(name))

@@ -61,10 +61,18 @@ class Prompts:
             self.table.register(entry)
         return self._loaded(entry)
 
-    def pinned(self, prompt_file: PromptFile) -> TaskPrompt:
-        """A stored version asked for by number (`name@3`): the served one if it is that version, else built
-        (kept for the next request pinning it, up to PINNED_KEPT versions) without changing which version the
-        name serves."""
+    def built(self, name: str, version: int, digest: str) -> TaskPrompt | None:
+        """This stored version, if it is built: the one its name serves, or one kept for pinned requests.
+        Reads only (one dict lookup each), so any thread may ask."""
+        entry = self.table.entry(name)
+        loaded = None if entry is None or (entry.version, entry.digest) != (version, digest) else entry.loaded
+        return loaded if loaded is not None else self._pinned.get((name, version, digest))
+
+    def pinned(self, read: Callable[[], PromptFile]) -> TaskPrompt:
+        """A stored version asked for by number (`name@3`; `read()` gives its file): the served one if it is
+        that version, else built (kept for the next request pinning it, up to PINNED_KEPT versions) without
+        changing which version the name serves."""
+        prompt_file = read()
         key = (prompt_file.name, prompt_file.version, prompt_file.digest)
         entry = self.table.entry(prompt_file.name)
         if entry is not None and (entry.version, entry.digest) == key[1:]:
