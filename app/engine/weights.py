@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.config import DEFAULT_CACHE_DIR
+from app.engine.config import DEFAULT_CACHE_DIR
 from app.engine.model import ModelArgs, Transformer, rope_inv_freq
 from prompt_store.format import BaseIdentity
 
