@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.config import DEFAULT_CACHE_DIR, EngineConfig, EngineKnobs
+from app.engine.config import DEFAULT_CACHE_DIR, WEIGHTS_READ_TIMEOUT_S, EngineConfig, EngineKnobs
 from prompt_store.format import MAX_VIRTUAL_TOKENS
 
 
@@ -30,6 +30,9 @@ class Settings(EngineKnobs, BaseSettings):
         None, description="the base model's id in /v1/models and `model`; unset: its hub id (the default model's, "
                           "or a directory's config `_name_or_path`), else the folder name")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the default model is fetched and GGUF files are converted")
+    weights_read_timeout_s: float = Field(
+        WEIGHTS_READ_TIMEOUT_S, gt=0, description="loading fails when a weights file gives no bytes for this long "
+                                                  "(a FIFO nobody writes, a hung network disk)")
     # the server
     host: str = "127.0.0.1"
     port: int = 8000

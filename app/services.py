@@ -65,7 +65,8 @@ def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
 
 def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
-    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir)
+    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir,
+                        settings.weights_read_timeout_s)
     tokenizer = Tokenizer(loaded.directory)
     engine = AsyncEngine(loaded.model, tokenizer, settings.engine)
     max_seq_len = engine.config.max_seq_len  # within the model's context

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from app.engine.model import Transformer
 
 DEFAULT_CACHE_DIR = Path("~/.cache/softserve").expanduser()  # the default model's download, converted GGUF files
+WEIGHTS_READ_TIMEOUT_S = 60.0  # a weights file that gives no bytes for this long fails the load
 CPU_KV_CACHE_BYTES = 2 << 30  # the KV budget on CPU when none is set
 CUDA_KV_CACHE_SHARE = 0.9  # the KV budget on CUDA when none is set: this share of the memory free after the weights
 
