@@ -25,6 +25,7 @@ CUDA_KV_CACHE_SHARE = 0.9  # the KV budget on CUDA when none is set: this share 
 
 
 class EngineKnobs(BaseModel):
+    """The knobs that Settings inherits as they are (SOFTSERVE_MAX_SEQ_LEN, ...)."""
     model_config = ConfigDict(extra="forbid")
 
     max_seq_len: int = Field(2048, ge=16, description="positions per request: virtual tokens + input + max_tokens "
@@ -46,6 +47,7 @@ class EngineKnobs(BaseModel):
 
 
 class EngineConfig(EngineKnobs):
+    """What AsyncEngine takes: the knobs, the two budgets in bytes, and the static decode steps' switch."""
     kv_cache_bytes: int | None = Field(None, gt=0, description="the KV budget; None: measured (for_model)")
     prompt_cache_bytes: int | None = Field(None, gt=0, description="CPU memory for loaded prompts; beyond it the "
                                                                    "least recently used are unloaded; None: no limit")
