@@ -13,14 +13,11 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.config import EngineConfig
+from app.engine.config import DEFAULT_CACHE_DIR, WEIGHTS_READ_TIMEOUT_S, EngineConfig, EngineKnobs
 from prompt_store.format import MAX_VIRTUAL_TOKENS
 
-DEFAULT_CACHE_DIR = Path("~/.cache/softserve").expanduser()
-ENGINE = EngineConfig()  # the engine's defaults are the settings' defaults
 
-
-class Settings(BaseSettings):
+class Settings(EngineKnobs, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
 
     # the model
@@ -33,6 +30,9 @@ class Settings(BaseSettings):
         None, description="the base model's id in /v1/models and `model`; unset: its hub id (the default model's, "
                           "or a directory's config `_name_or_path`), else the folder name")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the default model is fetched and GGUF files are converted")
+    weights_read_timeout_s: float = Field(
+        WEIGHTS_READ_TIMEOUT_S, gt=0, description="loading fails when a weights file gives no bytes for this long "
+                                                  "(a FIFO nobody writes, a hung network disk)")
     # the server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -45,20 +45,11 @@ class Settings(BaseSettings):
                                       description="where the shipped example prompt files are")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
     max_virtual_tokens: int = Field(MAX_VIRTUAL_TOKENS, ge=1)
-    # the engine
-    max_seq_len: int = Field(ENGINE.max_seq_len, ge=16, description="positions per request: virtual tokens + input + max_tokens")
+    # the engine: EngineKnobs' fields, inherited (max_seq_len, block_size, prefix_caching, max_batched_tokens, max_num_seqs,
+    # max_waiting, decode_attention, linear_kernel), and these three in a person's units (`engine` converts them)
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
-    max_batched_tokens: int = Field(ENGINE.max_batched_tokens, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
-    block_size: int = Field(ENGINE.block_size, ge=1, le=256, description="positions per KV cache block")
-    prefix_caching: bool = Field(ENGINE.prefix_caching, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
-    max_num_seqs: int = Field(ENGINE.max_num_seqs, ge=1, description="sequences running at once")
     prompt_cache_mb: float = Field(1024, gt=0, description="CPU memory for loaded prompts (files read, prefixes computed on first use); beyond it the least recently used are unloaded")
-    max_waiting: int = Field(ENGINE.max_waiting, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
-    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
-        ENGINE.decode_attention, description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
-    linear_kernel: Literal["auto", "onednn", "torch"] = Field(
-        ENGINE.linear_kernel, description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its start-up check, else F.linear), onednn, or torch")
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API
@@ -100,6 +91,14 @@ class Settings(BaseSettings):
         from app.engine.weights import resolve_dtype
 
         return resolve_dtype(self.dtype, self.resolved_device())
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine's config: the knobs as they are, the three of other units converted (here only)."""
+        knobs = self.model_dump(include=set(EngineKnobs.model_fields))
+        return EngineConfig(**knobs, kv_cache_bytes=None if self.kv_cache_gb is None else int(self.kv_cache_gb * (1 << 30)),
+                            prompt_cache_bytes=int(self.prompt_cache_mb * (1 << 20)),
+                            static_decode=None if self.cuda_graphs else False)
 
     def with_flags(self, args: argparse.Namespace, **extra) -> Settings:
         """These settings with the flags that were given (and `extra`) on top, validated like the environment."""

@@ -5,11 +5,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from app.config import Settings
 from app.encoder import TextEncoder
-from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
 from app.engine.grammar import Grammars
@@ -34,16 +31,6 @@ class Services:
     @property
     def model_name(self) -> str:
         return self.loaded.name
-
-
-def kv_cache_bytes(settings: Settings, device: str) -> int:
-    """The configured budget, else 90% of the GPU memory still free after the weights, else 2 GiB."""
-    if settings.kv_cache_gb is not None:
-        return int(settings.kv_cache_gb * (1 << 30))
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.9)
-    return CPU_KV_CACHE_BYTES
 
 
 def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
@@ -78,16 +65,11 @@ def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
 
 def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
-    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir)
+    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir,
+                        settings.weights_read_timeout_s)
     tokenizer = Tokenizer(loaded.directory)
-    max_seq_len = min(settings.max_seq_len, loaded.args.max_context)
-    config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
-                          block_size=settings.block_size, prefix_caching=settings.prefix_caching,
-                          max_batched_tokens=settings.max_batched_tokens, max_num_seqs=settings.max_num_seqs,
-                          max_waiting=settings.max_waiting, static_decode=None if settings.cuda_graphs else False,
-                          prompt_cache_bytes=int(settings.prompt_cache_mb * (1 << 20)),
-                          decode_attention=settings.decode_attention, linear_kernel=settings.linear_kernel)
-    engine = AsyncEngine(loaded.model, tokenizer, config)
+    engine = AsyncEngine(loaded.model, tokenizer, settings.engine)
+    max_seq_len = engine.config.max_seq_len  # within the model's context
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:
         add_example_prompts(registry, settings.example_prompts_dir)
