@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import uuid
 from typing import Annotated, Literal
 
@@ -157,7 +158,7 @@ class JobManager:
                                   f"(SOFTSERVE_FINETUNE_MAX_QUEUED); retry when one has started")
             db.execute("INSERT INTO jobs (id, status, spec, created_at) VALUES (?, 'queued', ?, ?)",
                        (job_id, json.dumps(spec), now()))
-        self.database.add_event(job_id, f"Created fine-tuning job {job_id}: softserve train {' '.join(flags)}")
+        self.database.add_event(job_id, f"Created fine-tuning job {job_id}: softserve train {shlex.join(flags)}")
         return self.get(job_id)
 
     def _check(self, request: JobRequest, model_ids: set[str]) -> str:
