@@ -62,15 +62,16 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin(request: Request) -> None:
-    """Prompt changes: the admin token when one is set, else only clients on this machine."""
+    """Prompt changes, files and fine-tuning jobs: the admin token when one is set, else only clients on this machine."""
     admin = request.app.state.settings.admin_token
     if admin is None:
         if not _is_loopback(request):
-            raise APIError(403, "prompt changes are accepted only from loopback clients unless "
-                                "SOFTSERVE_ADMIN_TOKEN is set", "admin_only")
+            raise APIError(403, "prompt changes, files and fine-tuning are accepted only from loopback clients "
+                                "unless SOFTSERVE_ADMIN_TOKEN is set", "admin_only")
         return
     token = _bearer(request)
     if token is None:
-        raise APIError(401, "prompt changes need 'Authorization: Bearer <admin token>'", "missing_admin_token")
+        raise APIError(401, "prompt changes, files and fine-tuning need 'Authorization: Bearer <admin token>'",
+                       "missing_admin_token")
     if not _same_token(token, admin):
-        raise APIError(403, "this token may not change prompts", "forbidden")
+        raise APIError(403, "this token may not change prompts or use files and fine-tuning", "forbidden")

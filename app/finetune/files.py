@@ -83,10 +83,9 @@ class FileStore:
                                       f"bytes, past the limit of {self.max_storage_bytes} (SOFTSERVE_FINETUNE_MAX_STORAGE_MB); "
                                       f"delete files no longer needed")
                 os.replace(temp, self.path(file_id))
+                described = (summary.task, json.dumps(summary.labels), summary.examples) if summary else (None,) * 3
                 db.execute("INSERT INTO files (id, filename, purpose, bytes, created_at, task, labels, examples) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           (file_id, filename, purpose, len(data), now(), summary and summary.task,
-                            summary and json.dumps(summary.labels), summary and summary.examples))
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (file_id, filename, purpose, len(data), now(), *described))
         finally:
             temp.unlink(missing_ok=True)
         return self.get(file_id)

@@ -210,10 +210,10 @@ def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set
         else:
             stale += 1
         if hooks.on_epoch is not None:
-            hooks.on_epoch(record, {"epoch": epoch, "step": step, "prompt": copy.deepcopy(prompt.state_dict()),
-                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    "rng": rng.getstate(), "best": best, "best_state": best_state, "stale": stale,
-                                    "history": history, "tokens": tokens})
+            hooks.on_epoch(record, copy.deepcopy({  # a snapshot: the optimizer's state changes in place
+                "epoch": epoch, "step": step, "prompt": prompt.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng.getstate(), "best": best, "best_state": best_state,
+                "stale": stale, "history": history, "tokens": tokens}))
         if (config.patience is not None and stale >= config.patience) or step >= total:
             break
     prompt.load_state_dict(best_state)
