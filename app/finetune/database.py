@@ -78,8 +78,7 @@ class Database:
     def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
                   data: dict | None = None) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO events (job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?)",
-                       (job_id, now(), level, message, type, None if data is None else json.dumps(data)))
+            insert_event(db, job_id, message, level, type, data)
 
     def page(self, table: str, where: str, args: tuple, after: int | None, limit: int,
              newest_first: bool = True) -> tuple[list[sqlite3.Row], bool]:
@@ -98,3 +97,10 @@ class Database:
         with self.transaction() as db:
             row = db.execute(f"SELECT seq FROM {table} WHERE id = ?", (id,)).fetchone()
         return None if row is None else row["seq"]
+
+
+def insert_event(db: sqlite3.Connection, job_id: str, message: str, level: str = "info", type: str = "message",
+                 data: dict | None = None) -> None:
+    """An event, in a transaction already open (one holding the write lock must not open another)."""
+    db.execute("INSERT INTO events (job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?)",
+               (job_id, now(), level, message, type, None if data is None else json.dumps(data)))

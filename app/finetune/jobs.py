@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.finetune.database import FINAL, Database, now
+from app.finetune.database import FINAL, Database, insert_event, now
 from app.finetune.files import PURPOSE, FileNotFound, FileStore
 from app.train.data import MAX_LENGTH
 from app.train.trainer import DEFAULT_HEAD_LR, DEFAULT_LR, SCHEDULES, TrainConfig
@@ -63,7 +63,7 @@ class SoftserveOptions(BaseModel):
     patience: int | None = Field(None, ge=1)
     limit: int | None = Field(None, ge=1, description="train on the first N examples (after shuffling)")
     heldout_limit: int | None = Field(None, ge=1)
-    description: str = Field("", max_length=1000)
+    description: str = Field("", max_length=1000, description="the prompt's (default: the job that trained it)")
 
 
 class JobRequest(BaseModel):
@@ -145,7 +145,8 @@ class JobManager:
         request = request.model_copy(update={"suffix": request.suffix or f"ft-{job_id[-8:]}",
                                              "seed": random.randrange(2**31) if request.seed is None else request.seed})
         task = self._check(request, model_ids)
-        request = request.model_copy(update={"softserve": request.softserve.model_copy(update={"task": task})})
+        request = request.model_copy(update={"softserve": request.softserve.model_copy(update={
+            "task": task, "description": request.softserve.description or f"trained by fine-tuning job {job_id}"})})
         hyper, flags = resolve(request)
         spec = {"model": request.model, "training_file": request.training_file,
                 "validation_file": request.validation_file, "suffix": request.suffix, "seed": request.seed,
@@ -158,7 +159,9 @@ class JobManager:
                                   f"(SOFTSERVE_FINETUNE_MAX_QUEUED); retry when one has started")
             db.execute("INSERT INTO jobs (id, status, spec, created_at) VALUES (?, 'queued', ?, ?)",
                        (job_id, json.dumps(spec), now()))
-        self.database.add_event(job_id, f"Created fine-tuning job {job_id}: softserve train {shlex.join(flags)}")
+            heldout = ["--heldout", request.validation_file] if request.validation_file else []
+            insert_event(db, job_id, f"Created fine-tuning job {job_id}: softserve train "
+                                     f"{shlex.join([request.training_file, *flags, *heldout])}")
         return self.get(job_id)
 
     def _check(self, request: JobRequest, model_ids: set[str]) -> str:
@@ -242,7 +245,7 @@ class JobManager:
             if row["status"] in FINAL:
                 raise JobFinished(f"fine-tuning job {job_id} has already ended ({row['status']})")
             db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?", (now(), job_id))
-        self.database.add_event(job_id, "Job cancelled")
+            insert_event(db, job_id, "Job cancelled")
         return self.get(job_id)
 
     def _after(self, table: str, after: str | None) -> int | None:

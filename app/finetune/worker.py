@@ -26,10 +26,10 @@ from pathlib import Path
 
 from app.config import Settings
 from app.finetune.child import ChildJob, run
-from app.finetune.database import ACTIVE, FINAL, Database, now
+from app.finetune.database import ACTIVE, FINAL, Database, insert_event, now
 from app.finetune.files import RESULTS_PURPOSE, FileStore, StorageFull
-from prompt_store.format import load_prompt_bytes
-from prompt_store.registry import PromptRegistry
+from prompt_store.format import PromptFormatError, load_prompt_bytes
+from prompt_store.registry import PromptExists, PromptRegistry
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ class Worker:
             job.stop_event.set()
         for job in self.running.values():
             self._end_process(job)
-            with self.database.transaction() as db:
-                db.execute("UPDATE jobs SET lease_expires = 0 WHERE id = ? AND lease_owner = ?", (job.job_id, self.owner))
-            self.database.add_event(job.job_id, "The server stopped; the job resumes from its last checkpoint")
+            with self.database.transaction() as db:  # a stop is no failed attempt: only kills count
+                if db.execute("UPDATE jobs SET lease_expires = 0, attempts = attempts - 1 WHERE id = ? AND lease_owner = ? "
+                              f"AND status IN {ACTIVE}", (job.job_id, self.owner)).rowcount:
+                    insert_event(db, job.job_id, "The server stopped; the job resumes from its last checkpoint")
         self.running.clear()
 
     def _loop(self) -> None:
@@ -119,8 +120,7 @@ class Worker:
                 error = {"code": "worker_lost", "param": None,
                          "message": f"the job was started {row['attempts']} times and stopped each time before it "
                                     f"ended (its server was stopped or killed; SOFTSERVE_FINETUNE_MAX_ATTEMPTS)"}
-                db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                           (json.dumps(error), now(), row["id"]))
+                self._fail(db, row["id"], error)
                 return True
             status = row["status"] if row["status"] in ACTIVE else "validating_files"
             db.execute("UPDATE jobs SET status = ?, lease_owner = ?, lease_expires = ?, attempts = ?, "
@@ -182,7 +182,7 @@ class Worker:
                                  "message": f"the job ran past {self.settings.finetune_max_job_s:g} s "
                                             f"(SOFTSERVE_FINETUNE_MAX_JOB_S) and was stopped"}}
         if "error" in outcome:
-            self._end_job(job.job_id, "failed", error=outcome["error"])
+            self._end_failed(job.job_id, outcome["error"])
         else:
             self._succeed(job.job_id, outcome)
         shutil.rmtree(job.outcome_path.parent, ignore_errors=True)  # its checkpoints too: the job has ended
@@ -190,11 +190,15 @@ class Worker:
     def _succeed(self, job_id: str, outcome: dict) -> None:
         """The prompt becomes the name's next version through the registry's validated, atomic add (this replica
         serves it at once; others on their next poll), under the database's lock, so a cancel that came first wins."""
-        pf = load_prompt_bytes(Path(outcome["prompt_path"]).read_bytes())
         with self.database.transaction(write_first=True) as db:
             if not self._ours(db, job_id):
                 return
-            stored = self.registry.add(pf)
+            try:
+                stored = self.registry.add(load_prompt_bytes(Path(outcome["prompt_path"]).read_bytes()))
+            except (OSError, PromptFormatError, PromptExists) as e:  # (a 409 of the store's: another writer's version)
+                self._fail(db, job_id, {"code": "store_failed", "param": None,
+                                        "message": f"the trained prompt could not be stored: {e}"})
+                return
             model = f"{stored.name}@{stored.version}"
             db.execute("UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, finished_at = ? "
                        "WHERE id = ?", (model, outcome["tokens"], now(), job_id))
@@ -209,13 +213,16 @@ class Worker:
             self.database.add_event(job_id, f"The results file was not stored: {e}", level="warn")
         self.database.add_event(job_id, "The job has successfully completed")
 
-    def _end_job(self, job_id: str, status: str, error: dict) -> None:
+    def _end_failed(self, job_id: str, error: dict) -> None:
         with self.database.transaction(write_first=True) as db:
-            if not self._ours(db, job_id):
-                return
-            db.execute("UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                       (status, json.dumps(error), now(), job_id))
-        self.database.add_event(job_id, f"The job failed: {error['message']}", level="error")
+            if self._ours(db, job_id):
+                self._fail(db, job_id, error)
+
+    @staticmethod
+    def _fail(db, job_id: str, error: dict) -> None:
+        db.execute("UPDATE jobs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                   (json.dumps(error), now(), job_id))
+        insert_event(db, job_id, f"The job failed: {error['message']}", level="error")
 
     def _ours(self, db, job_id: str) -> bool:
         return db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND lease_owner = ? AND status IN {ACTIVE}",
