@@ -44,3 +44,15 @@ def test_running_limit_is_store_wide_and_a_job_that_kept_losing_its_replica_fail
     events, _ = database.page("events", "job_id = ?", ("ftjob-elsewhere",), None, 10)
     assert events[0]["level"] == "error" and events[0]["message"].startswith("The job failed")
     assert job_row(database, "ftjob-queued")["status"] == "queued" and not worker.running
+
+
+def test_checkpoints_of_jobs_that_ended_while_their_replica_was_down_are_removed(tmp_path):
+    settings = Settings(prompt_store=tmp_path / "store")
+    fine_tuning = open_fine_tuning(settings, registry=None)
+    worker, database = fine_tuning.worker, fine_tuning.jobs.database
+    add_job(database, "ftjob-cancelled", "cancelled")
+    add_job(database, "ftjob-running", "running", "other-replica", time.time() + 60)
+    for job_id in ("ftjob-cancelled", "ftjob-running"):
+        (settings.finetune_path / "jobs" / job_id / "checkpoints").mkdir(parents=True)
+    worker.remove_ended_job_folders()
+    assert sorted(p.name for p in (settings.finetune_path / "jobs").iterdir()) == ["ftjob-running"]

@@ -57,6 +57,7 @@ class Worker:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        self.remove_ended_job_folders()
         self._thread = threading.Thread(target=self._loop, name="softserve-finetune", daemon=True)
         self._thread.start()
 
@@ -75,6 +76,17 @@ class Worker:
                               f"AND status IN {ACTIVE}", (job.job_id, self.owner)).rowcount:
                     insert_event(db, job.job_id, "The server stopped; the job resumes from its last checkpoint")
         self.running.clear()
+
+    def remove_ended_job_folders(self) -> None:
+        """Checkpoints of jobs that ended while their replica was down (cancelled meanwhile, or failed elsewhere)."""
+        folders = list((self.directory / "jobs").glob("ftjob-*"))
+        if not folders:
+            return
+        with self.database.transaction() as db:
+            ended = {row["id"] for row in db.execute(f"SELECT id FROM jobs WHERE status IN {FINAL}")}
+        for folder in folders:
+            if folder.name in ended:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.finetune_poll_s):
