@@ -178,6 +178,13 @@ def test_queued_job_shape_queue_limit_and_cancel(client, files):
     after = client.get("/v1/fine_tuning/jobs", params={"after": auto["id"]}).json()["data"]
     assert after[0]["id"] == created["id"]
 
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "mail"}).json()["data"]] == \
+        [created["id"]]
+    assert client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "web"}).json()["data"] == []
+    assert error(client.get("/v1/fine_tuning/jobs", params={"order": "asc"}))[:2] == (400, "order")
+    assert error(client.get(f"/v1/fine_tuning/jobs/{auto['id']}/events", params={"page": 2}))[:2] == (400, "page")
+    assert error(client.get("/v1/files", params={"sort": "bytes"}))[:2] == (400, "sort")
+
     in_use = client.delete(f"/v1/files/{files['spam_val']}")
     assert in_use.status_code == 409 and created["id"] in in_use.json()["error"]["message"]
     for j in (created, auto):

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from app.api.deps import get_services, require_admin
+from app.api.deps import get_services, query, require_admin
 from app.api.errors import APIError
 from app.api.schemas import error_responses
 from app.finetune.files import PURPOSE, check_training_data
@@ -63,7 +63,8 @@ async def upload_file(request: Request, services: Services = Depends(get_service
     return file_object(row)
 
 
-@router.get("", responses=error_responses(401, 403, 404, 503), summary="List files")
+@router.get("", responses=error_responses(400, 401, 403, 404, 503), summary="List files",
+            dependencies=[Depends(query("purpose", "after", "limit", "order"))])
 async def list_files(purpose: str | None = None, after: str | None = None,
                      limit: int = Query(10000, ge=1, le=10000), order: Literal["asc", "desc"] = "desc",
                      services: Services = Depends(get_services)):

@@ -9,7 +9,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 
 from app.api.common import served_model_id
-from app.api.deps import get_services, require_admin
+from app.api.deps import get_services, query, require_admin
 from app.api.errors import APIError
 from app.api.schemas import error_responses
 from app.finetune.jobs import InvalidJob, JobRequest
@@ -35,10 +35,12 @@ async def create_job(request: JobRequest, services: Services = Depends(get_servi
         raise refused(e) from e
 
 
-@router.get("", responses=error_responses(401, 403, 404, 503), summary="List fine-tuning jobs")
+@router.get("", responses=error_responses(400, 401, 403, 404, 503), summary="List fine-tuning jobs")
 async def list_jobs(after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                    metadata: dict[str, str] = Depends(query("after", "limit", metadata=True)),
                     services: Services = Depends(get_services)):
-    return page(*await asyncio.to_thread(services.fine_tuning.jobs.list, after, limit))
+    """`metadata[KEY]=VALUE` (any number): only the jobs whose metadata has those pairs."""
+    return page(*await asyncio.to_thread(services.fine_tuning.jobs.list, after, limit, metadata))
 
 
 @router.get("/{job_id}", responses=error_responses(401, 403, 404, 503), summary="Show a fine-tuning job")
@@ -46,7 +48,8 @@ async def get_job(job_id: str, services: Services = Depends(get_services)):
     return await asyncio.to_thread(services.fine_tuning.jobs.get, job_id)
 
 
-@router.get("/{job_id}/events", responses=error_responses(400, 401, 403, 404, 503), summary="A job's events")
+@router.get("/{job_id}/events", responses=error_responses(400, 401, 403, 404, 503), summary="A job's events",
+            dependencies=[Depends(query("after", "limit"))])
 async def job_events(job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=1000),
                      services: Services = Depends(get_services)):
     """Newest first: steps with their training loss, epochs with the held-out metrics, status changes."""
@@ -56,7 +59,8 @@ async def job_events(job_id: str, after: str | None = None, limit: int = Query(2
         raise refused(e) from e
 
 
-@router.get("/{job_id}/checkpoints", responses=error_responses(400, 401, 403, 404, 503), summary="A job's checkpoints")
+@router.get("/{job_id}/checkpoints", responses=error_responses(400, 401, 403, 404, 503), summary="A job's checkpoints",
+            dependencies=[Depends(query("after", "limit"))])
 async def job_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10, ge=1, le=100),
                           services: Services = Depends(get_services)):
     """One per epoch, newest first, with its metrics. A checkpoint is what a resumed job goes on from; it is not

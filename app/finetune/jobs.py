@@ -220,8 +220,12 @@ class JobManager:
     def get(self, job_id: str) -> dict:
         return job_object(self._row(job_id))
 
-    def list(self, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        rows, more = self.database.page("jobs", "1", (), self._after("jobs", after), limit)
+    def list(self, after: str | None, limit: int, metadata: dict[str, str]) -> tuple[list[dict], bool]:
+        """metadata: only jobs whose metadata holds every one of these pairs."""
+        pair = "EXISTS (SELECT 1 FROM json_each(spec, '$.metadata') WHERE key = ? AND value = ?)"
+        where = " AND ".join([pair] * len(metadata)) or "1"
+        args = tuple(x for item in metadata.items() for x in item)
+        rows, more = self.database.page("jobs", where, args, self._after("jobs", after), limit)
         return [job_object(row) for row in rows], more
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
