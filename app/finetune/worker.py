@@ -6,7 +6,8 @@ most SOFTSERVE_FINETUNE_MAX_RUNNING run store-wide. The lease is renewed every p
 job no longer ours and active (cancelled, or taken over after we stalled) stops the process. A job whose lease
 expired (its replica was killed) is claimed again, by any replica or by the restarted one, and resumes from its
 last checkpoint; after SOFTSERVE_FINETUNE_MAX_ATTEMPTS starts it is failed with the reason, never left running.
-The thread runs no torch work: the server process keeps no training thread (app/own_thread.py).
+The thread runs no torch work (storing a result runs in a thread of its own): the server process keeps no
+long-lived thread with an OpenMP pool besides the engine's (app/own_thread.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from app.config import Settings
 from app.finetune.child import ChildJob, run
 from app.finetune.database import ACTIVE, FINAL, Database, insert_event, now
 from app.finetune.files import RESULTS_PURPOSE, FileStore, StorageFull
+from app.own_thread import run_in_own_thread
 from prompt_store.format import PromptFormatError, load_prompt_bytes
 from prompt_store.registry import PromptExists, PromptRegistry
 
@@ -195,8 +197,8 @@ class Worker:
                                             f"(SOFTSERVE_FINETUNE_MAX_JOB_S) and was stopped"}}
         if "error" in outcome:
             self._end_failed(job.job_id, outcome["error"])
-        else:
-            self._succeed(job.job_id, outcome)
+        else:  # reading and storing the prompt runs torch ops: in a thread that ends with them (app/own_thread.py)
+            run_in_own_thread(self._succeed, job.job_id, outcome)
         shutil.rmtree(job.outcome_path.parent, ignore_errors=True)  # its checkpoints too: the job has ended
 
     def _succeed(self, job_id: str, outcome: dict) -> None:
