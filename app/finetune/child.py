@@ -125,20 +125,25 @@ def save_checkpoint(job: ChildJob, database: Database, record: dict, checkpoint:
     import torch
 
     job.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = job.checkpoint_dir / f"step-{checkpoint['step']}.pt"
+    path = checkpoint_path(job.checkpoint_dir, checkpoint["step"])
     temp = path.with_suffix(".tmp")
     torch.save(checkpoint, temp)
     os.replace(temp, path)
     metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
     with database.transaction() as db:
-        db.execute("INSERT INTO checkpoints (job_id, created_at, step, metrics, path) VALUES (?, ?, ?, ?, ?)",
-                   (job.job_id, now(), checkpoint["step"], json.dumps(metrics), str(path)))
+        db.execute("INSERT INTO checkpoints (job_id, created_at, step, metrics) VALUES (?, ?, ?, ?)",
+                   (job.job_id, now(), checkpoint["step"], json.dumps(metrics)))
     for old in job.checkpoint_dir.glob("step-*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     database.add_event(job.job_id, f"Epoch {record['epoch']} (step {checkpoint['step']}): {shown}; checkpoint saved",
                        type="metrics", data=metrics)
+
+
+def checkpoint_path(checkpoint_dir: Path, step: int) -> Path:
+    """Found by job and step, not by a path in the database: replicas may mount the shared store elsewhere."""
+    return checkpoint_dir / f"step-{step}.pt"
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step INTEGER NOT NULL,
-    metrics TEXT NOT NULL, path TEXT
+    metrics TEXT NOT NULL  -- its file: <finetune dir>/jobs/<job>/checkpoints/step-<step>.pt, the latest only
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, seq);

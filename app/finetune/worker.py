@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.config import Settings
-from app.finetune.child import ChildJob, run
+from app.finetune.child import ChildJob, checkpoint_path, run
 from app.finetune.database import ACTIVE, FINAL, Database, insert_event, now
 from app.finetune.files import RESULTS_PURPOSE, FileStore, StorageFull
 from app.own_thread import run_in_own_thread
@@ -140,9 +140,10 @@ class Worker:
             db.execute("UPDATE jobs SET status = ?, lease_owner = ?, lease_expires = ?, attempts = ?, "
                        "started_at = COALESCE(started_at, ?) WHERE id = ?",
                        (status, self.owner, time.time() + self.settings.finetune_lease_s, attempts, now(), row["id"]))
-            checkpoint = db.execute("SELECT step, path FROM checkpoints WHERE job_id = ? ORDER BY seq DESC LIMIT 1",
+            checkpoint = db.execute("SELECT step FROM checkpoints WHERE job_id = ? ORDER BY seq DESC LIMIT 1",
                                     (row["id"],)).fetchone()
-        resume = Path(checkpoint["path"]) if checkpoint and Path(checkpoint["path"]).exists() else None
+        saved = checkpoint_path(self._job_dir(row["id"]) / "checkpoints", checkpoint["step"]) if checkpoint else None
+        resume = saved if saved is not None and saved.exists() else None
         if row["status"] in ACTIVE:
             self.database.add_event(row["id"], f"Its server stopped; resuming on {self.owner} "
                                     + (f"from the checkpoint at step {checkpoint['step']}" if resume
@@ -155,7 +156,7 @@ class Worker:
 
     def _start(self, row, resume: Path | None) -> None:
         spec = json.loads(row["spec"])
-        job_dir = self.directory / "jobs" / row["id"]
+        job_dir = self._job_dir(row["id"])
         job_dir.mkdir(parents=True, exist_ok=True)
         outcome_path = job_dir / f"outcome-{row['attempts'] + 1}.json"
         validation = spec["validation_file"]
@@ -168,6 +169,9 @@ class Worker:
         process.start()
         started_at = row["started_at"] or time.time()
         self.running[row["id"]] = Running(row["id"], process, stop_event, outcome_path, started_at)
+
+    def _job_dir(self, job_id: str) -> Path:
+        return self.directory / "jobs" / job_id
 
     def _end_process(self, job: Running) -> None:
         job.process.join(STOP_GRACE_S)
