@@ -102,7 +102,8 @@ class JobFinished(Exception):
 
 
 def resolve(request: JobRequest) -> tuple[dict, list[str]]:
-    """The hyperparameters with "auto" resolved, and the `softserve train` flags (without the data files)."""
+    """The hyperparameters with "auto" resolved, and the `softserve train` flags (without the data files);
+    request.softserve.task is resolved already."""
     if request.method is not None and request.method.type != "supervised":
         raise InvalidJob(f"method.type {request.method.type!r} is not supported: softserve trains soft prompts "
                          f"with supervised learning", "method.type")
@@ -121,9 +122,7 @@ def resolve(request: JobRequest) -> tuple[dict, list[str]]:
              "--lr", repr(DEFAULT_LR[options.kind] * scale), "--head-lr", repr(DEFAULT_HEAD_LR * scale),
              "--seed", str(request.seed), "--max-length", str(options.max_length), "--warmup", repr(options.warmup),
              "--schedule", options.schedule, "--weight-decay", repr(options.weight_decay), "--clip", repr(options.clip),
-             "--description", options.description]
-    if options.task is not None:
-        flags += ["--task", options.task]
+             "--description", options.description, "--task", options.task]
     if options.labels is not None:
         flags += ["--labels", ",".join(options.labels)]
     if request.validation_file is None:
