@@ -59,7 +59,7 @@ def run(job: ChildJob, settings: Settings, stop_event) -> None:
     database = Database(job.database_path)
     try:
         outcome = train_job(job, settings, database, lambda: stop_event.is_set() or os.getppid() != job.parent_pid)
-    except Exception as e:  # noqa: BLE001 (every failure becomes the job's error)
+    except Exception as e:  # every failure becomes the job's error
         outcome = {"error": describe_failure(e, job)}
     write_atomically(job.outcome_path, json.dumps(outcome).encode())
 
@@ -98,7 +98,7 @@ def train_job(job: ChildJob, settings: Settings, database: Database, stop) -> di
     train_set, heldout = tokenize_data(args, task, labels, Tokenizer(loaded.directory), rows, heldout_rows)
     with database.transaction() as db:
         db.execute("UPDATE jobs SET status = 'running' WHERE id = ? AND status = 'validating_files'", (job.job_id,))
-    resume = torch.load(job.resume_path, weights_only=False) if job.resume_path else None
+    resume = torch.load(job.resume_path, weights_only=True) if job.resume_path else None  # no pickled code
     database.add_event(job.job_id, f"Files validated: {len(train_set)} training examples, {len(heldout)} held out; "
                        + (f"resuming after step {resume['step']}" if resume else "fine-tuning started"))
 
