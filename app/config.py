@@ -69,13 +69,32 @@ class Settings(EngineKnobs, BaseSettings):
     grammar_max_pending: int = Field(16, ge=1, description="grammar compiles waiting or running at once (429 above)")
     grammar_cache_mb: float = Field(64.0, gt=0, description="memory for compiled grammars kept for reuse (least recently used dropped)")
     client_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this long; its body may pause no longer")
-    admin_token: str | None = Field(None, description="bearer token for prompt changes; unset: only loopback clients may change prompts")
+    admin_token: str | None = Field(None, description="bearer token for prompt changes and the fine-tuning routes; unset: only loopback clients may use them")
     api_keys: str = Field("", description="comma-separated keys for the inference routes; empty: open")
+    # fine-tuning: /v1/files and /v1/fine_tuning/jobs (app/finetune)
+    finetune_dir: Path | None = Field(None, description="uploaded files, the job database and checkpoints; unset: <prompt_store>/_finetune, so replicas sharing the store share jobs")
+    finetune_worker: bool = Field(True, description="this replica runs queued jobs (false: it only accepts and reports them)")
+    finetune_max_file_mb: float = Field(64.0, gt=0, description="largest file upload body (POST /v1/files; 413 above)")
+    finetune_max_storage_mb: float = Field(1024.0, gt=0, description="all uploaded files together (429 storage_full above)")
+    finetune_max_queued: int = Field(8, ge=1, description="jobs waiting to run, store-wide (429 above)")
+    finetune_max_running: int = Field(1, ge=1, description="jobs training at once, store-wide")
+    finetune_max_job_s: float = Field(3600.0, gt=0, description="a job still training this long after it started is stopped and failed")
+    finetune_threads: int = Field(1, ge=1, description="torch CPU threads of a training process (which runs at the lowest CPU priority)")
+    finetune_gpu_memory_fraction: float = Field(0.25, gt=0, le=1, description="on CUDA, the share of the GPU's memory a training process may allocate")
+    finetune_lease_s: float = Field(30.0, gt=0, description="a running job's lease: its replica renews it; once it expires (a killed replica), another replica or a restart resumes the job")
+    finetune_max_attempts: int = Field(3, ge=1, description="times a job is started (resumes after a lost lease included) before it is failed")
+    finetune_poll_s: float = Field(1.0, gt=0, description="how often a replica looks for queued jobs")
 
-    @field_validator("cache_dir", "prompt_store")
+    @field_validator("cache_dir", "prompt_store", "finetune_dir")
     @classmethod
-    def _expand(cls, path: Path) -> Path:
-        return path.expanduser()
+    def _expand(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
+
+    @property
+    def finetune_path(self) -> Path:
+        """Inside the store, so that a volume shared by replicas carries the jobs too; `_finetune` is no valid
+        prompt name, so the registry never takes the folder for a prompt (nor, not being hidden, for its temp files)."""
+        return self.finetune_dir or self.prompt_store / "_finetune"
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -11,6 +11,7 @@ from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
 from app.engine.grammar import Grammars
 from app.engine.weights import LoadedModel, base_identity, load_model
+from app.finetune import FineTuning, open_fine_tuning
 from app.grammars import GrammarCompiler
 from prompt_store.format import PromptFile, load_prompt_file
 from prompt_store.registry import PromptExists, PromptRegistry
@@ -27,6 +28,7 @@ class Services:
     registry: PromptRegistry
     encoder: TextEncoder  # tokenizes off the event loop
     grammars: GrammarCompiler  # compiles structured output's grammars off the event loop and the engine thread
+    fine_tuning: FineTuning  # /v1/files and /v1/fine_tuning/jobs; its worker starts with the engine
 
     @property
     def model_name(self) -> str:
@@ -79,4 +81,5 @@ def load_services(settings: Settings) -> Services:
     grammars = GrammarCompiler(lambda: Grammars(tokenizer.hf, loaded.args.vocab_size), settings.grammar_compile_threads,
                                settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
     return Services(settings, loaded, tokenizer, engine, registry,
-                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars)
+                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars,
+                    open_fine_tuning(settings, registry))
