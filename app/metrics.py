@@ -59,8 +59,8 @@ class EngineCollector:
             "softserve_kv_usage_ratio": ("fraction of KV cache blocks referenced by running sequences",
                                          s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0),
             "softserve_prompts_registered": ("task prompts the engine serves", len(engine.prompts)),
-            "softserve_prompts_loaded": ("task prompts loaded (file read, prefix computed) in CPU memory",
-                                         engine.prompts.num_loaded),
+            "softserve_prompts_loaded": ("task prompt versions loaded (file read, prefix computed) in CPU memory",
+                                         engine.prompts.num_built),
         }
         for name, (doc, value) in gauges.items():
             g = GaugeMetricFamily(name, doc)

@@ -6,7 +6,8 @@ threads than CPUs it makes every pool's workers sleep between parallel regions i
 next one. An engine step runs thousands of small parallel regions, so waking a worker for each is slow: on a
 2-core machine one idle pool left behind by a long-lived thread (the model load in an executor's thread, the
 bench's main thread) made every engine step 1.4-1.6x slower. A thread that ends frees its pool, so work that
-is not the engine's (loading the model, building the engine, checking an upload) runs in a thread of its own.
+is not the engine's (loading the model, building the engine) runs in a thread of its own; an upload's
+forward runs on the engine thread itself (app/engine/prompts.py).
 """
 from __future__ import annotations
 

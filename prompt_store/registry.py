@@ -42,11 +42,9 @@ from app.engine.request import PromptNotFound
 from prompt_store.format import (
     MAX_VIRTUAL_TOKENS,
     BaseIdentity,
-    Kind,
     PromptFile,
     PromptFormatError,
     PromptMeta,
-    Task,
     dump_prompt,
     file_digest,
     load_prompt_file,
@@ -84,21 +82,11 @@ class VersionInfo:
 
 
 @dataclass(frozen=True)
-class PromptInfo:
-    """What listing a prompt shows; no tensors."""
+class PromptInfo(PromptMeta):
+    """What listing a prompt shows: its current (newest) version's fields, and its stored versions; no tensors."""
 
-    name: str
-    kind: Kind
-    task: Task
-    labels: list[str]
-    num_virtual_tokens: int
-    description: str
-    source: str
-    version: int  # the current (newest) version
     versions: list[int]
     size_bytes: int  # of the current version's file
-    created_at: str
-    digest: str  # sha256 of the current version's file
     history: list[VersionInfo]  # every stored version, oldest first
 
 
@@ -172,7 +160,7 @@ class PromptRegistry:
 
     def list(self) -> list[PromptInfo]:
         with self._lock:
-            return [self._info(name, versions) for name, versions in sorted(self._index.items())]
+            return [self._info(self._index[name]) for name in sorted(self._index)]
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
@@ -202,29 +190,14 @@ class PromptRegistry:
     def info(self, name: str) -> PromptInfo:
         """One prompt as list() shows it (PromptNotFound if it is not stored)."""
         with self._lock:
-            return self._info(name, self._versions_of(name))
+            return self._info(self._versions_of(name))
 
     @staticmethod
-    def _info(name: str, versions: dict[int, _StoredVersion]) -> PromptInfo:
+    def _info(versions: dict[int, _StoredVersion]) -> PromptInfo:
         current = versions[max(versions)]
-        pf = current.meta
         history = [VersionInfo(v, stored.meta.created_at, stored.stat[1], stored.meta.digest)
                    for v, stored in sorted(versions.items())]
-        return PromptInfo(
-            name=name,
-            kind=pf.kind,
-            task=pf.task,
-            labels=list(pf.labels),
-            num_virtual_tokens=pf.num_virtual_tokens,
-            description=pf.description,
-            source=pf.source,
-            version=pf.version,
-            versions=sorted(versions),
-            size_bytes=current.stat[1],
-            created_at=pf.created_at,
-            digest=pf.digest,
-            history=history,
-        )
+        return PromptInfo(**vars(current.meta), versions=sorted(versions), size_bytes=current.stat[1], history=history)
 
     def traffic(self, name: str) -> TrafficSplit | None:
         """The name's traffic split; None when it has none, or when a version it names is no longer stored
@@ -277,7 +250,7 @@ class PromptRegistry:
                 versions = {v: known for v, known in self._index.get(pf.name, {}).items() if v in kept}
                 versions[stored.version] = new
                 self._index[pf.name] = versions
-                info = self._info(pf.name, versions)
+                info = self._info(versions)
         self._notify("added", pf.name, stored.version)
         return stored, info
 

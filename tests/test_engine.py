@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from app.engine.sampling import SamplingParams
 from app.engine.sequence import Output
 from app.engine import task_prompt
 from app.engine.weights import base_identity
+from app.services import connect_registry
 from prompt_store.format import PromptFile, Task, embedding_width
+from prompt_store.registry import PromptRegistry
 
 P = 5
 
@@ -297,6 +300,54 @@ def test_a_prefix_is_computed_once_and_a_request_keeps_its_version(tiny_llama, t
         asyncio.run(engine.shutdown(1))
     assert_same(kept, alone_v1)
     assert [t.token_id for t in alone_v2.tokens] != [t.token_id for t in alone_v1.tokens]
+
+
+def test_an_upload_is_built_once_on_the_engine_thread_and_served_as_built(tiny_llama, tokenizer, tmp_path,
+                                                                         monkeypatch):
+    """The upload pipeline (app/api/prompts.py) at the engine: validated by the store, built on the engine
+    thread between two steps while another request runs, stored, then served as built: its first request reads
+    no file and computes no prefix."""
+    _, loaded = tiny_llama
+    registry = PromptRegistry(tmp_path, base_identity(loaded))
+    engine = new_engine(loaded, tokenizer, [])
+    connect_registry(registry, engine, interval_s=3600)
+    stepping = threading.Event()
+    step = engine.core.step
+
+    def watched_step():
+        stepping.set()
+        try:
+            return step()
+        finally:
+            stepping.clear()
+
+    builds, reads = [], []  # (thread, whether a step was running) per prefix computed; files read from the store
+    compute, read = task_prompt.prefix_kv, registry.get
+    monkeypatch.setattr(engine.core, "step", watched_step)
+    monkeypatch.setattr(task_prompt, "prefix_kv",
+                        lambda *a: builds.append((threading.current_thread().name, stepping.is_set())) or compute(*a))
+    monkeypatch.setattr(registry, "get", lambda *a: reads.append(a) or read(*a))
+    pf = make_prompt(loaded, "uploaded", "prompt", "generate", seed=8)
+
+    async def upload_while_serving():
+        other = asyncio.ensure_future(engine.run_to_end(engine.make_sequence(None, ids(8, 1), Task.GENERATE,
+                                                                              greedy(30))))
+        registry.validate(pf)
+        built = await asyncio.to_thread(engine.check_prompt, pf)
+        info = await asyncio.to_thread(registry.add_and_describe, pf)
+        await asyncio.to_thread(engine.adopt_prompt, task_prompt.as_stored(built, info.version, info.digest))
+        served = await asyncio.to_thread(engine.get_prompt, "uploaded")
+        out = await engine.run_to_end(engine.make_sequence(served, ids(6, 2), Task.GENERATE, greedy(4)))
+        return built, info, served, out, await other
+
+    try:
+        built, info, served, out, other = asyncio.run(upload_while_serving())
+    finally:
+        registry.stop_watching()
+        asyncio.run(engine.shutdown(1))
+    assert builds == [("softserve-engine", False)] and reads == []
+    assert served.key == ("uploaded", 1, info.digest) and served.k is built.k and served.v is built.v
+    assert (len(out.tokens), len(other.tokens)) == (4, 30)
 
 
 def test_bad_requests_are_refused_with_reasons(tiny_llama, tokenizer, prompts):

@@ -230,14 +230,14 @@ def test_tag_outputs_do_not_depend_on_cached_text(tiny_llama, tokenizer):
 
 
 def test_prompt_loads_and_removals_run_on_the_engine_thread(tiny_llama, tokenizer, monkeypatch):
-    """No other thread changes the engine's prompt table (its LRU order included) or runs the model beside
+    """No other thread changes the engine's prompt cache (its LRU order included) or runs the model beside
     its steps."""
     import threading
 
     _, loaded = tiny_llama
     engine = new_engine(loaded, tokenizer, [])
     seen = []
-    for method in ("register", "mark_loaded", "remove", "touch"):
+    for method in ("serve", "add", "remove", "touch"):
         inner = getattr(engine.prompts, method)
         monkeypatch.setattr(engine.prompts, method,
                             lambda *a, inner=inner: seen.append(threading.current_thread().name) or inner(*a))
@@ -267,12 +267,12 @@ def test_stored_prompts_load_on_first_use_within_the_memory_budget(tiny_llama, t
     try:
         for name in files:
             engine.register_prompt(name, 1, f"digest{name[1:]}", reader(name))
-        assert (len(engine.prompts), engine.prompts.num_loaded, reads) == (40, 0, [])
+        assert (len(engine.prompts), engine.prompts.num_built, reads) == (40, 0, [])
         request = lambda name: (name, ids(20, 3), Task.GENERATE, greedy(5, logprobs=2))  # noqa: E731
         first = run(engine, [request("p3")])[0]
-        assert reads == ["p3"] and engine.prompts.num_loaded == 1
+        assert reads == ["p3"] and engine.prompts.num_built == 1
         run(engine, [request("p4")])
-        assert reads == ["p3", "p4"] and engine.prompts.num_loaded == 1  # p3 unloaded to fit the budget
+        assert reads == ["p3", "p4"] and engine.prompts.num_built == 1  # p3 unloaded to fit the budget
         hits = engine.stats().prefix_cache_hits
         again = run(engine, [request("p3")])[0]
         assert reads == ["p3", "p4", "p3"]

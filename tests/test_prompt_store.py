@@ -275,7 +275,7 @@ def test_versions_get_list_and_files(registry):
     assert_same_prompt(load_prompt_bytes(registry.read_bytes("ner", 1)), registry.get("ner", 1))
 
     [info] = registry.list()
-    assert (info.name, info.kind, info.task, info.labels) == ("ner", "prompt", "tag", ["O", "PER"])
+    assert (info.name, info.kind, info.task, info.labels) == ("ner", "prompt", "tag", ("O", "PER"))
     assert (info.version, info.versions, info.num_virtual_tokens) == (2, [1, 2], 4)
     assert info.size_bytes == registry.path("ner").stat().st_size
     assert info.created_at == second.created_at and info.source == "softserve-train"

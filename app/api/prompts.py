@@ -2,10 +2,11 @@
 between a prompt's versions (canaries: prompt_store/traffic.py).
 
 An upload is parsed, validated against this server's base and the store's limits (cheap: shapes, row count,
-labels, metadata), and only then built with the model (its prefix and a probe forward, whose cost grows with
-the square of its rows); the registry then writes it atomically and tells the engine synchronously, and the
-engine serves the prompt built here, so it serves requests as soon as the upload returns, with no restart
-(other replicas sharing the folder pick it up on their next poll).
+labels, metadata), and only then built with the model, once, on the engine thread between two steps (its
+prefix and a probe forward, whose cost grows with the square of its rows); the registry then writes it
+atomically and tells the engine synchronously, and the engine serves the prompt built here, so it serves
+requests as soon as the upload returns, with no restart and without reading the file again (other replicas
+sharing the folder pick it up on their next poll).
 Status codes: a body that is not a parseable upload is a 400; a parseable upload whose content is refused
 (bad prompt file, bad adapter, bad name, wrong base) is a 422; over SOFTSERVE_MAX_UPLOAD_MB a 413; a 409
 when another replica stored the same version of the name at the same moment (nothing stored: retry).
@@ -24,7 +25,6 @@ from app.api.errors import APIError
 from app.api.schemas import (DeletedPrompt, DeletedTrafficSplit, PromptList, PromptResponse, TrafficSplitRequest,
                              TrafficSplitResponse, error_responses)
 from app.engine.task_prompt import as_stored
-from app.own_thread import in_own_thread
 from app.services import Services
 from prompt_store.format import PromptFile, PromptFormatError, load_prompt_bytes, parse_json, validate_name
 from prompt_store.peft_import import import_peft_files, parse_adapter_config
@@ -57,7 +57,7 @@ MULTIPART_SCHEMA = {
 
 def _info(services: Services, info: PromptInfo, history: bool = False) -> dict:
     data = dataclasses.asdict(info)
-    data["serving"] = services.engine.prompts.version_of(info.name) == info.version
+    data["serving"] = services.engine.prompts.serving(info.name) == (info.name, info.version, info.digest)
     split = services.registry.traffic(info.name)
     data["traffic"] = None if split is None else split.as_dict()
     if not history:
@@ -117,8 +117,8 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
     pf = dataclasses.replace(await _read_upload(request, services), name=name)
     # Validate before anything is computed with the model: a bad file costs a parse, never a forward.
     await asyncio.to_thread(services.registry.validate, pf)
-    try:
-        built = await in_own_thread(services.engine.check_prompt, pf)  # a forward: off the event loop and its pools
+    try:  # built on the engine thread, between two steps
+        built = await asyncio.to_thread(services.engine.check_prompt, pf)
     except ValueError as e:
         raise APIError(422, str(e), "invalid_prompt") from e
     info = await asyncio.to_thread(services.registry.add_and_describe, pf)

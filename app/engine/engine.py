@@ -3,8 +3,8 @@
 The synchronous engine (LLMEngine, app/engine/llm_engine.py) steps in a thread of its own, so a long forward
 never blocks the event loop (health checks, uploads). This wrapper owns that thread, the requests' streams
 and the hand-over of outputs to the event loops that await them; everything that changes the engine's state
-(new sequences, prompt loads and removals) runs on that thread, between two steps. Other threads only read:
-`stats()` and the prompt table (`prompts`, app/engine/prompt_table.py says which reads are safe).
+(new sequences, prompt builds and removals) runs on that thread, between two steps. Other threads only read:
+`stats()` and the prompt cache (`prompts`, app/engine/prompt_cache.py says which reads are safe).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class AsyncEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
         self.core = LLMEngine(model, tokenizer, config)
         self.tokenizer, self.config = tokenizer, self.core.config
-        self.prompts = self.core.prompts.table  # for reads from any thread; changed on the engine thread only
+        self.prompts = self.core.prompts.cache  # for reads from any thread; changed on the engine thread only
         self._streams: dict[int, _Stream] = {}
         self._seqs: dict[int, Sequence] = {}  # submitted and not finished: for abort and the drain
         self._incoming: list[Sequence] = []
@@ -55,11 +55,12 @@ class AsyncEngine:
         self._thread_stop = False  # the loop thread ends
         self._calls: list[tuple[Callable, concurrent.futures.Future]] = []  # for the engine thread (prompt changes)
 
-    # ---- prompts (app/engine/prompts.py), changed on the engine thread ----------------------------------
+    # ---- prompts (app/engine/prompts.py), built and changed on the engine thread ------------------------
     def check_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
-        """Refuse, before it is stored, a prompt this engine could not serve (ValueError); returns it built,
-        for `adopt_prompt`. Runs a forward: call it off the event loop (Prompts.check)."""
-        return self.core.prompts.check(prompt_file)
+        """Refuse, before it is stored, a prompt this engine could not serve (ValueError); returns it built, for
+        `adopt_prompt` (Prompts.check). Its forward runs on the engine thread between two steps, never beside
+        one: call it off the event loop."""
+        return self._on_engine_thread(lambda: self.core.prompts.check(prompt_file))
 
     def follow_stored(self, name: str, current: Callable[[], tuple[int, str] | None],
                       read: Callable[[int], PromptFile]) -> None:
@@ -74,6 +75,7 @@ class AsyncEngine:
         self.follow_stored(name, lambda: (version, digest), lambda _version: read())
 
     def adopt_prompt(self, prompt: TaskPrompt) -> None:
+        """Serve a prompt built by `check_prompt`, now stored (Prompts.adopt): its first request builds nothing."""
         self._on_engine_thread(lambda: self.core.prompts.adopt(prompt))
 
     def load_prompt(self, prompt_file: PromptFile) -> TaskPrompt:
@@ -93,20 +95,20 @@ class AsyncEngine:
         self._on_engine_thread(lambda: self.core.prompts.remove(name))
 
     def get_prompt(self, name: str | None) -> TaskPrompt | None:
-        """The current version of a prompt, for a new request (None: the bare model). A prompt not loaded is
-        loaded on the engine thread, which waits for the step in progress: call it off the event loop unless
-        `prompt_is_loaded` says it is."""
+        """The current version of a prompt, for a new request (None: the bare model). A prompt not built is
+        built on the engine thread, which waits for the step in progress: call it off the event loop unless
+        `prompt_is_loaded` says it is built."""
         if name is None:
             return None
-        loaded = self.prompts.loaded(name)
-        if loaded is not None:
-            return loaded
+        built = self.prompts.built_current(name)
+        if built is not None:
+            return built
         if name not in self.prompts:
             raise PromptNotFound(f"no prompt named {name!r}; GET /v1/prompts lists them")
         return self._on_engine_thread(lambda: self.core.prompts.get(name))
 
     def prompt_is_loaded(self, name: str | None) -> bool:
-        return name is None or self.prompts.loaded(name) is not None
+        return name is None or self.prompts.built_current(name) is not None
 
     def _on_engine_thread(self, fn: Callable[[], T]) -> T:
         """Run fn between two steps of the engine thread and return its result; inline when no engine thread

@@ -117,7 +117,7 @@ class LLMEngine:
         self.scheduler.waiting.extend(seqs)
         for seq in seqs:
             if seq.prompt is not None:
-                self.prompts.table.touch(seq.prompt)
+                self.prompts.cache.touch(seq.prompt)
 
     @property
     def has_work(self) -> bool:

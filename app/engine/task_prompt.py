@@ -19,6 +19,8 @@ from app.engine.request import Task
 from app.engine.sampling import sanitize
 from prompt_store.format import Kind, PromptFile
 
+Key = tuple[str, int, str]  # (name, version, digest): one stored version of a prompt (digest "": never stored)
+
 
 @dataclass(eq=False)  # identity: two versions of one name are different prompts, whatever their fields
 class TaskPrompt:
@@ -36,6 +38,10 @@ class TaskPrompt:
     # The prefix cache's root for its requests: from its name, version and digest (a reload of the same file
     # finds its cached blocks again; no other prompt or version ever shares one), unique when unstored.
     cache_key: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+
+    @property
+    def key(self) -> Key:
+        return self.name, self.version, self.digest
 
     @property
     def num_virtual_tokens(self) -> int:
