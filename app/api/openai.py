@@ -14,7 +14,7 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.accounting import record, timing_headers, usage
 from app.api.deps import get_services, require_api_key
@@ -42,7 +42,8 @@ from app.services import Services
 from prompt_store.format import BASE_MODEL, Task
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
-                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504),
+                   default_response_class=JSONResponse)  # json.dumps's floats (1e-06), as these routes always wrote
 
 
 def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from app.api.accounting import record, record_label, timing_headers, usage
 from app.api.deps import get_services, require_api_key
@@ -30,7 +31,8 @@ from app.services import Services
 from prompt_store.format import Task
 
 router = APIRouter(prefix="/v1", tags=["tasks"], dependencies=[Depends(require_api_key)],
-                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504),
+                   default_response_class=JSONResponse)  # json.dumps's floats (1e-06), as these routes always wrote
 
 
 async def _run(request: Request, response: Response, services: Services, route: str, seqs):
