@@ -30,7 +30,7 @@ from app.api.openai_schemas import (
     OpenAIRequest,
     streamed,
 )
-from app.api.resolution import check_inputs, check_tokens, default_max_tokens, note_prompt, resolve_prompt
+from app.api.resolution import check_inputs, check_tokens, default_max_tokens, note_prompt, resolve_prompt, text_room
 from app.api.running import cancel_on_disconnect, run_all
 from app.api.sampling_fields import sampling_params
 from app.api.schemas import Usage, error_responses
@@ -69,8 +69,7 @@ def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict |
 def _model_cards(services: Services) -> list[ModelCard]:
     """The base model under its served id, `base` as its alias, then every prompt with the base as parent."""
     root = services.model_id
-    card = dict(created=int(time.time()), owned_by="softserve", root=root,
-                max_model_len=services.engine.config.max_seq_len)
+    card = dict(created=int(time.time()), owned_by="softserve", root=root, max_model_len=text_room(services, None))
     cards = [ModelCard(id=root, parent=None, task=Task.GENERATE, **card),
              ModelCard(id=BASE_MODEL, parent=None, task=Task.GENERATE, alias_of=root, **card)]
     for info in services.registry.list():  # (sorted by name)
