@@ -13,14 +13,11 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.engine.config import EngineConfig
+from app.engine.config import DEFAULT_CACHE_DIR, WEIGHTS_READ_TIMEOUT_S, EngineConfig, EngineKnobs
 from prompt_store.format import MAX_VIRTUAL_TOKENS
 
-DEFAULT_CACHE_DIR = Path("~/.cache/softserve").expanduser()
-ENGINE = EngineConfig()  # the engine's defaults are the settings' defaults
 
-
-class Settings(BaseSettings):
+class Settings(EngineKnobs, BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTSERVE_", protected_namespaces=())
 
     # the model
@@ -33,6 +30,9 @@ class Settings(BaseSettings):
         None, description="the base model's id in /v1/models and `model`; unset: its hub id (the default model's, "
                           "or a directory's config `_name_or_path`), else the folder name")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where the default model is fetched and GGUF files are converted")
+    weights_read_timeout_s: float = Field(
+        WEIGHTS_READ_TIMEOUT_S, gt=0, description="loading fails when a weights file gives no bytes for this long "
+                                                  "(a FIFO nobody writes, a hung network disk)")
     # the server
     host: str = "127.0.0.1"
     port: int = 8000
@@ -45,20 +45,11 @@ class Settings(BaseSettings):
                                       description="where the shipped example prompt files are")
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
     max_virtual_tokens: int = Field(MAX_VIRTUAL_TOKENS, ge=1)
-    # the engine
-    max_seq_len: int = Field(ENGINE.max_seq_len, ge=16, description="positions per request: virtual tokens + input + max_tokens")
+    # the engine: EngineKnobs' fields, inherited (max_seq_len, block_size, prefix_caching, max_batched_tokens, max_num_seqs,
+    # max_waiting, decode_attention, linear_kernel), and these three in a person's units (`engine` converts them)
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
-    max_batched_tokens: int = Field(ENGINE.max_batched_tokens, ge=16, description="tokens per forward pass (prefill chunks + decode tokens)")
-    block_size: int = Field(ENGINE.block_size, ge=1, le=256, description="positions per KV cache block")
-    prefix_caching: bool = Field(ENGINE.prefix_caching, description="reuse the KV blocks of equal prefixes (same prompt, same tokens) across requests")
-    max_num_seqs: int = Field(ENGINE.max_num_seqs, ge=1, description="sequences running at once")
     prompt_cache_mb: float = Field(1024, gt=0, description="CPU memory for loaded prompts (files read, prefixes computed on first use); beyond it the least recently used are unloaded")
-    max_waiting: int = Field(ENGINE.max_waiting, ge=1, description="queued requests beyond which new ones get 429")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
-    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
-        ENGINE.decode_attention, description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its start-up check), triton, or sdpa")
-    linear_kernel: Literal["auto", "onednn", "torch"] = Field(
-        ENGINE.linear_kernel, description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its start-up check, else F.linear), onednn, or torch")
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0, description="on shutdown, how long in-flight requests may finish")
     # the API
@@ -78,13 +69,32 @@ class Settings(BaseSettings):
     grammar_max_pending: int = Field(16, ge=1, description="grammar compiles waiting or running at once (429 above)")
     grammar_cache_mb: float = Field(64.0, gt=0, description="memory for compiled grammars kept for reuse (least recently used dropped)")
     client_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this long; its body may pause no longer")
-    admin_token: str | None = Field(None, description="bearer token for prompt changes; unset: only loopback clients may change prompts")
+    admin_token: str | None = Field(None, description="bearer token for prompt changes and the fine-tuning routes; unset: only loopback clients may use them")
     api_keys: str = Field("", description="comma-separated keys for the inference routes; empty: open")
+    # fine-tuning: /v1/files and /v1/fine_tuning/jobs (app/finetune)
+    finetune_dir: Path | None = Field(None, description="uploaded files, the job database and checkpoints; unset: <prompt_store>/_finetune, so replicas sharing the store share jobs")
+    finetune_worker: bool = Field(True, description="this replica runs queued jobs (false: it only accepts and reports them)")
+    finetune_max_file_mb: float = Field(64.0, gt=0, description="largest file upload body (POST /v1/files; 413 above)")
+    finetune_max_storage_mb: float = Field(1024.0, gt=0, description="all uploaded files together (429 storage_full above)")
+    finetune_max_queued: int = Field(8, ge=1, description="jobs waiting to run, store-wide (429 above)")
+    finetune_max_running: int = Field(1, ge=1, description="jobs training at once, store-wide")
+    finetune_max_job_s: float = Field(3600.0, gt=0, description="a job still training this long after it started is stopped and failed")
+    finetune_threads: int = Field(1, ge=1, description="torch CPU threads of a training process (which runs at the lowest CPU priority)")
+    finetune_gpu_memory_fraction: float = Field(0.25, gt=0, le=1, description="on CUDA, the share of the GPU's memory a training process may allocate")
+    finetune_lease_s: float = Field(30.0, gt=0, description="a running job's lease: its replica renews it; once it expires (a killed replica), another replica or a restart resumes the job")
+    finetune_max_attempts: int = Field(3, ge=1, description="times a job is started (resumes after a lost lease included) before it is failed")
+    finetune_poll_s: float = Field(1.0, gt=0, description="how often a replica looks for queued jobs")
 
-    @field_validator("cache_dir", "prompt_store")
+    @field_validator("cache_dir", "prompt_store", "finetune_dir")
     @classmethod
-    def _expand(cls, path: Path) -> Path:
-        return path.expanduser()
+    def _expand(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
+
+    @property
+    def finetune_path(self) -> Path:
+        """Inside the store, so that a volume shared by replicas carries the jobs too; `_finetune` is no valid
+        prompt name, so the registry never takes the folder for a prompt (nor, not being hidden, for its temp files)."""
+        return self.finetune_dir or self.prompt_store / "_finetune"
 
     @property
     def api_key_set(self) -> frozenset[str]:
@@ -100,6 +110,14 @@ class Settings(BaseSettings):
         from app.engine.weights import resolve_dtype
 
         return resolve_dtype(self.dtype, self.resolved_device())
+
+    @property
+    def engine(self) -> EngineConfig:
+        """The engine's config: the knobs as they are, the three of other units converted (here only)."""
+        knobs = self.model_dump(include=set(EngineKnobs.model_fields))
+        return EngineConfig(**knobs, kv_cache_bytes=None if self.kv_cache_gb is None else int(self.kv_cache_gb * (1 << 30)),
+                            prompt_cache_bytes=int(self.prompt_cache_mb * (1 << 20)),
+                            static_decode=None if self.cuda_graphs else False)
 
     def with_flags(self, args: argparse.Namespace, **extra) -> Settings:
         """These settings with the flags that were given (and `extra`) on top, validated like the environment."""

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from app.config import DEFAULT_CACHE_DIR
-from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.config import DEFAULT_CACHE_DIR, EngineConfig
+from app.engine.engine import AsyncEngine
 from app.engine.model import Transformer
 from app.engine.sampling import SamplingParams
 from app.engine.sequence import Output
@@ -30,15 +30,14 @@ class LLM:
     def __init__(self, model: str = "default", *, device: str = "auto", dtype: str = "auto",
                  cache_dir: Path = DEFAULT_CACHE_DIR, config: EngineConfig | None = None):
         """model: 'default', an HF model directory or a .gguf file, loaded as the server loads it.
-        config: the engine's; default: EngineConfig() with max_seq_len within the model's context."""
+        config: the engine's (default: EngineConfig()), its max_seq_len within the model's context and, unless
+        set, the KV budget measured on the device as the server measures it."""
         device = resolve_device(device)
 
         def load() -> AsyncEngine:  # in a thread that ends with it, so that only the engine's thread keeps
             # an OpenMP pool (app/own_thread.py says why)
             self.loaded = load_model(model, resolve_dtype(dtype, device), device, cache_dir)
-            max_seq_len = min(EngineConfig.max_seq_len, self.loaded.args.max_context)
-            return AsyncEngine(self.loaded.model, Tokenizer(self.loaded.directory),
-                               config or EngineConfig(max_seq_len=max_seq_len))
+            return AsyncEngine(self.loaded.model, Tokenizer(self.loaded.directory), config)
 
         self.loaded: LoadedModel | None = None
         self._start(run_in_own_thread(load))

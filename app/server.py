@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import openai, ops, prompts, tasks, tokenize
+from app.api import files, fine_tuning, openai, ops, prompts, tasks, tokenize
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.middleware import HeadAsGet, RequestMiddleware, kv
@@ -36,6 +36,8 @@ OPENAPI_TAGS = [
     {"name": "openai", "description": "OpenAI-compatible completions; `model` names a generate prompt or `base`."},
     {"name": "tasks", "description": "Batched task endpoints: generate, tag (NER) and classify."},
     {"name": "prompts", "description": "Register, inspect, download and delete task prompts (hot, no restart)."},
+    {"name": "fine-tuning", "description": "OpenAI's Files and fine-tuning jobs APIs: train a task prompt on uploaded "
+                                           "JSONL beside serving; the result serves as `suffix@N`."},
     {"name": "ops", "description": "Health and Prometheus metrics."},
 ]
 
@@ -75,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokenize.router)
     app.include_router(tasks.router)
     app.include_router(prompts.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
     install_docs(app)
     return app
 
@@ -99,6 +103,8 @@ async def _load(app: FastAPI) -> None:
             return
         services.engine.core.on_step = app.state.metrics.observe_step
         services.engine.start()
+        if services.fine_tuning.worker is not None:
+            services.fine_tuning.worker.start()
         app.state.services = services
         log.info(kv(event="ready", model=services.model_name, prompts=len(services.engine.prompts)))
     except Exception as e:  # shown on /health and in the log; the process stays up to say why
@@ -125,6 +131,8 @@ def drain(app: FastAPI) -> None:
         stats = services.engine.stats()
         log.info(kv(event="draining", running=stats.running, waiting=stats.waiting, grace_s=settings.shutdown_grace_s))
         services.registry.stop_watching()
+        if services.fine_tuning.worker is not None:  # its jobs resume from their checkpoints on the next start
+            await asyncio.to_thread(services.fine_tuning.worker.stop)
         await services.engine.shutdown(settings.shutdown_grace_s)
         services.encoder.close()
         services.grammars.close()

@@ -5,15 +5,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from app.config import Settings
 from app.encoder import TextEncoder
-from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
 from app.engine.grammar import Grammars
 from app.engine.weights import LoadedModel, base_identity, load_model, served_model_id
+from app.finetune import FineTuning, open_fine_tuning
 from app.grammars import GrammarCompiler
 from prompt_store.format import PromptFile, load_prompt_file
 from prompt_store.registry import PromptExists, PromptRegistry
@@ -30,21 +28,12 @@ class Services:
     registry: PromptRegistry
     encoder: TextEncoder  # tokenizes off the event loop
     grammars: GrammarCompiler  # compiles structured output's grammars off the event loop and the engine thread
+    fine_tuning: FineTuning  # /v1/files and /v1/fine_tuning/jobs; its worker starts with the engine
     model_id: str  # the base model's id in the API (/v1/models, metrics), `base` its alias
 
     @property
     def model_name(self) -> str:
         return self.loaded.name
-
-
-def kv_cache_bytes(settings: Settings, device: str) -> int:
-    """The configured budget, else 90% of the GPU memory still free after the weights, else 2 GiB."""
-    if settings.kv_cache_gb is not None:
-        return int(settings.kv_cache_gb * (1 << 30))
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free * 0.9)
-    return CPU_KV_CACHE_BYTES
 
 
 def connect_registry(registry: PromptRegistry, engine: AsyncEngine, interval_s: float) -> None:
@@ -79,16 +68,11 @@ def add_example_prompts(registry: PromptRegistry, directory: Path) -> None:
 
 def load_services(settings: Settings) -> Services:
     device = settings.resolved_device()
-    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir)
+    loaded = load_model(settings.model, settings.resolved_dtype(), device, settings.cache_dir,
+                        settings.weights_read_timeout_s)
     tokenizer = Tokenizer(loaded.directory)
-    max_seq_len = min(settings.max_seq_len, loaded.args.max_context)
-    config = EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=kv_cache_bytes(settings, device),
-                          block_size=settings.block_size, prefix_caching=settings.prefix_caching,
-                          max_batched_tokens=settings.max_batched_tokens, max_num_seqs=settings.max_num_seqs,
-                          max_waiting=settings.max_waiting, static_decode=None if settings.cuda_graphs else False,
-                          prompt_cache_bytes=int(settings.prompt_cache_mb * (1 << 20)),
-                          decode_attention=settings.decode_attention, linear_kernel=settings.linear_kernel)
-    engine = AsyncEngine(loaded.model, tokenizer, config)
+    engine = AsyncEngine(loaded.model, tokenizer, settings.engine)
+    max_seq_len = engine.config.max_seq_len  # within the model's context
     registry = PromptRegistry(settings.prompt_store, base_identity(loaded), settings.max_virtual_tokens)
     if settings.example_prompts:
         add_example_prompts(registry, settings.example_prompts_dir)
@@ -99,4 +83,5 @@ def load_services(settings: Settings) -> Services:
                                settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
     model_id = served_model_id(settings.served_model_name, settings.model, loaded.directory, loaded.name)
     return Services(settings, loaded, tokenizer, engine, registry,
-                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars, model_id)
+                    TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars,
+                    open_fine_tuning(settings, registry), model_id)

@@ -98,8 +98,8 @@ def host_ms(fn, repeats: int = 10) -> float:
 def steps(shape: str, out: Path) -> None:
     models = build_models(shape, DEVICE, torch.bfloat16, Path("."))
     n, lo, hi, virtual, new = 192, 32, 256, 20, 128
-    config = engine_config(models.ours, n, virtual + hi + new, 8192)
-    config.static_decode = True  # on CPU: the static step, eagerly
+    config = engine_config(models.ours, n, virtual + hi + new, max_batched_tokens=8192,
+                           static_decode=True)  # on CPU: the static step, eagerly
     engine = LLMEngine(models.ours, NullTokenizer(), config)
     for pf in prompt_files(models, prompt_tensors(models.args, virtual)):
         engine.prompts.load(pf)

@@ -58,3 +58,16 @@ def test_admin_token_guards_prompt_changes(client):
     assert status_code(client.delete("/v1/prompts/guarded")) == (401, "missing_admin_token")
     assert status_code(client.delete("/v1/prompts/guarded", headers=bearer(KEYS[1]))) == (403, "forbidden")
     assert client.delete("/v1/prompts/guarded", headers=bearer(ADMIN)).status_code == 200
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x"), ("GET", "/v1/files/file-x/content"),
+    ("DELETE", "/v1/files/file-x"), ("GET", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x"), ("GET", "/v1/fine_tuning/jobs/ftjob-x/events"),
+    ("GET", "/v1/fine_tuning/jobs/ftjob-x/checkpoints"), ("POST", "/v1/fine_tuning/jobs/ftjob-x/cancel")])
+def test_admin_token_guards_files_and_fine_tuning(client, method, path):
+    """Files are training data and jobs name prompts: reading needs the admin token as writing does."""
+    assert status_code(client.request(method, path)) == (401, "missing_admin_token")
+    assert status_code(client.request(method, path, headers=bearer(KEYS[0]))) == (403, "forbidden")
+    allowed = client.request(method, path, headers=bearer(ADMIN))
+    assert allowed.status_code in (200, 400, 404) and allowed.json().get("error", {}).get("code") != "forbidden"

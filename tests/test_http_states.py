@@ -1,11 +1,13 @@
 """The server's states seen over HTTP, each against a real server process: a full queue (429 with Retry-After,
 the admitted requests still complete), a model that is loading and one that failed to load (503 naming
-which, on /health and on the routes, the process staying up), and requests that run past
+which, on /health and on the routes, the process staying up), a weights read that stalls (the server still
+answers and stops; past SOFTSERVE_WEIGHTS_READ_TIMEOUT_S the load fails), and requests that run past
 SOFTSERVE_REQUEST_TIMEOUT_S (504, nothing left running)."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -174,6 +176,85 @@ def test_loading_then_failed_load_are_503_naming_the_state(tmp_path):
         if writer is not None:
             os.close(writer)  # the loader reads EOF and fails, so the server can stop
         server.stop()
+
+
+def _reader_of(pid: int, path: Path) -> int | None:
+    """The child process of `pid` whose command line names `path` (the weights reader), if there is one."""
+    for task in Path(f"/proc/{pid}/task").iterdir():  # each thread's children: the loading thread started it
+        try:
+            for child in (task / "children").read_text().split():
+                if str(path).encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                    return int(child)
+        except OSError:  # ended meanwhile
+            pass
+    return None
+
+
+def _ended(pid: int) -> bool:
+    """Whether process `pid` is gone or a zombie (ended, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _tiny_model_with_fifo_weights(tmp_path: Path) -> Path:
+    """A model folder whose model.safetensors is a FIFO nobody writes: opening it blocks for ever."""
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    os.mkfifo(model / "model.safetensors")
+    return model
+
+
+def test_a_stalled_weights_read_keeps_health_answering_and_sigterm_stopping(tmp_path):
+    """Opening the FIFO blocks the weights reader, a child process: in safetensors' own reader it would block
+    holding the GIL and freeze the server. Meanwhile /health answers 503 `loading`, and SIGTERM stops the
+    server, the blocked reader with it."""
+    model = _tiny_model_with_fifo_weights(tmp_path)
+    server = LiveServer(tmp_path / "store", {"SOFTSERVE_MODEL": str(model), "SOFTSERVE_WEIGHTS_READ_TIMEOUT_S": "3600"})
+    try:
+        server.start()
+        reader = poll(lambda: server.proc.poll() is None and _reader_of(server.proc.pid, model / "model.safetensors"),
+                      "the weights reader opens model.safetensors", timeout=120)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            poll(lambda: _health(client), "the server listens")
+            for _ in range(3):
+                assert "loading" in error_of(client.get("/health"), 503, "not_ready")
+            assert "softserve_ready 0.0" in client.get("/metrics").text
+        assert _reader_of(server.proc.pid, model / "model.safetensors") == reader  # still blocked meanwhile
+
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=60)
+        assert server.proc.returncode == -signal.SIGTERM, server.output()  # uvicorn ends by the signal it got
+        poll(lambda: _ended(reader), "the blocked reader ends with the server")
+    finally:
+        server.stop()
+
+
+def test_a_weights_read_past_its_timeout_fails_the_load_naming_it(tmp_path):
+    model = _tiny_model_with_fifo_weights(tmp_path)
+    server = LiveServer(tmp_path / "store", {"SOFTSERVE_MODEL": str(model), "SOFTSERVE_WEIGHTS_READ_TIMEOUT_S": "1"})
+    try:
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            failed = poll(lambda: (r := _health(client)) and r.json()["error"]["code"] != "not_ready" and r,
+                          "the load fails", timeout=120)
+            message = error_of(failed, 503, "load_failed")
+            assert message == (f"the model failed to load: reading {model / 'model.safetensors'} stalled: "
+                               f"no data for 1 s (a FIFO nobody writes, a hung disk?)")
+            assert message.removeprefix("the model failed to load: ") in server.output()  # and in the log
+            assert server.proc.poll() is None  # the process stays up to say why
+    finally:
+        server.stop()
+
+
+def _health(client: httpx.Client) -> httpx.Response | None:
+    """/health's answer, None while the server does not listen yet."""
+    try:
+        return client.get("/health")
+    except httpx.TransportError:
+        return None
 
 
 # ---- request timeout ------------------------------------------------------------------------------------

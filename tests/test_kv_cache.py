@@ -57,10 +57,11 @@ def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(
         assert (outs[False][0, row] - want).abs().max() < 1e-5
 
 
-def test_decode_rows_of_mixed_lengths_are_grouped_by_length_and_each_attends_to_exactly_its_own_keys():
-    positions = [5, 40, 6, 41, 20, 3, 1]  # grouped by length, longest first, out of the step's order
-    assert length_groups([p + 1 for p in positions]) == [[3, 1], [4], [2, 0], [5, 6]]  # 4 groups at most
-    assert length_groups([30, 31, 25]) == [[0, 1, 2]]  # one group: the step's own order
+def test_decode_rows_of_mixed_lengths_are_grouped_in_runs_by_length_and_each_attends_to_exactly_its_own_keys():
+    positions = [41, 40, 20, 6, 5, 3, 1]  # longest first, as the runner orders decode rows
+    assert length_groups([p + 1 for p in positions]) == [(0, 2), (2, 3), (3, 5), (5, 7)]  # 4 runs at most
+    assert length_groups([31, 30, 25]) == [(0, 3)]
+    assert length_groups([10, 40, 12]) == [(0, 3)]  # out of order: one run, padded to its longest (40)
     order = (torch.randperm(80, generator=torch.Generator().manual_seed(4)) + 1).tolist()
     tables = [order[i * 11:(i + 1) * 11] for i in range(len(positions))]
     slots = [t[p // B] * B + p % B for t, p in zip(tables, positions)]

@@ -15,8 +15,8 @@ from app.engine.task_prompt import build_task_prompt
 from app.engine.weights import load_hf_directory
 from app.train.data import IGNORE, DataError, bio_labels, infer_labels, load_examples, read_jsonl
 from app.train.metrics import bio_entities
-from app.train.trainer import (TrainConfig, batch_tensors, evaluate, evaluate_prompt, new_prompt, to_prompt_file,
-                               train)
+from app.train.trainer import (TrainConfig, TrainHooks, TrainingStopped, batch_tensors, evaluate, evaluate_prompt,
+                               new_prompt, to_prompt_file, train)
 from prompt_store.format import Task, dump_prompt, load_prompt_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +79,28 @@ def test_training_lowers_heldout_loss_and_leaves_the_base_frozen(tiny, tokenizer
         assert not torch.equal(result.prompt.head.weight, untrained.head.weight)
     trained = {n for n, p in result.prompt.named_parameters()}
     assert trained == ({"embeddings"} if task == "generate" else {"embeddings", "head.weight", "head.bias"})
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_hooks_report_steps_and_a_run_resumed_from_a_checkpoint_ends_as_an_unbroken_one(tiny, tokenizer, kind):
+    """What the fine-tuning service relies on: per-step progress, a checkpoint per epoch, resume, stop."""
+    labels, train_set, heldout = task_data("classify", tokenizer)
+    config = quick_config("classify", kind)
+    steps, checkpoints = [], []
+    unbroken = train(tiny, config, labels, train_set, heldout, TrainHooks(
+        on_step=lambda step, total, loss, tokens: steps.append((step, total, tokens)),
+        on_epoch=lambda record, checkpoint: checkpoints.append(checkpoint)))
+    assert [(step, total) for step, total, _ in steps] == [(i, 6) for i in range(1, 7)]
+    assert unbroken.tokens == sum(tokens for _, _, tokens in steps) == 3 * sum(len(e.input_ids) for e in train_set)
+    assert [c["step"] for c in checkpoints] == [2, 4, 6]
+
+    resumed = train(tiny, config, labels, train_set, heldout, TrainHooks(resume=checkpoints[0]))
+    assert resumed.history == unbroken.history and resumed.steps == 6 and resumed.tokens == unbroken.tokens
+    assert torch.equal(resumed.prompt.embeddings, unbroken.prompt.embeddings)
+    assert torch.equal(resumed.prompt.head.weight, unbroken.prompt.head.weight)
+    with pytest.raises(TrainingStopped, match="step 3"):
+        train(tiny, config, labels, train_set, heldout, TrainHooks(stop=lambda: len(steps) >= 9,
+                                                                   on_step=lambda *a: steps.append(a)))
 
 
 def test_a_step_gives_gradients_only_to_the_prompt_and_head(tiny, tokenizer):

@@ -1,4 +1,5 @@
-"""Route dependencies: the loaded services (503 until ready, and while draining), API keys, and the admin check."""
+"""Route dependencies: the loaded services (503 until ready, and while draining), API keys, the admin check, and
+the query parameters a route takes."""
 from __future__ import annotations
 
 import hmac
@@ -62,15 +63,31 @@ def require_api_key(request: Request) -> None:
 
 
 def require_admin(request: Request) -> None:
-    """Prompt changes: the admin token when one is set, else only clients on this machine."""
+    """Prompt changes, files and fine-tuning jobs: the admin token when one is set, else only clients on this machine."""
     admin = request.app.state.settings.admin_token
     if admin is None:
         if not _is_loopback(request):
-            raise APIError(403, "prompt changes are accepted only from loopback clients unless "
-                                "SOFTSERVE_ADMIN_TOKEN is set", "admin_only")
+            raise APIError(403, "prompt changes, files and fine-tuning are accepted only from loopback clients "
+                                "unless SOFTSERVE_ADMIN_TOKEN is set", "admin_only")
         return
     token = _bearer(request)
     if token is None:
-        raise APIError(401, "prompt changes need 'Authorization: Bearer <admin token>'", "missing_admin_token")
+        raise APIError(401, "prompt changes, files and fine-tuning need 'Authorization: Bearer <admin token>'",
+                       "missing_admin_token")
     if not _same_token(token, admin):
-        raise APIError(403, "this token may not change prompts", "forbidden")
+        raise APIError(403, "this token may not change prompts or use files and fine-tuning", "forbidden")
+
+
+def query(*names: str, metadata: bool = False):
+    """A dependency that refuses (400, naming it) a query parameter the route does not take, as every body field
+    is refused; `metadata[key]=value` (OpenAI's job filter) where metadata=True: returns those pairs."""
+    def check(request: Request) -> dict[str, str]:
+        pairs = {}
+        for key, value in request.query_params.multi_items():
+            if metadata and key.startswith("metadata[") and key.endswith("]"):
+                pairs[key[len("metadata["):-1]] = value
+            elif key not in names:
+                raise APIError(400, f"unknown query parameter {key!r}; this route takes "
+                                    f"{', '.join(names + (('metadata[KEY]',) if metadata else ()))}", "unknown_field", key)
+        return pairs
+    return check

@@ -17,7 +17,8 @@ SECURITY_SCHEMES = {
     "apiKey": {"type": "http", "scheme": "bearer",
                "description": "one of SOFTSERVE_API_KEYS (inference and read routes; open when unset)"},
     "adminToken": {"type": "http", "scheme": "bearer",
-                   "description": "SOFTSERVE_ADMIN_TOKEN (prompt changes; loopback clients only when unset)"},
+                   "description": "SOFTSERVE_ADMIN_TOKEN (prompt changes, files and fine-tuning; loopback clients only "
+                                  "when unset)"},
 }
 
 

@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.encoder import TextTooLong, UnencodableText
 from app.engine.request import InvalidRequest, Overloaded, PromptNotFound, ShuttingDown, WrongTaskType
 from app.engine.tokenizer import ChatTemplateError
+from app.finetune.files import FileInUse, FileNotFound, StorageFull
+from app.finetune.jobs import JobFinished, JobNotFound, TooManyJobs
 from app.grammars import GrammarsBusy
 from prompt_store.format import PromptFormatError
 from prompt_store.registry import PromptExists, VersionConflict
@@ -121,6 +123,12 @@ ENGINE_ERRORS = [
     (Overloaded, 429, "overloaded"),
     (GrammarsBusy, 429, "overloaded"),
     (ShuttingDown, 503, "shutting_down"),
+    (FileNotFound, 404, "file_not_found"),
+    (FileInUse, 409, "file_in_use"),
+    (StorageFull, 429, "storage_full"),
+    (JobNotFound, 404, "job_not_found"),
+    (JobFinished, 409, "job_finished"),
+    (TooManyJobs, 429, "too_many_jobs"),
 ]
 
 

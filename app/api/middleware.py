@@ -81,10 +81,12 @@ class RequestMiddleware:
         self.app, self.settings, self.metrics, self.get_services = app, settings, metrics, get_services
 
     def body_limit(self, scope) -> tuple[int, str]:
-        """(bytes, setting): prompt uploads may be large; every other body (inference) is kept small, so
-        one client cannot make the server parse and tokenize tens of megabytes."""
+        """(bytes, setting): prompt and file uploads may be large; every other body (inference) is kept small,
+        so one client cannot make the server parse and tokenize tens of megabytes."""
         if scope["method"] == "PUT" and UPLOAD_PATH.fullmatch(scope["path"]):
             return int(self.settings.max_upload_mb * (1 << 20)), "SOFTSERVE_MAX_UPLOAD_MB"
+        if scope["method"] == "POST" and scope["path"] == "/v1/files":
+            return int(self.settings.finetune_max_file_mb * (1 << 20)), "SOFTSERVE_FINETUNE_MAX_FILE_MB"
         return int(self.settings.max_request_mb * (1 << 20)), "SOFTSERVE_MAX_REQUEST_MB"
 
     async def __call__(self, scope, receive, send):

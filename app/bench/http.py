@@ -83,7 +83,7 @@ async def sweep_http(url: str, texts: list[str], new: int, concurrency: int, mod
                         if first is None:
                             first = time.perf_counter() - t
                         chunk = json.loads(line[6:])
-                        if "usage" in chunk:
+                        if chunk.get("usage"):  # null on every chunk but the last (OpenAI's include_usage)
                             counts[0] += chunk["usage"]["completion_tokens"]
                             counts[1] += chunk["usage"]["prompt_tokens"]
                 lat.append(time.perf_counter() - t)

@@ -9,23 +9,21 @@ import time
 
 from app.bench.peer import RequestResult, sync
 from app.bench.workload import Request
-from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.config import EngineConfig
+from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
 from app.engine.sampling import SamplingParams
 from prompt_store.format import Task
 
 
-def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, max_batched_tokens: int,
-                  cuda_graphs: bool = True, decode_attention: str = "auto", block_size: int = 16,
-                  prefix_caching: bool = True, linear_kernel: str = "auto") -> EngineConfig:
-    """A KV cache that holds num_seqs sequences of max_seq_len positions at once (and the scratch block)."""
-    blocks = num_seqs * -(-max_seq_len // block_size) + 1
-    per_block = KVCache.bytes_per_token(model.args, model.embed_tokens.weight.dtype) * block_size
-    return EngineConfig(max_seq_len=max_seq_len, kv_cache_bytes=per_block * blocks, block_size=block_size,
-                        prefix_caching=prefix_caching, max_batched_tokens=max_batched_tokens, max_num_seqs=num_seqs,
-                        max_waiting=max(256, num_seqs), static_decode=None if cuda_graphs else False,
-                        decode_attention=decode_attention, linear_kernel=linear_kernel)
+def engine_config(model: Transformer, num_seqs: int, max_seq_len: int, **knobs) -> EngineConfig:
+    """A KV cache that holds num_seqs sequences of max_seq_len positions at once (and the scratch block);
+    knobs: EngineConfig's others (max_batched_tokens, static_decode, ...)."""
+    config = EngineConfig(max_seq_len=max_seq_len, max_num_seqs=num_seqs, max_waiting=max(256, num_seqs), **knobs)
+    blocks = num_seqs * -(-max_seq_len // config.block_size) + 1
+    per_block = KVCache.bytes_per_token(model.args, model.embed_tokens.weight.dtype) * config.block_size
+    return config.model_copy(update={"kv_cache_bytes": per_block * blocks})
 
 
 async def _run(engine: AsyncEngine, reqs: list[Request], new: int, progress) -> tuple[list[RequestResult], float]:

@@ -42,7 +42,7 @@ MODEL_ARGS = {  # shapes whose KV size the capacity count needs (no weights are 
 class CapacityConfig:
     shape: str = "default"
     kv_cache_gb: float = CPU_KV_CACHE_GB
-    max_seq_len: int = EngineConfig.max_seq_len
+    max_seq_len: int = EngineConfig().max_seq_len
     block_size: int = 16
     dtype: torch.dtype = torch.float32
     n: int = 4096  # requests offered (more than fit)
@@ -111,7 +111,7 @@ class SharedPrefixConfig:
     virtual: int = 20
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    max_batched_tokens: int = EngineConfig.max_batched_tokens
+    max_batched_tokens: int = EngineConfig().max_batched_tokens
     kv_cache_gb: float = CPU_KV_CACHE_GB  # caching decides how many requests fit at once
     seed: int = 1
 

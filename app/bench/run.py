@@ -21,8 +21,8 @@ from app.bench.measure import (PeakMemory, copy_bandwidth, decode_bound, device_
 from app.bench.ours import StepTimer, engine_config, run_ours
 from app.bench.peer import RequestResult, run_peer
 from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_files, prompt_tensors, workload
-from app.config import DEFAULT_CACHE_DIR
-from app.engine.engine import AsyncEngine, EngineConfig
+from app.engine.config import DEFAULT_CACHE_DIR, EngineConfig
+from app.engine.engine import AsyncEngine
 from app.engine.kv_cache import KVCache
 from app.engine.weights import resolve_device, resolve_dtype
 from app.own_thread import run_in_own_thread
@@ -45,10 +45,10 @@ class BenchConfig:
     dtype: str = "auto"
     seed: int = 1
     skip_peer: bool = False
-    max_batched_tokens: int = EngineConfig.max_batched_tokens
+    max_batched_tokens: int = EngineConfig().max_batched_tokens
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
-    linear_kernel: str = EngineConfig.linear_kernel  # auto | onednn | torch (app/engine/linear_kernels.py)
+    linear_kernel: str = EngineConfig().linear_kernel  # auto | onednn | torch (app/engine/linear_kernels.py)
     cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
     warmup: bool = True
@@ -155,8 +155,9 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
 
     tokenizer = Tokenizer(models.directory) if models.directory is not None else NullTokenizer()
     max_seq_len = cfg.virtual + cfg.hi + cfg.new
-    econf = engine_config(models.ours, cfg.n, max_seq_len, cfg.max_batched_tokens, cfg.cuda_graphs,
-                          cfg.decode_attention, linear_kernel=cfg.linear_kernel)
+    econf = engine_config(models.ours, cfg.n, max_seq_len, max_batched_tokens=cfg.max_batched_tokens,
+                          static_decode=None if cfg.cuda_graphs else False, decode_attention=cfg.decode_attention,
+                          linear_kernel=cfg.linear_kernel)
     t = time.perf_counter()  # built in threads that end, as the server builds it (app/own_thread.py)
     engine = run_in_own_thread(AsyncEngine, models.ours, tokenizer, econf)
     engine_setup_s = time.perf_counter() - t  # the KV cache, and on CUDA the decode graphs' capture

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace, settings: Settings) -> None:
     tokenizer = Tokenizer(loaded.directory)
     vocab = loaded.args.vocab_size
     engine = AsyncEngine(loaded.model, tokenizer, engine_config(loaded.model, max(args.batch), MAX_SEQ_LEN,
-                                                                settings.max_batched_tokens, cuda_graphs=False))
+                                                                max_batched_tokens=settings.max_batched_tokens,
+                                                                static_decode=False))
     start = time.perf_counter()
     grammars = Grammars(tokenizer.hf, vocab)
     setup_s = time.perf_counter() - start

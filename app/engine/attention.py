@@ -3,8 +3,8 @@
 A step's tokens are one flat list (decode tokens of any sequences first, then prefill chunks; B=1, T=N), so
 the projections and MLPs run once over exactly the real tokens, with no padding. Each token's K,V are
 written to its slot, then attention reads every sequence's keys through its block table:
-  - decode tokens: grouped by length (on CPU), one SDPA call per group over its gathered keys (padded to its
-    longest, masked);
+  - decode tokens (longest first): in runs of similar length (on CPU; one run on CUDA), one SDPA call per run
+    over its gathered keys (padded to its longest, masked);
   - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
     layer) or one call per chunk (CPU, where the padded call measured 2-3x slower).
 Keys are gathered block by block in the cache's head-major layout (app/engine/kv_cache.py), which gives
@@ -52,27 +52,26 @@ def _tables(tables: list[list[int]], device) -> torch.Tensor:
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
-def length_groups(lengths: list[int], ratio: float = 1.5, max_groups: int = 4) -> list[list[int]]:
-    """Row indices grouped by length, longest first (one group: all rows, in order). A group ends where a row
-    is shorter than its longest / ratio, so padding each group to its longest wastes little (rows of 50 and
-    280 keys padded together would each gather and attend over 280); at most max_groups, each costing its own
-    gather and SDPA call per layer."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
-    groups = [[order[0]]]
-    for row in order[1:]:
-        if lengths[row] * ratio < lengths[groups[-1][0]] and len(groups) < max_groups:
-            groups.append([])
-        groups[-1].append(row)
-    return groups if len(groups) > 1 else [list(range(len(lengths)))]  # one group: in the step's own order
+def length_groups(lengths: list[int], ratio: float = 1.5, max_groups: int = 4) -> list[tuple[int, int]]:
+    """Rows (longest first) -> runs (start, end) of rows of similar length. A run ends where a row is shorter
+    than the run's first / ratio, so padding each run to its longest wastes little (rows of 50 and 280 keys
+    padded together would each gather and attend over 280); at most max_groups runs, each costing its own
+    gather and SDPA call per layer. Rows in another order are still grouped correctly, only less tightly."""
+    starts = [0]
+    for row in range(1, len(lengths)):
+        if lengths[row] * ratio < lengths[starts[-1]] and len(starts) < max_groups:
+            starts.append(row)
+    return list(zip(starts, starts[1:] + [len(lengths)]))
 
 
 class DecodeGroup:
-    """Decode rows of similar length: their keys gathered together, padded to the longest, masked."""
+    """A run of decode rows of similar length: their keys gathered together, padded to the longest, masked."""
 
-    def __init__(self, cache: KVCache, tables: list[list[int]], positions: list[int], rows: torch.Tensor | None):
+    def __init__(self, cache: KVCache, start: int, end: int, tables: list[list[int]], positions: list[int]):
         B, device = cache.block_size, cache.device
+        self.start, self.end = start, end  # the rows start..end-1 of the step's decode rows
+        tables, positions = tables[start:end], positions[start:end]
         blocks = _blocks_for(max(positions) + 1, B)
-        self.rows = rows  # which of the step's decode rows (None: all of them, in order)
         self.gather = cache.plan_gather(_tables([t[:blocks] for t in tables], device))  # (rows, blocks)
         # (1, rows, 1, L): row d sees its positions 0..positions[d] of the blocks gathered for it
         self.mask = (torch.arange(blocks * B, device=device)[None, :]
@@ -81,8 +80,8 @@ class DecodeGroup:
     def attend(self, cache: KVCache, layer: int, q: torch.Tensor) -> torch.Tensor:
         """q (decode rows, H, hd) of the whole step -> (this group's rows, H, hd)."""
         keys, values = cache.gather(layer, self.gather)  # (KVH, rows, L, hd)
-        q = q if self.rows is None else q[self.rows]
-        out = F.scaled_dot_product_attention(_grouped(q, keys.shape[0]), keys, values, attn_mask=self.mask)
+        out = F.scaled_dot_product_attention(_grouped(q[self.start:self.end], keys.shape[0]), keys, values,
+                                             attn_mask=self.mask)
         return _ungrouped(out)
 
 
@@ -99,15 +98,11 @@ class PagedAttention:
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
         if self.num_decode:
+            decode_positions = positions[:self.num_decode]
             # on CUDA a group's calls cost more than the padding they save
-            groups = length_groups([p + 1 for p in positions[:self.num_decode]],
-                                   max_groups=4 if device.type == "cpu" else 1)
-            self.decode_groups = [DecodeGroup(cache, [decode_tables[r] for r in rows], [positions[r] for r in rows],
-                                              torch.tensor(rows, device=device) if len(groups) > 1 else None)
-                                  for rows in groups]
-            # the groups' outputs, concatenated, back in the step's row order
-            self.decode_order = torch.argsort(torch.tensor([r for rows in groups for r in rows], device=device)) \
-                if len(groups) > 1 else None
+            runs = length_groups([p + 1 for p in decode_positions], max_groups=4 if device.type == "cpu" else 1)
+            self.decode_groups = [DecodeGroup(cache, start, end, decode_tables, decode_positions)
+                                  for start, end in runs]
         self.batch_chunks = device.type == "cuda" if batch_chunks is None else batch_chunks
         if chunks and self.batch_chunks:
             # Padded to the longest chunk: padded row i*T + t is token t of chunk i (past a chunk's end it
@@ -140,8 +135,7 @@ class PagedAttention:
         parts = []
         D = self.num_decode
         if D:
-            outs = [group.attend(self.cache, layer, q[0, :D]) for group in self.decode_groups]
-            parts.append(outs[0] if self.decode_order is None else torch.cat(outs)[self.decode_order])  # (D, H, hd)
+            parts += [group.attend(self.cache, layer, q[0]) for group in self.decode_groups]  # (rows, H, hd) each
         if self.chunks:
             attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
             parts.append(attend_chunks(layer, q))

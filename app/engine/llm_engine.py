@@ -54,7 +54,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None):
-        config = config or EngineConfig()
+        config = (config or EngineConfig()).for_model(model)  # its context, its device's KV budget
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.linear_kernel = use_linear_kernel(model, config.linear_kernel)
         weight = model.embed_tokens.weight

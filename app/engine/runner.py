@@ -42,15 +42,17 @@ class ModelRunner:
         for seq in step.sequences:  # task-prompt positions of freshly allocated blocks
             for block, start, end in seq.prefix_copies:
                 self.cache.write_prefix(block, seq.prompt.k, seq.prompt.v, start, end)
+        # decode rows longest first: attention groups them by length in runs of this order (attention.py)
+        decode = sorted(step.decode, key=lambda seq: seq.prefix_len + seq.num_cached, reverse=True)
         tokens, positions, slots = [], [], []
-        for seq in step.decode:
+        for seq in decode:
             tokens.append(seq.token_ids[seq.num_cached])
             positions.append(seq.prefix_len + seq.num_cached)
             slots.append(self.slot(seq, positions[-1]))
         if self.static is not None and not step.prefill:
-            logits = self.static.run(tokens, positions, [seq.block_table for seq in step.decode])
-            choices = self._sample(logits, step.decode)
-            return StepResult(tokens={s.request_id: c for s, c in zip(step.decode, choices)}, num_tokens=len(tokens))
+            logits = self.static.run(tokens, positions, [seq.block_table for seq in decode])
+            choices = self._sample(logits, decode)
+            return StepResult(tokens={s.request_id: c for s, c in zip(decode, choices)}, num_tokens=len(tokens))
         chunks = []
         for seq, n in step.prefill:
             start = seq.prefix_len + seq.num_cached
@@ -58,13 +60,13 @@ class ModelRunner:
             tokens += seq.token_ids[seq.num_cached:seq.num_cached + n]
             positions += range(start, start + n)
             slots += [self.slot(seq, p) for p in range(start, start + n)]
-        attention = PagedAttention(self.cache, slots, positions, [seq.block_table for seq in step.decode], chunks)
+        attention = PagedAttention(self.cache, slots, positions, [seq.block_table for seq in decode], chunks)
         tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         with sdpa_kernel(EAGER_ATTENTION_BACKENDS):
             hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)
 
         result = StepResult(num_tokens=len(tokens))
-        to_sample: list[tuple[Sequence, int]] = [(seq, i) for i, seq in enumerate(step.decode)]
+        to_sample: list[tuple[Sequence, int]] = [(seq, i) for i, seq in enumerate(decode)]
         for (seq, n), chunk in zip(step.prefill, chunks):
             last = chunk.offset + n - 1
             completes = seq.num_cached + n == seq.prefill_target

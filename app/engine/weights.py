@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from app.config import DEFAULT_CACHE_DIR
+from app.engine.config import DEFAULT_CACHE_DIR, WEIGHTS_READ_TIMEOUT_S
 from app.engine.model import ModelArgs, Transformer, rope_inv_freq
+from app.engine.weight_files import WeightsReadError, read_weights_file
 from prompt_store.format import BaseIdentity
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ def base_identity(model) -> BaseIdentity:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
-    """spec: "default", an HF model directory, a .gguf file, or a Hugging Face hub id ("org/name")."""
+               cache_dir: Path = DEFAULT_CACHE_DIR, read_timeout_s: float = WEIGHTS_READ_TIMEOUT_S) -> LoadedModel:
+    """spec: "default", an HF model directory, a .gguf file, or a Hugging Face hub id ("org/name").
+    read_timeout_s: how long a weights file may give no bytes before the load fails."""
     if spec == DEFAULT_MODEL:
         directory, name = fetch_default_model(cache_dir), DEFAULT_NAME
     elif is_hub_id(spec):
@@ -95,7 +96,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                                  f"a .gguf file, a hub id or 'default')")
         directory = convert_gguf(path, cache_dir) if path.suffix == ".gguf" else path
         name = path.stem if path.suffix == ".gguf" else path.name
-    return load_hf_directory(directory, dtype, device, name)
+    return load_hf_directory(directory, dtype, device, name, read_timeout_s)
 
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
@@ -119,7 +120,8 @@ def fetch_hub_model(repo_id: str) -> Path:
                              f"check the id, the network, or HF_HUB_OFFLINE and the hub cache") from e
 
 
-def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: str) -> LoadedModel:
+def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: str,
+                      read_timeout_s: float = WEIGHTS_READ_TIMEOUT_S) -> LoadedModel:
     from transformers import AutoConfig
 
     if not (directory / "config.json").exists():
@@ -128,7 +130,7 @@ def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: st
         args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(directory))
     except ValueError as e:
         raise ModelLoadError(f"{directory}: {e}") from e
-    state = read_safetensors(directory)
+    state = read_safetensors(directory, read_timeout_s)
     fingerprint = weights_fingerprint(state)
     with torch.device("meta"):
         model = Transformer(args)
@@ -144,8 +146,9 @@ def load_hf_directory(directory: Path, dtype: torch.dtype, device: str, name: st
     return LoadedModel(model, args, directory, name, fingerprint)
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """HF names (`model.layers.0...`, `lm_head.weight`) -> ours (`layers.0...`, `lm_head.weight`)."""
+def read_safetensors(directory: Path, read_timeout_s: float = WEIGHTS_READ_TIMEOUT_S) -> dict[str, torch.Tensor]:
+    """HF names (`model.layers.0...`, `lm_head.weight`) -> ours (`layers.0...`, `lm_head.weight`), each file
+    read through a child process (app/engine/weight_files.py says why)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -156,9 +159,11 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
                              f"only safetensors weights are read")
     state = {}
     for file in files:
-        with safe_open(directory / file, framework="pt") as f:
-            for key in f.keys():
-                state[key.removeprefix("model.")] = f.get_tensor(key)
+        try:
+            tensors = read_weights_file(directory / file, read_timeout_s)
+        except WeightsReadError as e:
+            raise ModelLoadError(str(e)) from None
+        state.update((key.removeprefix("model."), tensor) for key, tensor in tensors.items())
     return state
 
 

@@ -40,6 +40,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
+    return parse_jsonl(text, path)
+
+
+def parse_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
+    """read_jsonl's lines from text already read; `path` names it in errors."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

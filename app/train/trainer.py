@@ -4,6 +4,8 @@ Loss: next-token cross-entropy on the target tokens only (generate); token head 
 token (tag); sequence head at the last text token (classify), as the server applies them.
 AdamW, linear warmup then linear or cosine decay, gradient clipping, a held-out evaluation each epoch,
 early stopping on the task's metric; the best epoch's prompt is the one returned.
+A caller may follow and steer a run through TrainHooks (the fine-tuning service: progress events, a checkpoint
+per epoch to resume from, cancellation); the CLI passes none.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +74,19 @@ class TrainResult:
     metrics: dict  # the chosen epoch's held-out metrics
     history: list[dict] = field(default_factory=list)  # per epoch: train_loss and held-out metrics
     steps: int = 0
+    tokens: int = 0  # text tokens of the training batches run, over all steps
+
+
+class TrainingStopped(Exception):
+    """TrainHooks.stop said so; no result."""
+
+
+@dataclass
+class TrainHooks:
+    on_step: Callable[[int, int, float, int], None] | None = None  # (step, total steps, batch loss, batch tokens)
+    on_epoch: Callable[[dict, dict], None] | None = None  # (the epoch's record, a checkpoint: `resume` takes it)
+    stop: Callable[[], bool] | None = None  # asked before each step; True raises TrainingStopped
+    resume: dict | None = None  # a checkpoint given to on_epoch by an earlier run: it goes on from that epoch
 
 
 def batch_tensors(examples: list[Example], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,7 +143,8 @@ def new_prompt(loaded: LoadedModel, config: TrainConfig, labels: list[str]) -> T
 
 
 def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set: list[Example],
-          heldout: list[Example]) -> TrainResult:
+          heldout: list[Example], hooks: TrainHooks | None = None) -> TrainResult:
+    hooks = hooks or TrainHooks()
     model = loaded.model.eval().requires_grad_(False)  # frozen: no base parameter is ever optimized
     device = model.embed_tokens.weight.device
     prompt = new_prompt(loaded, config, labels)
@@ -143,8 +160,18 @@ def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set
     rng = random.Random(config.seed)
     monitor = MONITOR[config.task]
     sign = -1 if monitor == "loss" else 1
-    best, best_state, stale, step, history = None, None, 0, 0, []
-    for epoch in range(1, config.epochs + 1):
+    best, best_state, stale, step, history, tokens, first_epoch = None, None, 0, 0, [], 0, 1
+    if hooks.resume is not None:
+        state = hooks.resume
+        prompt.load_state_dict(state["prompt"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.setstate(state["rng"])
+        best, best_state, stale, step = state["best"], state["best_state"], state["stale"], state["step"]
+        history, tokens, first_epoch = list(state["history"]), state["tokens"], state["epoch"] + 1
+    for epoch in range(first_epoch, config.epochs + 1):
+        if step >= total or (config.patience is not None and stale >= config.patience):
+            break  # (a run resumed after its last epoch)
         order = list(range(len(train_set)))
         rng.shuffle(order)
         prompt.train()
@@ -154,6 +181,8 @@ def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set
         for start in bar:
             if step >= total:
                 break
+            if hooks.stop is not None and hooks.stop():
+                raise TrainingStopped(f"stopped at step {step}")
             batch = batch_tensors([train_set[i] for i in order[start:start + config.batch_size]], device)
             loss_sum, n, _, _ = task_outputs(model, prompt, *batch)
             loss = loss_sum / max(n, 1)
@@ -164,7 +193,11 @@ def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set
             scheduler.step()
             step += 1
             running, terms = running + loss_sum.item(), terms + n
+            batch_tokens = int(batch[1].sum())
+            tokens += batch_tokens
             bar.set_postfix(loss=f"{running / max(terms, 1):.4f}")
+            if hooks.on_step is not None:
+                hooks.on_step(step, total, loss.item(), batch_tokens)
         bar.close()
         metrics = evaluate(model, prompt, heldout, labels, config.eval_batch_size) if heldout else {}
         record = {"epoch": epoch, "steps": step, "train_loss": running / max(terms, 1), **metrics}
@@ -176,11 +209,16 @@ def train(loaded: LoadedModel, config: TrainConfig, labels: list[str], train_set
             best, best_state, stale = score, copy.deepcopy(prompt.state_dict()), 0
         else:
             stale += 1
+        if hooks.on_epoch is not None:
+            hooks.on_epoch(record, copy.deepcopy({  # a snapshot: the optimizer's state changes in place
+                "epoch": epoch, "step": step, "prompt": prompt.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng.getstate(), "best": best, "best_state": best_state,
+                "stale": stale, "history": history, "tokens": tokens}))
         if (config.patience is not None and stale >= config.patience) or step >= total:
             break
     prompt.load_state_dict(best_state)
     chosen = max(history, key=lambda r: sign * r[monitor] if monitor in r else -r["train_loss"])
-    return TrainResult(prompt, {k: v for k, v in chosen.items() if k not in ("train_loss",)}, history, step)
+    return TrainResult(prompt, {k: v for k, v in chosen.items() if k not in ("train_loss",)}, history, step, tokens)
 
 
 @torch.no_grad()
