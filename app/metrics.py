@@ -83,9 +83,7 @@ class EngineCollector:
     @staticmethod
     def _vllm(services, s):
         """vLLM's engine gauges and counters (vllm/v1/metrics/loggers.py), from the same stats."""
-        from app.api.common import served_model_id  # app.api.common imports this module
-
-        labels = [served_model_id(services), ENGINE_INDEX]
+        labels = [services.model_id, ENGINE_INDEX]
         for name, doc, value in [
             ("vllm:num_requests_running", "Number of requests in model execution batches.", s.running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", s.waiting),

@@ -10,7 +10,7 @@ from app.encoder import TextEncoder
 from app.engine.engine import AsyncEngine
 from app.engine.tokenizer import Tokenizer
 from app.engine.grammar import Grammars
-from app.engine.weights import LoadedModel, base_identity, load_model
+from app.engine.weights import LoadedModel, base_identity, load_model, served_model_id
 from app.finetune import FineTuning, open_fine_tuning
 from app.grammars import GrammarCompiler
 from prompt_store.format import PromptFile, load_prompt_file
@@ -29,6 +29,7 @@ class Services:
     encoder: TextEncoder  # tokenizes off the event loop
     grammars: GrammarCompiler  # compiles structured output's grammars off the event loop and the engine thread
     fine_tuning: FineTuning  # /v1/files and /v1/fine_tuning/jobs; its worker starts with the engine
+    model_id: str  # the base model's id in the API (/v1/models, metrics), `base` its alias
 
     @property
     def model_name(self) -> str:
@@ -80,6 +81,7 @@ def load_services(settings: Settings) -> Services:
              str(settings.resolved_dtype()).removeprefix("torch."), engine.core.blocks.num_usable, settings.block_size, max_seq_len)
     grammars = GrammarCompiler(lambda: Grammars(tokenizer.hf, loaded.args.vocab_size), settings.grammar_compile_threads,
                                settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
+    model_id = served_model_id(settings.served_model_name, settings.model, loaded.directory, loaded.name)
     return Services(settings, loaded, tokenizer, engine, registry,
                     TextEncoder(tokenizer, max_seq_len, settings.tokenizer_threads), grammars,
-                    open_fine_tuning(settings, registry))
+                    open_fine_tuning(settings, registry), model_id)

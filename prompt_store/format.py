@@ -39,7 +39,7 @@ class Kind(StrEnum):
 
 KINDS = tuple(kind.value for kind in Kind)
 TASKS = tuple(task.value for task in Task)
-RESERVED_NAMES = ("base",)  # "base" addresses the bare model in the API
+BASE_MODEL = "base"  # the bare model's name in the API (`model`, `prompt`), so no prompt's
 # Matched with fullmatch: `$` alone would accept a trailing newline ("evil\n" -> a folder named so).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -163,7 +163,7 @@ def validate_name(name: str) -> None:
             f"invalid prompt name {name!r}: use 1-64 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
         )
-    if name in RESERVED_NAMES:
+    if name == BASE_MODEL:
         raise PromptFormatError(f"prompt name {name!r} is reserved")
 
 

@@ -91,16 +91,16 @@ def test_pinned_prompt_versions(openai_client, client, base):
 
 
 def test_served_model_id_sources(tmp_path):
-    from app.api.common import _model_id
+    from app.engine.weights import served_model_id
 
-    assert _model_id("my-name", "default", tmp_path, "x") == "my-name"
-    assert _model_id(None, "default", tmp_path, "x") == HUB_ID
-    assert _model_id(None, "acme/smol", tmp_path, "x") == "acme/smol"  # --model given as a hub id
+    assert served_model_id("my-name", "default", tmp_path, "x") == "my-name"
+    assert served_model_id(None, "default", tmp_path, "x") == HUB_ID
+    assert served_model_id(None, "acme/smol", tmp_path, "x") == "acme/smol"  # --model given as a hub id
     for name_or_path, want in (("org/model-7b", "org/model-7b"), ("/home/me/checkpoints/run3", "folder")):
         directory = tmp_path / want.replace("/", "_")
         directory.mkdir()
         (directory / "config.json").write_text(f'{{"_name_or_path": "{name_or_path}"}}')
-        assert _model_id(None, str(directory), directory, "folder") == want
+        assert served_model_id(None, str(directory), directory, "folder") == want
 
 
 def test_tokenize_and_detokenize(client, openai_client):

@@ -8,12 +8,12 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Query
 
-from app.api.common import served_model_id
 from app.api.deps import get_services, query, require_admin
 from app.api.errors import APIError
 from app.api.schemas import error_responses
 from app.finetune.jobs import InvalidJob, JobRequest
 from app.services import Services
+from prompt_store.format import BASE_MODEL
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], dependencies=[Depends(require_admin)])
 
@@ -30,7 +30,7 @@ def refused(e: InvalidJob) -> APIError:
 async def create_job(request: JobRequest, services: Services = Depends(get_services)):
     """`model` is the base (its id or `base`); `suffix` names the trained prompt; `fine_tuned_model` is `suffix@N`."""
     try:
-        return await asyncio.to_thread(services.fine_tuning.jobs.create, request, {served_model_id(services), "base"})
+        return await asyncio.to_thread(services.fine_tuning.jobs.create, request, {services.model_id, BASE_MODEL})
     except InvalidJob as e:
         raise refused(e) from e
 

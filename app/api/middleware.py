@@ -16,6 +16,7 @@ import uuid
 
 from app.api.errors import BodyTooLarge, error_body
 from app.metrics import Metrics
+from prompt_store.format import BASE_MODEL
 
 log = logging.getLogger("softserve.access")
 
@@ -159,7 +160,7 @@ class RequestMiddleware:
         name = (scope.get("state") or {}).get("prompt")
         if name is None:
             return ""
-        if name == "base":
+        if name == BASE_MODEL:
             return name
         services = self.get_services()
         return name if services is not None and name in services.engine.prompts else "unknown"

@@ -13,23 +13,10 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.api.common import (
-    BASE,
-    cancel_on_disconnect,
-    check_tokens,
-    default_max_tokens,
-    note_prompt,
-    prompt_name,
-    record,
-    resolve_prompt,
-    run_all,
-    served_model_id,
-    timing_headers,
-    usage,
-)
+from app.api.accounting import record, timing_headers, usage
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
 from app.api.grammar_price import GrammarLimits, check_price
@@ -43,19 +30,20 @@ from app.api.openai_schemas import (
     OpenAIRequest,
     streamed,
 )
-from app.api.schemas import error_responses
+from app.api.resolution import check_inputs, check_tokens, default_max_tokens, note_prompt, resolve_prompt, text_room
+from app.api.running import cancel_on_disconnect, run_all
+from app.api.sampling_fields import sampling_params
+from app.api.schemas import Usage, error_responses
 from app.api.tools import ToolCalling, ToolCallReader, check_history, template_tools, tool_calling
 from app.engine.grammar import GrammarError, GrammarMatcher
-from app.engine.sampling import SEED_RANGE
+from app.engine.request import FinishReason, PromptNotFound
 from app.engine.sequence import Output, Sequence
 from app.services import Services
-from prompt_store.format import Task
-from prompt_store.registry import PromptNotFound
+from prompt_store.format import BASE_MODEL, Task
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)],
-                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
-
-COPY_SEED_STRIDE = 0xD1B54A32D192ED03  # copy j of a seeded request draws with seed + j * stride: n different answers
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504),
+                   default_response_class=JSONResponse)  # json.dumps's floats (1e-06), as these routes always wrote
 
 
 def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict | None:
@@ -78,43 +66,42 @@ def _logprobs(tokens, services: Services, chat: bool, offset: int = 0) -> dict |
                              for c, s in zip(tokens, strings)]}
 
 
-def _model_cards(services: Services) -> list[dict]:
+def _model_cards(services: Services) -> list[ModelCard]:
     """The base model under its served id, `base` as its alias, then every prompt with the base as parent."""
-    created = int(time.time())
-    root = served_model_id(services)
-    card = {"object": "model", "created": created, "owned_by": "softserve", "root": root,
-            "max_model_len": services.engine.config.max_seq_len}
-    cards = [card | {"id": root, "parent": None, "task": "generate"},
-             card | {"id": BASE, "parent": None, "task": "generate", "alias_of": root}]
+    root = services.model_id
+    card = dict(created=int(time.time()), owned_by="softserve", root=root, max_model_len=text_room(services, None))
+    cards = [ModelCard(id=root, parent=None, task=Task.GENERATE, **card),
+             ModelCard(id=BASE_MODEL, parent=None, task=Task.GENERATE, alias_of=root, **card)]
     for info in services.registry.list():  # (sorted by name)
-        cards.append(card | {"id": info.name, "parent": root, "task": info.task, "kind": info.kind,
-                             "version": info.version})
+        cards.append(ModelCard(id=info.name, parent=root, task=info.task, kind=info.kind, version=info.version,
+                               **card))
     return cards
 
 
 @router.get("/models", response_model=ModelList, summary="List models: the base and every registered prompt")
-async def list_models(services: Services = Depends(get_services)):
+async def list_models(services: Services = Depends(get_services)) -> ModelList:
     """The base model (its id, and `base`) and one entry per served prompt, with its task; pass an id as
     `model` (a prompt's `name@N` pins stored version N)."""
-    return {"object": "list", "data": _model_cards(services)}
+    return ModelList(data=_model_cards(services))
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, summary="One model: the base or a registered prompt")
-async def get_model(model_id: str, services: Services = Depends(get_services)):
+async def get_model(model_id: str, services: Services = Depends(get_services)) -> ModelCard:
     for card in _model_cards(services):
-        if card["id"] == model_id:
+        if card.id == model_id:
             return card
     raise APIError(404, f"no model named {model_id!r}; GET /v1/models lists them", "model_not_found")
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=streamed("chat.completion.chunk"),
              summary="Chat completion (OpenAI-compatible)")
-async def chat_completions(body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)):
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response,
+                           services: Services = Depends(get_services)):
     """The messages are rendered with the model's chat template; `model` is `base` or a generate prompt. With
     `tools`, a named function or `required` makes the answer a tool call (app/api/tools.py)."""
-    note_prompt(request, prompt_name(body.model, services) or BASE)
+    note_prompt(request, services, body.model)
     prompt = await _resolve_model(request, services, body)  # 404 before tokenizing
-    _check_seqs(services, body.n)
+    _check_choices(services, 1, body.n)
     has_tools = services.tokenizer.has_tools
     calling = tool_calling(body, has_tools)
     if calling is not None:
@@ -123,18 +110,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     ids = await services.encoder.chat([m.as_template_input() for m in body.messages],
                                       tools=template_tools(body, has_tools))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return await _complete(body, prompt, [ids], [None], logprobs, request, services, chat=True, calling=calling)
+    return await _complete(body, prompt, [ids], [None], logprobs, request, response, services, chat=True,
+                           calling=calling)
 
 
 @router.post("/completions", response_model=Completion, responses=streamed("text_completion"),
              summary="Text completion (OpenAI-compatible)")
-async def completions(body: CompletionRequest, request: Request, services: Services = Depends(get_services)):
+async def completions(body: CompletionRequest, request: Request, response: Response,
+                      services: Services = Depends(get_services)):
     """Each prompt is continued as raw text (or as the token ids given); `model` is `base` or a generate
     prompt."""
-    note_prompt(request, prompt_name(body.model, services) or BASE)
+    note_prompt(request, services, body.model)
     prompt = await _resolve_model(request, services, body)
     prompts = body.prompts
-    _check_seqs(services, len(prompts) * body.n)
+    _check_choices(services, len(prompts), body.n)
     vocab = services.loaded.args.vocab_size
     ids, texts = [], []
     for i, p in enumerate(prompts):
@@ -148,7 +137,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
                                "invalid_token", param)
             ids.append(list(p))
             texts.append(None)
-    return await _complete(body, prompt, ids, texts, body.logprobs, request, services, chat=False)
+    return await _complete(body, prompt, ids, texts, body.logprobs, request, response, services, chat=False)
 
 
 async def _resolve_model(request: Request, services: Services, body: OpenAIRequest):
@@ -161,11 +150,8 @@ async def _resolve_model(request: Request, services: Services, body: OpenAIReque
         raise APIError(404, str(e), "model_not_found", "model") from None
 
 
-def _check_seqs(services: Services, count: int) -> None:
-    limit = services.settings.max_inputs_per_request
-    if count > limit:
-        raise APIError(400, f"prompts x n = {count} choices exceed the limit of {limit} per request "
-                            f"(SOFTSERVE_MAX_INPUTS_PER_REQUEST)", "too_many_inputs", "n")
+def _check_choices(services: Services, prompts: int, n: int) -> None:
+    check_inputs(services, prompts * n, f"prompts x n = {prompts * n} choices", "n")
 
 
 def _check_token_fields(body: OpenAIRequest, vocab: int) -> None:
@@ -201,10 +187,10 @@ async def _compile_grammar(body: OpenAIRequest, services: Services, calling: Too
 
 
 async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: list[str | None],
-                    logprobs: int | None, request: Request, services: Services, chat: bool,
-                    calling: ToolCalling | None = None):
-    """Run a completion request (n copies of each prompt) and answer it whole or as a stream; calling: the
-    answer is a tool call."""
+                    logprobs: int | None, request: Request, response: Response, services: Services, chat: bool,
+                    calling: ToolCalling | None = None) -> ChatCompletion | Completion | StreamingResponse:
+    """Run a completion request (n copies of each prompt) and answer it whole (its timing headers set on
+    `response`) or as a stream; calling: the answer is a tool call."""
     _check_token_fields(body, services.loaded.args.vocab_size)
     grammar = await _compile_grammar(body, services, calling)
     seqs = _sequences(body, prompt, ids, logprobs, grammar, services)
@@ -218,9 +204,9 @@ async def _complete(body: OpenAIRequest, prompt, ids: list[list[int]], texts: li
     outs, end = await run_all(request, services, seqs)
     for seq, out in zip(seqs, outs):
         record(request, shape.route, seq, out, end)
-    return JSONResponse(shape.payload([shape.choices(k, out, True)[0] for k, out in enumerate(outs)],
-                                      usage=usage(outs, shape.first_of_prompt(len(seqs)))),
-                        headers=timing_headers(seqs, outs, end))
+    response.headers.update(timing_headers(seqs, outs, end))
+    return shape.whole([shape.choices(k, out, True)[0] for k, out in enumerate(outs)],
+                       usage(outs, shape.first_of_prompt(len(seqs))))
 
 
 def _sequences(body: OpenAIRequest, prompt, ids: list[list[int]], logprobs: int | None, grammar,
@@ -230,8 +216,7 @@ def _sequences(body: OpenAIRequest, prompt, ids: list[list[int]], logprobs: int 
     for prompt_ids in ids:
         max_tokens = body.new_tokens or default_max_tokens(services, prompt, prompt_ids, len(ids) * body.n)
         for j in range(body.n):
-            seed = None if body.seed is None else (body.seed + j * COPY_SEED_STRIDE) % SEED_RANGE
-            params = body.sampling_params(max_tokens, logprobs, seed)
+            params = sampling_params(body, max_tokens, logprobs, copy=j)
             seq = services.engine.make_sequence(prompt, prompt_ids, Task.GENERATE, params,
                                                 services.settings.request_timeout_s)
             if grammar is not None:
@@ -283,7 +268,7 @@ class _ResponseShape:
         """As OpenAI sends a call: `content` null, the call's id, type and name with arguments "" first, then
         the arguments as they come; finish_reason `tool_calls` once the arguments are complete."""
         fragment = call.feed(out.text)
-        if out.finished and out.finish_reason == "stop" and call.complete:
+        if out.finished and out.finish_reason == FinishReason.STOP and call.complete:
             c["finish_reason"] = "tool_calls"
         header = {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
         if not self.body.stream:
@@ -303,9 +288,14 @@ class _ResponseShape:
         return [opening, c]
 
     def payload(self, choices: list[dict], **fields) -> dict:
-        """The response (or chunk) with these choices; fields: more top-level keys (`usage`)."""
+        """A stream's chunk with these choices; fields: more top-level keys (`usage`)."""
         return {"id": self.id, "object": self.kind, "created": self.created, "model": self.body.model,
                 "choices": choices} | fields
+
+    def whole(self, choices: list[dict], usage: Usage) -> ChatCompletion | Completion:
+        """The response of a request that does not stream."""
+        response = ChatCompletion if self.chat else Completion
+        return response(id=self.id, created=self.created, model=self.body.model, choices=choices, usage=usage)
 
 
 async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request, services: Services):
@@ -323,14 +313,15 @@ async def _stream(shape: _ResponseShape, seqs: list[Sequence], request: Request,
         started = [False] * len(seqs)
         async for k, out in _merged(streams, firsts):
             last[k] = out
-            fields = {"usage": usage([out], [True]) if continuous else None} if chunk_usage else {}
+            fields = {"usage": usage([out], [True]).model_dump() if continuous else None} if chunk_usage else {}
             for choice in shape.choices(k, out, not started[k]):
                 yield f"data: {json.dumps(shape.payload([choice], **fields))}\n\n"
             started[k] = True
             if out.finished:
                 record(request, shape.route, seqs[k], out, time.monotonic())
         if include_usage:
-            yield f"data: {json.dumps(shape.payload([], usage=usage(last, shape.first_of_prompt(len(seqs)))))}\n\n"
+            total = usage(last, shape.first_of_prompt(len(seqs))).model_dump()
+            yield f"data: {json.dumps(shape.payload([], usage=total))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -5,19 +5,17 @@ naming it when it asks for something softserve does not do; a field OpenAI does 
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationInfo, field_validator,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from app.api.schemas import SEED_MAX, SEED_MIN, StopString, Usage
-from app.engine.sampling import SamplingParams
+from app.api.sampling_fields import MaxTokens, OpenAISamplingFields, TokenId
+from app.api.schemas import Usage
+from prompt_store.format import BASE_MODEL
 
 MAX_N = 16
-TokenId = Annotated[int, Field(ge=0)]
-TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # a logit_bias key: ASCII digits only (str.isdigit takes any script's)
 
 
 def Refused(reason: str, *allowed) -> Any:
@@ -60,35 +58,20 @@ class ResponseFormat(Strict):
         return self
 
 
-class OpenAIRequest(Strict):
-    """What chat and text completions share."""
-    model: str = Field("base", description="'base', the base model's id, or a generate prompt (`name` or `name@version`)")
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20,
-                                   description="tokens to generate at most; default: the rest of the context")
-    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20, description="the same as max_tokens")
-    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling")
+class OpenAIRequest(OpenAISamplingFields, Strict):
+    """What chat and text completions share (and the sampling fields, app/api/sampling_fields.py)."""
+    model: str = Field(BASE_MODEL, description="'base', the base model's id, or a generate prompt (`name` or "
+                                               "`name@version`)")
+    max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most; default: the rest of the "
+                                                           "context")
+    max_completion_tokens: MaxTokens | None = Field(None, description="the same as max_tokens")
     n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX,
-                             description="same seed, same output, whatever shares the batch")
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
-        None, description="up to 4 stop strings, not included in the text")
     stream: bool = Field(False, description="send Server-Sent Events chunks, then `data: [DONE]`")
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
-        None, description="token id (as a string) -> added to its logit")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: constrained output")
     user: str | None = Field(None, max_length=256, description="an end-user id: under a traffic split, every "
                              "request of one user gets the same version (not stored or logged)")
     # vLLM's extensions
-    top_k: int = Field(0, ge=0, le=1 << 20, description="(vLLM) 0: no top-k cut")
-    min_tokens: int = Field(0, ge=0, le=1 << 20, description="(vLLM) nothing but max_tokens ends the output sooner")
-    ignore_eos: bool = Field(False, description="(vLLM) keep generating past the end-of-sequence token")
-    stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="(vLLM) tokens that end the output")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
-                                      description="(vLLM) above 1: prompt and generated tokens are less likely")
     guided_json: dict | None = Field(None, description="(vLLM) a JSON Schema the output follows")
     guided_regex: str | None = Field(None, min_length=1, description="(vLLM) a regex the output matches")
     guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] | None = Field(
@@ -113,15 +96,6 @@ class OpenAIRequest(Strict):
             raise PydanticCustomError("unsupported_field", "max_tokens and max_completion_tokens differ; send one")
         return value
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _token_ids(cls, value):
-        for key in value or {}:
-            if not TOKEN_ID_KEY.fullmatch(key):
-                raise PydanticCustomError("invalid_token", "logit_bias keys are token ids in ASCII digits (at most "
-                                                           "10), e.g. {\"1234\": -100}")
-        return value
-
     @property
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -138,15 +112,6 @@ class OpenAIRequest(Strict):
             if getattr(self, name) is not None:
                 asked.append((name, kind, getattr(self, name)))
         return asked
-
-    def sampling_params(self, max_tokens: int, logprobs: int | None, seed: int | None) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
-            stop=[s for s in stop if s], stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, logprobs=logprobs, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()})
 
 
 class ContentPart(Strict):
@@ -337,7 +302,7 @@ class CompletionRequest(OpenAIRequest):
         return list(p)
 
 
-# ---- responses (documentation: the routes build these shapes as plain JSON) ---------------------------
+# ---- responses (a stream's chunks are built as JSON text, in these shapes) --------------------------------
 
 class ResponseFunctionCall(BaseModel):
     name: str
@@ -353,15 +318,16 @@ class ResponseToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = Field(description="null when the answer is a tool call")
-    tool_calls: list[ResponseToolCall] | None = Field(None, description="with tools: the call made")
+    tool_calls: list[ResponseToolCall] | None = Field(None, exclude_if=lambda calls: calls is None,
+                                                      description="with tools: the call made (absent without)")
 
 
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
     finish_reason: str = Field(description="'stop' (end of sequence, stop string or token, grammar complete), "
                                            "'tool_calls' (a complete tool call) or 'length'")
     logprobs: dict | None = Field(None, description="`content`: per token `token`, `logprob`, `top_logprobs`")
+    message: AssistantMessage
 
 
 class ChatCompletion(BaseModel):
@@ -375,10 +341,10 @@ class ChatCompletion(BaseModel):
 
 class CompletionChoice(BaseModel):
     index: int = Field(description="prompt i's choice j is i * n + j")
-    text: str = Field(description="with echo: the prompt, then the completion")
     finish_reason: str
     logprobs: dict | None = Field(None, description="`tokens`, `token_logprobs`, `top_logprobs` (with echo the "
                                                     "prompt's tokens first; its first token's logprob is null)")
+    text: str = Field(description="with echo: the prompt, then the completion")
 
 
 class Completion(BaseModel):

@@ -74,16 +74,16 @@ def _find(services: Services, name: str) -> PromptInfo:
 
 @router.get("", response_model=PromptList, dependencies=[Depends(require_api_key)],
             responses=error_responses(401, 503), summary="List prompts")
-async def list_prompts(services: Services = Depends(get_services)):
+async def list_prompts(services: Services = Depends(get_services)) -> PromptList:
     """Every stored prompt (current version), and the base model identity that prompt files must match."""
-    return {"object": "list", "base": services.registry.base.to_dict(),
-            "data": [_info(services, info) for info in services.registry.list()]}
+    return PromptList(base=services.registry.base.to_dict(),
+                      data=[PromptResponse(**_info(services, info)) for info in services.registry.list()])
 
 
 @router.get("/{name}", response_model=PromptResponse, dependencies=[Depends(require_api_key)],
             responses=error_responses(401, 404, 503), summary="Show one prompt and its versions")
-async def get_prompt(name: str, services: Services = Depends(get_services)):
-    return _info(services, _find(services, name), history=True)
+async def get_prompt(name: str, services: Services = Depends(get_services)) -> PromptResponse:
+    return PromptResponse(**_info(services, _find(services, name), history=True))
 
 
 @router.get("/{name}/file", dependencies=[Depends(require_api_key)], response_class=Response,
@@ -129,28 +129,29 @@ async def put_prompt(name: str, request: Request, services: Services = Depends(g
 
 @router.delete("/{name}", response_model=DeletedPrompt, dependencies=[Depends(require_admin)],
                responses=error_responses(401, 403, 404, 503), summary="Delete a prompt and all its versions")
-async def delete_prompt(name: str, services: Services = Depends(get_services)):
+async def delete_prompt(name: str, services: Services = Depends(get_services)) -> DeletedPrompt:
     """Requests already running keep their version; new requests naming it get 404."""
     _find(services, name)  # a name this replica does not know (an invalid one too) is a 404
     await asyncio.to_thread(services.registry.delete, name)  # deleted by another replica meanwhile: 404 too
-    return {"id": name, "object": "prompt", "deleted": True}
+    return DeletedPrompt(id=name, deleted=True)
 
 
 @router.get("/{name}/traffic", response_model=TrafficSplitResponse, dependencies=[Depends(require_api_key)],
             responses=error_responses(401, 404, 503), summary="Show a prompt's traffic split")
-async def get_traffic(name: str, services: Services = Depends(get_services)):
+async def get_traffic(name: str, services: Services = Depends(get_services)) -> TrafficSplitResponse:
     """404 `traffic_split_not_found` when the prompt has none (its current version serves every request)."""
     _find(services, name)
     split = services.registry.traffic(name)
     if split is None:
         raise APIError(404, f"prompt {name!r} has no traffic split: its current version serves every request",
                        "traffic_split_not_found")
-    return {"name": name} | split.as_dict()
+    return TrafficSplitResponse(name=name, **split.as_dict())
 
 
 @router.put("/{name}/traffic", response_model=TrafficSplitResponse, dependencies=[Depends(require_admin)],
             responses=error_responses(400, 401, 403, 404, 503), summary="Split a prompt's traffic between versions")
-async def put_traffic(name: str, body: TrafficSplitRequest, services: Services = Depends(get_services)):
+async def put_traffic(name: str, body: TrafficSplitRequest,
+                      services: Services = Depends(get_services)) -> TrafficSplitResponse:
     """`versions`: stored version -> whole percent of the requests naming the bare `name`, summing to 100
     (`{"3": 90, "4": 10}`; one version at 100 serves it instead of the newest). Requests naming `name@N` are
     never split; requests with a `user` get the same version every time while the split stands. Replaces any
@@ -162,17 +163,17 @@ async def put_traffic(name: str, body: TrafficSplitRequest, services: Services =
     except TrafficSplitError as e:
         raise APIError(400, str(e), "invalid_traffic_split", "versions") from None
     split = await asyncio.to_thread(services.registry.set_traffic, name, split)  # 404 naming a version not stored
-    return {"name": name} | split.as_dict()
+    return TrafficSplitResponse(name=name, **split.as_dict())
 
 
 @router.delete("/{name}/traffic", response_model=DeletedTrafficSplit, dependencies=[Depends(require_admin)],
                responses=error_responses(401, 403, 404, 503), summary="Remove a prompt's traffic split")
-async def delete_traffic(name: str, services: Services = Depends(get_services)):
+async def delete_traffic(name: str, services: Services = Depends(get_services)) -> DeletedTrafficSplit:
     """The current (newest) version serves every request again."""
     _find(services, name)
     if not await asyncio.to_thread(services.registry.clear_traffic, name):
         raise APIError(404, f"prompt {name!r} has no traffic split", "traffic_split_not_found")
-    return {"name": name, "object": "traffic_split", "deleted": True}
+    return DeletedTrafficSplit(name=name, deleted=True)
 
 
 async def _read_upload(request: Request, services: Services) -> PromptFile:

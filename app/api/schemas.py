@@ -6,33 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from app.engine.sampling import SamplingParams
-from prompt_store.format import Kind, Task
-
-
-SEED_MIN, SEED_MAX = -2**63, 2**64 - 1  # the engine takes a seed mod 2**64
-MAX_STOP_CHARS = 256
-StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-
-
-class SamplingFields(BaseModel):
-    """The engine's sampling fields, shared by every generating route."""
-    max_tokens: int = Field(16, ge=1, le=1 << 20, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0, le=5, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False,
-                         description="nucleus sampling: keep the smallest set of tokens with this mass")
-    top_k: int = Field(0, ge=0, le=1 << 20, description="0: no top-k cut")
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX,
-                             description="same seed, same output, whatever shares the batch")
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
-        None, description=f"stop strings (up to 4, each up to {MAX_STOP_CHARS} characters)")
-    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token")
-
-    def sampling_params(self, logprobs: int | None = None) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=[s for s in stop if s],
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+from app.api.sampling_fields import MaxTokens, SamplingFields
+from prompt_store.format import BASE_MODEL, Kind, Task
 
 
 # ---- task endpoints ---------------------------------------------------------------------------------
@@ -55,9 +30,10 @@ class TaskRequest(BaseModel):
 
 
 class GenerateRequest(SamplingFields, TaskRequest):
-    prompt: str = Field("base", description="name of a generate prompt, or 'base' for the bare model")
+    prompt: str = Field(BASE_MODEL, description="name of a generate prompt, or 'base' for the bare model")
+    max_tokens: MaxTokens = Field(16, description="tokens to generate at most")
     chat: bool = Field(False, description="render each input as one user message with the chat template")
-    model_config = ConfigDict(json_schema_extra={"example": {"prompt": "base", "inputs": ["Hello", "Paris is"],
+    model_config = ConfigDict(json_schema_extra={"example": {"prompt": BASE_MODEL, "inputs": ["Hello", "Paris is"],
                                                              "max_tokens": 8, "temperature": 0}})
 
 
@@ -96,7 +72,8 @@ class TaggedToken(BaseModel):
     end: int = Field(description="character offset where the token ends (exclusive)")
     label: str = Field(description="the most probable label")
     score: float = Field(description="its probability")
-    probs: dict[str, float] | None = Field(None, description="every label's probability (return_probs)")
+    probs: dict[str, float] | None = Field(None, exclude_if=lambda probs: probs is None,
+                                           description="every label's probability (only with return_probs)")
 
 
 class Entity(BaseModel):

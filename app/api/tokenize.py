@@ -5,19 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from app.api.common import note_prompt, prompt_name, resolve_prompt
 from app.api.deps import get_services, require_api_key
 from app.api.errors import APIError
-from app.api.openai_schemas import ChatMessage, Refused, Strict, TokenId
+from app.api.openai_schemas import ChatMessage, Refused, Strict
+from app.api.resolution import note_prompt, resolve_prompt, text_room
+from app.api.sampling_fields import TokenId
 from app.api.schemas import error_responses
 from app.services import Services
+from prompt_store.format import BASE_MODEL
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 404, 413, 503))
 
 
 class TokenizeCompletion(Strict):
-    model: str = Field("base", description="'base', the base model's id, or a prompt (its virtual tokens count "
+    model: str = Field(BASE_MODEL, description="'base', the base model's id, or a prompt (its virtual tokens count "
                                            "against max_model_len)")
     prompt: str = Field(description="the text, as /v1/completions would tokenize it")
     add_special_tokens: bool = Field(False, description="add the tokenizer's special tokens (/v1/completions does not)")
@@ -25,7 +27,7 @@ class TokenizeCompletion(Strict):
 
 
 class TokenizeChat(Strict):
-    model: str = "base"
+    model: str = BASE_MODEL
     messages: list[ChatMessage] = Field(min_length=1, description="rendered as /v1/chat/completions renders them")
     add_generation_prompt: Refused("the template always ends with the assistant's turn", True) = None
     return_token_strs: bool = False
@@ -39,7 +41,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(Strict):
-    model: str = "base"
+    model: str = BASE_MODEL
     tokens: list[TokenId] = Field(description="token ids")
 
 
@@ -49,8 +51,8 @@ class DetokenizeResponse(BaseModel):
 
 @router.post("/tokenize", response_model=TokenizeResponse, summary="Tokenize a text or chat messages (vLLM)")
 async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
-                   services: Services = Depends(get_services)):
-    note_prompt(request, prompt_name(body.model, services) or "base")
+                   services: Services = Depends(get_services)) -> TokenizeResponse:
+    note_prompt(request, services, body.model)
     prompt = await resolve_prompt(request, services, body.model)
     if isinstance(body, TokenizeChat):
         ids = await services.encoder.chat([m.as_template_input() for m in body.messages])
@@ -59,16 +61,16 @@ async def tokenize(body: TokenizeCompletion | TokenizeChat, request: Request,
         ids = services.tokenizer.hf.encode(body.prompt, add_special_tokens=True)
     else:
         ids = await services.encoder.encode(body.prompt, "prompt")
-    room = services.engine.config.max_seq_len - (0 if prompt is None else prompt.num_virtual_tokens)
     strs = services.tokenizer.hf.convert_ids_to_tokens(ids) if body.return_token_strs else None
-    return {"count": len(ids), "max_model_len": room, "tokens": ids, "token_strs": strs}
+    return TokenizeResponse(count=len(ids), max_model_len=text_room(services, prompt), tokens=ids, token_strs=strs)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, summary="Token ids to text (vLLM)")
-async def detokenize(body: DetokenizeRequest, request: Request, services: Services = Depends(get_services)):
-    note_prompt(request, prompt_name(body.model, services) or "base")
+async def detokenize(body: DetokenizeRequest, request: Request,
+                     services: Services = Depends(get_services)) -> DetokenizeResponse:
+    note_prompt(request, services, body.model)
     await resolve_prompt(request, services, body.model)  # 404 for an unknown model, as elsewhere
     vocab = services.loaded.args.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(400, f"tokens: ids must be below the vocabulary size {vocab}", "invalid_token", "tokens")
-    return {"prompt": services.tokenizer.decode(body.tokens)}
+    return DetokenizeResponse(prompt=services.tokenizer.decode(body.tokens))

