@@ -244,7 +244,9 @@ def get_routes(client: httpx.Client, prompt: str) -> list[str]:
 def test_head_answers_like_get_on_every_get_route(client, chat_prompt):
     for path in get_routes(client, chat_prompt):
         got, head = client.get(path), client.head(path)
-        assert head.status_code == got.status_code == 200, (path, head.status_code, got.status_code)
+        # no file, fine-tuning job or traffic split exists on this server: those routes answer 404, HEAD too
+        missing = "{" in path or path.endswith("/traffic")
+        assert head.status_code == got.status_code == (404 if missing else 200), (path, head.status_code, got.status_code)
         assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"], path
     assert client.head("/health").headers["content-length"] == client.get("/health").headers["content-length"]
     assert client.head("/v1/completions").status_code == 405
