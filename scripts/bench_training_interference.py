@@ -28,7 +28,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.bench.http import _local_tokenizer, prompt_texts, spawn_settings, sweep_http  # noqa: E402
+from app.bench.http import model_tokenizer, prompt_texts, spawn_settings, sweep_http  # noqa: E402
 from app.config import environment_settings  # noqa: E402
 from app.server_process import ServerProcess, settings_env  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> int:
     args = p.parse_args()
 
     settings = environment_settings()
-    texts = prompt_texts(args.n, args.lo, args.hi, args.seed, _local_tokenizer(settings.cache_dir))
+    texts = prompt_texts(args.n, args.lo, args.hi, args.seed, model_tokenizer(settings))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         server_settings = spawn_settings(settings, args.device, "auto", Path(tmp) / "store")

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from app.bench.measure import percentile
 from app.config import Settings
-from app.engine.weights import resolve_device
+from app.engine.weights import model_directory, resolve_device
 from app.server_process import ServerProcess, settings_env
 
 log = logging.getLogger("softserve.bench")
@@ -127,12 +127,12 @@ def spawn_settings(settings: Settings, device: str, dtype: str, store: Path) -> 
                                        "example_prompts": False, "log_level": "warning"})
 
 
-def _local_tokenizer(cache_dir: Path):
-    """The default model's tokenizer when it is already in the cache (never downloads here)."""
+def model_tokenizer(settings: Settings):
+    """The tokenizer of the configured model (SOFTSERVE_MODEL: the one a spawned server serves), which sizes
+    the prompts in its tokens; None when its folder has none (prompts are then sized in words)."""
     from app.engine.tokenizer import Tokenizer
-    from app.engine.weights import DEFAULT_GGUF
 
-    directory = cache_dir / "converted" / Path(DEFAULT_GGUF).stem
+    directory, _ = model_directory(settings.model, settings.cache_dir)
     return Tokenizer(directory) if (directory / "tokenizer_config.json").exists() else None
 
 
@@ -148,7 +148,7 @@ def run_sweep(url: str | None, spawn: bool, levels: list[int], n: int, new: int,
     if not levels or min(levels) < 1:
         raise ValueError("--concurrency needs positive integers, e.g. 1,4,16,64")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    tokenizer = _local_tokenizer(settings.cache_dir)
+    tokenizer = model_tokenizer(settings)
     texts = prompt_texts(max([n] + levels), lo, hi, seed, tokenizer)
     if spawn:
         with tempfile.TemporaryDirectory(prefix="softserve-bench-") as tmp:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from app.bench.measure import device_name, percentile
-from app.bench.workload import NullTokenizer, TASKS, build_models, prompt_files, prompt_tensors, workload
+from app.bench.workload import SHAPES, NullTokenizer, TASKS, build_models, prompt_files, prompt_tensors, workload
 from app.engine.block_manager import BlockManager
 from app.engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from app.engine.engine import AsyncEngine
@@ -32,10 +32,12 @@ from prompt_store.format import Task
 
 CPU_KV_CACHE_GB = CPU_KV_CACHE_BYTES / (1 << 30)  # the CPU server's default budget
 
-MODEL_ARGS = {  # shapes whose KV size the capacity count needs (no weights are built)
-    "default": ModelArgs("llama", 49152, 576, 1536, 30, 9, 3, 64),
-    "llama3-8b": ModelArgs("llama", 128256, 4096, 14336, 32, 32, 8, 128),
-}
+def model_args(shape: str) -> ModelArgs:
+    """A shape's sizes (workload.SHAPES; "default" is the default model's, smollm2-135m), for the KV sizes the
+    capacity count needs: no weights are built."""
+    from transformers import LlamaConfig
+
+    return ModelArgs.from_hf_config(LlamaConfig(**SHAPES["smollm2-135m" if shape == "default" else shape]))
 
 
 @dataclass
@@ -53,7 +55,7 @@ class CapacityConfig:
 
 
 def run_capacity(cfg: CapacityConfig) -> dict:
-    args = MODEL_ARGS[cfg.shape]
+    args = model_args(cfg.shape)
     budget = int(cfg.kv_cache_gb * (1 << 30))
     per_token = KVCache.bytes_per_token(args, cfg.dtype)
     slots = budget // (per_token * (cfg.max_seq_len + 1))  # before paging: one slot per request

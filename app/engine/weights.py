@@ -85,18 +85,24 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                cache_dir: Path = DEFAULT_CACHE_DIR, read_timeout_s: float = WEIGHTS_READ_TIMEOUT_S) -> LoadedModel:
     """spec: "default", an HF model directory, a .gguf file, or a Hugging Face hub id ("org/name").
     read_timeout_s: how long a weights file may give no bytes before the load fails."""
-    if spec == DEFAULT_MODEL:
-        directory, name = fetch_default_model(cache_dir), DEFAULT_NAME
-    elif is_hub_id(spec):
-        directory, name = fetch_hub_model(spec), spec
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"model path {str(path)!r} does not exist (give an HF model directory, "
-                                 f"a .gguf file, a hub id or 'default')")
-        directory = convert_gguf(path, cache_dir) if path.suffix == ".gguf" else path
-        name = path.stem if path.suffix == ".gguf" else path.name
+    directory, name = model_directory(spec, cache_dir)
     return load_hf_directory(directory, dtype, device, name, read_timeout_s)
+
+
+def model_directory(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> tuple[Path, str]:
+    """(the HF directory holding the model's config, weights and tokenizer, its name) for a model spec: the
+    default model and GGUF files are fetched or converted into the cache once, hub ids come from the hub cache."""
+    if spec == DEFAULT_MODEL:
+        return fetch_default_model(cache_dir), DEFAULT_NAME
+    if is_hub_id(spec):
+        return fetch_hub_model(spec), spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist (give an HF model directory, "
+                             f"a .gguf file, a hub id or 'default')")
+    if path.suffix == ".gguf":
+        return convert_gguf(path, cache_dir), path.stem
+    return path, path.name
 
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
