@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.config import environment_settings  # noqa: E402
+from app.bench.run import write_json  # noqa: E402
 from app.server_process import ServerProcess, settings_env  # noqa: E402
 
 TRAIN, HELDOUT = REPO / "examples/data/spam.train.jsonl", REPO / "examples/data/spam.heldout.jsonl"
@@ -104,9 +105,7 @@ def main() -> int:
     print(f"{'CLI':<6} {cli['wall_s']:>8.1f} {cli['accuracy']:>18.4f} {'':>16}")
     print(f"{'API':<6} {api['wall_s']:>8.1f} {api['accuracy']:>18.4f} {api['served_accuracy']:>16.4f}")
     print(f"API - CLI accuracy: {report['accuracy_difference']:+.4f}; API / CLI wall time: {report['wall_ratio']:.2f}x")
-    out = args.json or REPO / "bench_results" / f"finetune_vs_cli-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(report, args.json or REPO / "bench_results" / f"finetune_vs_cli-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print(f"wrote {out}")
     return 0
 

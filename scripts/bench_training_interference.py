@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from app.bench.http import model_tokenizer, prompt_texts, spawn_settings, sweep_http  # noqa: E402
 from app.config import environment_settings  # noqa: E402
+from app.bench.run import write_json  # noqa: E402
 from app.server_process import ServerProcess, settings_env  # noqa: E402
 
 
@@ -115,9 +115,7 @@ def main() -> int:
               f"{r['latency_p50_s'] * 1000:>8.0f}ms {r['req_s']:>7.2f}")
     print(f"TTFT p50 with a job / without (mean of before and after): {report['ttft_p50_ratio']:.2f}x "
           f"({trained_steps} training steps ran meanwhile; {os.cpu_count()} CPUs, device {health.get('device')})")
-    out = args.json or REPO / "bench_results" / f"training_interference-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(report, args.json or REPO / "bench_results" / f"training_interference-{time.strftime('%Y%m%d-%H%M%S')}.json")
     print(f"wrote {out}")
     return 0
 
