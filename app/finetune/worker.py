@@ -207,29 +207,38 @@ class Worker:
 
     def _succeed(self, job_id: str, outcome: dict) -> None:
         """The prompt becomes the name's next version through the registry's validated, atomic add (this replica
-        serves it at once; others on their next poll), under the database's lock, so a cancel that came first wins."""
+        serves it at once; others on their next poll), under the database's lock, so a cancel that came first wins.
+        The status, the results file and the last events change in that one transaction: a client that sees
+        `succeeded` sees them too."""
+        results_id, warning = None, None
+        try:  # stored first (its own transaction): the job's lock must not be held while another opens
+            results_id = self.files.add(results_csv(outcome["history"]), f"{job_id}-results.csv", RESULTS_PURPOSE)["id"]
+        except StorageFull as e:
+            warning = f"The results file was not stored: {e}"
+        if not self._store_result(job_id, outcome, results_id, warning) and results_id:
+            self.files.delete(results_id)  # the job was cancelled or failed meanwhile: no orphaned results file
+
+    def _store_result(self, job_id: str, outcome: dict, results_id: str | None, warning: str | None) -> bool:
         with self.database.transaction(write_first=True) as db:
             if not self._ours(db, job_id):
-                return
+                return False
             try:
                 stored = self.registry.add(load_prompt_bytes(Path(outcome["prompt_path"]).read_bytes()))
             except (OSError, PromptFormatError, PromptExists) as e:  # (a 409 of the store's: another writer's version)
                 self._fail(db, job_id, {"code": "store_failed", "param": None,
                                         "message": f"the trained prompt could not be stored: {e}"})
-                return
+                return False
             model = f"{stored.name}@{stored.version}"
-            db.execute("UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, finished_at = ? "
-                       "WHERE id = ?", (model, outcome["tokens"], now(), job_id))
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in outcome["metrics"].items() if isinstance(v, float))
-        self.database.add_event(job_id, f"New fine-tuned model created: {model} (held-out {shown})", type="metrics",
-                                data={"fine_tuned_model": model, **outcome["metrics"]})
-        try:
-            results = self.files.add(results_csv(outcome["history"]), f"{job_id}-results.csv", RESULTS_PURPOSE)
-            with self.database.transaction() as db:
-                db.execute("UPDATE jobs SET result_files = ? WHERE id = ?", (json.dumps([results["id"]]), job_id))
-        except StorageFull as e:
-            self.database.add_event(job_id, f"The results file was not stored: {e}", level="warn")
-        self.database.add_event(job_id, "The job has successfully completed")
+            db.execute("UPDATE jobs SET status = 'succeeded', fine_tuned_model = ?, trained_tokens = ?, finished_at = ?, "
+                       "result_files = ? WHERE id = ?",
+                       (model, outcome["tokens"], now(), json.dumps([results_id] if results_id else []), job_id))
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in outcome["metrics"].items() if isinstance(v, float))
+            insert_event(db, job_id, f"New fine-tuned model created: {model} (held-out {shown})", type="metrics",
+                         data={"fine_tuned_model": model, **outcome["metrics"]})
+            if warning:
+                insert_event(db, job_id, warning, level="warn")
+            insert_event(db, job_id, "The job has successfully completed")
+            return True
 
     def _end_failed(self, job_id: str, error: dict) -> None:
         with self.database.transaction(write_first=True) as db:
