@@ -18,6 +18,7 @@ from app.engine.block_manager import BlockManager
 from app.engine.config import EngineConfig
 from app.engine.decode_attention import use_kernel
 from app.engine.decode_graphs import StaticDecoder
+from app.engine.host_memory import keep_freed_memory
 from app.engine.kv_cache import KVCache
 from app.engine.linear_kernels import use_linear_kernel
 from app.engine.model import Transformer
@@ -65,6 +66,8 @@ class LLMEngine:
                              f"{config.block_size}) holds no sequence of {config.max_seq_len} positions; raise "
                              f"the budget or lower max_seq_len")
         self.cache = KVCache(model.args, num_blocks, config.block_size, weight.device, weight.dtype)
+        if self.cache.device.type == "cpu":  # the steps' activations live in host memory
+            keep_freed_memory()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
         self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids)
