@@ -6,7 +6,8 @@ written to its slot, then attention reads every sequence's keys through its bloc
   - decode tokens (longest first): in runs of similar length (on CPU; one run on CUDA), one SDPA call per run
     over its gathered keys (padded to its longest, masked);
   - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
-    layer) or one call per chunk (CPU, where the padded call measured 2-3x slower).
+    layer) or one call per chunk (CPU, where the padded call measured 2-3x slower; a chunk that starts at
+    position 0 attends over its own K,V as computed, with nothing to gather).
 Keys are gathered block by block in the cache's head-major layout (app/engine/kv_cache.py), which gives
 (kv_heads, ..., positions, head_dim) directly; decode attention then runs over (kv_heads, rows) as the batch.
 `StaticDecodeAttention` is the decode-only step at fixed shapes that CUDA graphs replay
@@ -121,7 +122,10 @@ class PagedAttention:
             self.chunk_mask = torch.arange(keys, device=device) <= query_pos[..., None]  # (C, T, keys)
             self._grouped_mask: torch.Tensor | None = None  # the mask per grouped query row, built at layer 0
         elif chunks:
-            self.chunk_gathers = [cache.plan_gather(torch.tensor(c.table[:_blocks_for(c.start_pos + c.length, B)],
+            # None: a chunk from position 0 attends over its own K,V of this step, as computed (nothing to
+            # gather: the cache holds the same values)
+            self.chunk_gathers = [None if c.start_pos == 0 else
+                                  cache.plan_gather(torch.tensor(c.table[:_blocks_for(c.start_pos + c.length, B)],
                                                                  device=device)) for c in chunks]
             self.chunk_masks = [  # None: causal from position 0, no prefix
                 None if c.start_pos == 0 else
@@ -137,19 +141,24 @@ class PagedAttention:
         if D:
             parts += [group.attend(self.cache, layer, q[0]) for group in self.decode_groups]  # (rows, H, hd) each
         if self.chunks:
-            attend_chunks = self._attend_chunks_padded if self.batch_chunks else self._attend_each_chunk
-            parts.append(attend_chunks(layer, q))
+            parts.append(self._attend_chunks_padded(layer, q) if self.batch_chunks
+                         else self._attend_each_chunk(layer, q, k, v))
         return torch.cat(parts, 0)[None]
 
-    def _attend_each_chunk(self, layer, q):
-        """q (1, N, H, hd) of the whole step -> (prefill tokens, H, hd), in the flat list's order."""
+    def _attend_each_chunk(self, layer, q, k, v):
+        """q (1, N, H, hd), k, v (1, N, KVH, hd) of the whole step -> (prefill tokens, H, hd), in the flat
+        list's order."""
         parts = []
         for c, plan, mask in zip(self.chunks, self.chunk_gathers, self.chunk_masks):
             qc = q[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, H, n, hd)
-            keys, values = self.cache.gather(layer, plan)  # (KVH, blocks * B, hd)
-            n = c.start_pos + c.length
-            out = F.scaled_dot_product_attention(qc, keys[None, :, :n], values[None, :, :n], attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=True)
+            if plan is None:
+                keys = k[:, c.offset:c.offset + c.length].transpose(1, 2)  # (1, KVH, n, hd)
+                values = v[:, c.offset:c.offset + c.length].transpose(1, 2)
+            else:
+                n = c.start_pos + c.length
+                keys, values = (x[None, :, :n] for x in self.cache.gather(layer, plan))  # (1, KVH, n, hd)
+            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
             parts.append(out[0].transpose(0, 1))  # (n, H, hd)
         return torch.cat(parts, 0)
 
