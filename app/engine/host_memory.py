@@ -1,24 +1,16 @@
-"""Host memory for serving on CPU: the KV cache in huge pages, and glibc's allocator keeping what a step frees.
+"""glibc's allocator told to keep the memory a CPU step frees, for the next step, instead of handing it back.
 
-Huge pages: the KV cache is read block by block at scattered places (a 16-position block of one head is 4 KiB
-in float32, one small page), so gathering a decode step's keys missed the TLB on nearly every block. In
-transparent huge pages (2 MiB, asked for with madvise) the gather of 24 rows' keys over 30 layers took 14-15
-instead of 28-32 ms on this project's CPU machine. The weights, read in order, gained nothing from them.
-
-Allocator: a prefill step allocates and frees activations of several megabytes per layer (a 2,048-token step
-of the default model: tensors of 4-25 MB). By default glibc gives memory like this back (fresh mmap()s,
-trimmed or deleted heaps), so each step faults the same memory in again, page by page, zeroed by the kernel:
-about 200,000 minor page faults (0.8 GB) over the two prefill steps of the long benchmark workload, none once
-glibc keeps it. vLLM's CPU backend gets the same by preloading tcmalloc. The cost: memory freed after a peak
-stays with the process, for the next peak.
+A prefill step allocates and frees activations of several megabytes per layer (a 2,048-token step of the
+default model: tensors of 4-25 MB). By default glibc gives back memory like this (fresh mmap()s, trimmed or
+deleted heaps), so each step faults the same memory in again, page by page, zeroed by the kernel: about
+200,000 minor page faults (0.8 GB) over the two prefill steps of the long benchmark workload, none with this
+setting. vLLM's CPU backend gets the same by preloading tcmalloc. The cost: memory freed after a peak stays
+with the process, for the next peak.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import mmap
-
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +33,3 @@ def keep_freed_memory() -> bool:
     if not kept:
         log.warning("glibc refused the allocator settings (mallopt): CPU steps fault their memory in again")
     return kept
-
-
-def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor in anonymous memory that asks for transparent huge pages (where the kernel has them:
-    /sys/kernel/mm/transparent_hugepage/enabled set to always or madvise; elsewhere small pages, same values).
-    Its pages are touched here, so the memory is taken at start-up, as torch.zeros does."""
-    size = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            memory.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # a kernel without transparent huge pages
-            pass
-    tensor = torch.frombuffer(memory, dtype=dtype, count=torch.Size(shape).numel()).view(shape)
-    tensor.zero_()  # anonymous memory reads as zeros; writing them takes the pages now
-    return tensor

@@ -7,7 +7,6 @@ vLLM's CPU backend keep it. Position p of a sequence lives in block `block_table
 written by slot. Reading a sequence's keys gathers whole blocks, each head's block one contiguous run of
 block_size * head_dim values, and yields (kv_heads, positions, head_dim): what attention takes, no transpose.
 Block 0 is scratch (never allocated): padded rows of static decode steps write there.
-On CPU the pool lives in huge pages (app/engine/host_memory.py says why).
 """
 from __future__ import annotations
 
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.host_memory import huge_page_zeros
 from app.engine.model import ModelArgs
 
 
@@ -29,11 +27,8 @@ class KVCache:
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, device: str | torch.device,
                  dtype: torch.dtype):
         shape = (args.num_layers, args.num_kv_heads, num_blocks, block_size, args.head_dim)
-        if torch.device(device).type == "cpu":  # in huge pages: blocks are read at scattered places
-            self.k, self.v = huge_page_zeros(shape, dtype), huge_page_zeros(shape, dtype)
-        else:
-            self.k = torch.zeros(shape, device=device, dtype=dtype)
-            self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @property
