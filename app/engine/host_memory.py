@@ -24,7 +24,7 @@ def keep_freed_memory() -> bool:
     """Set the process's allocator (once is enough; again is harmless). False where it is not glibc."""
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it: musl, macOS have other allocators)
+        libc.gnu_get_libc_version  # only glibc has it (musl and macOS have other allocators)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
