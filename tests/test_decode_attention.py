@@ -27,7 +27,8 @@ def test_decode_attention_setting():
     cpu = torch.device("cpu")
     assert use_kernel("auto", cpu, torch.float32, args) is False  # no CUDA: SDPA
     assert use_kernel("sdpa", cpu, torch.float32, args) is False
+    assert use_kernel("native", cpu, torch.float32, args) is False  # the CPU's C kernel runs eager steps only
     with pytest.raises(ValueError, match="needs CUDA"):
         use_kernel("triton", cpu, torch.float32, args)
-    with pytest.raises(ValueError, match="auto, triton or sdpa"):
+    with pytest.raises(ValueError, match="auto, triton, native or sdpa"):
         use_kernel("flash", cpu, torch.float32, args)

@@ -1,13 +1,16 @@
 """Attention over the paged cache: its two ways of running prefill chunks agree beside decode rows, and both
-equal plain attention over each sequence's keys laid out contiguously."""
+equal plain attention over each sequence's keys laid out contiguously; the same with the CPU's C kernels
+writing K,V and running decode attention (app/engine/native_attention.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from app.engine.attention import PagedAttention, PrefillChunk, length_groups
 from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
+from app.engine.native_attention import use_native
 
 ARGS = ModelArgs("llama", 100, 48, 96, 2, 6, 2, 8)  # 3 query heads per KV head
 B = 4  # positions per block: every sequence below spans several, scattered over the pool
@@ -28,7 +31,15 @@ def step_inputs():
     return slots, positions, [t for t, _ in decode], chunks
 
 
-def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention():
+@pytest.fixture(params=["torch", "native"])
+def native(request):
+    """None: torch's KV write and SDPA decode; else the C kernels (required: this machine has a compiler)."""
+    if request.param == "torch":
+        return None
+    return use_native("native", torch.device("cpu"), torch.float32, ARGS)
+
+
+def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(native):
     slots, positions, decode_tables, chunks = step_inputs()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, len(slots), ARGS.num_heads, ARGS.head_dim, generator=g)
@@ -39,7 +50,7 @@ def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(
         cache = KVCache(ARGS, num_blocks=61, block_size=B, device="cpu", dtype=torch.float32)
         cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(1)))  # earlier tokens
         cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(2)))
-        attention = PagedAttention(cache, slots, positions, decode_tables, chunks, batch_chunks=padded)
+        attention = PagedAttention(cache, slots, positions, decode_tables, chunks, batch_chunks=padded, native=native)
         outs[padded] = attention.attend(1, q, k, v)
     assert outs[True].shape == (1, len(slots), ARGS.num_heads, ARGS.head_dim)
     assert (outs[True] - outs[False]).abs().max() < 1e-5
@@ -57,7 +68,7 @@ def test_padded_and_per_chunk_prefill_attention_agree_with_contiguous_attention(
         assert (outs[False][0, row] - want).abs().max() < 1e-5
 
 
-def test_decode_rows_of_mixed_lengths_are_grouped_in_runs_by_length_and_each_attends_to_exactly_its_own_keys():
+def test_decode_rows_of_mixed_lengths_are_grouped_in_runs_by_length_and_each_attends_to_exactly_its_own_keys(native):
     positions = [41, 40, 20, 6, 5, 3, 1]  # longest first, as the runner orders decode rows
     assert length_groups([p + 1 for p in positions]) == [(0, 2), (2, 3), (3, 5), (5, 7)]  # 4 runs at most
     assert length_groups([31, 30, 25]) == [(0, 3)]
@@ -72,7 +83,7 @@ def test_decode_rows_of_mixed_lengths_are_grouped_in_runs_by_length_and_each_att
     cache = KVCache(ARGS, num_blocks=81, block_size=B, device="cpu", dtype=torch.float32)
     cache.k.normal_(generator=g)
     cache.v.normal_(generator=g)
-    out = PagedAttention(cache, slots, positions, tables, []).attend(0, q, k, v)
+    out = PagedAttention(cache, slots, positions, tables, [], native=native).attend(0, q, k, v)
     kc, vc = cache.flat(0)
     for row, (table, position) in enumerate(zip(tables, positions)):
         seq_slots = [table[p // B] * B + p % B for p in range(position + 1)]

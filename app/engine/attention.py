@@ -3,8 +3,9 @@
 A step's tokens are one flat list (decode tokens of any sequences first, then prefill chunks; B=1, T=N), so
 the projections and MLPs run once over exactly the real tokens, with no padding. Each token's K,V are
 written to its slot, then attention reads every sequence's keys through its block table:
-  - decode tokens (longest first): in runs of similar length (on CPU; one run on CUDA), one SDPA call per run
-    over its gathered keys (padded to its longest, masked);
+  - decode tokens (longest first): on CPU with the C kernels (app/engine/native_attention.py), one call a
+    layer that reads each row's keys in place through its block table; else in runs of similar length (on
+    CPU; one run on CUDA), one SDPA call per run over its gathered keys (padded to its longest, masked);
   - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
     layer) or one call per chunk (CPU, where the padded call measured 2-3x slower; a chunk that starts at
     position 0 attends over its own K,V as computed, with nothing to gather).
@@ -18,12 +19,16 @@ needs no GQA expansion (5x faster on CPU than enable_gqa).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from app.engine.decode_attention import decode_attention
 from app.engine.kv_cache import KVCache, slots_of
+
+if TYPE_CHECKING:
+    from app.engine.native_attention import NativeKernels
 
 
 @dataclass
@@ -90,15 +95,20 @@ class PagedAttention:
     """attend() for one eagerly run step: decode tokens first in the flat list, then prefill chunks."""
 
     def __init__(self, cache: KVCache, write_slots: list[int], positions: list[int],
-                 decode_tables: list[list[int]], chunks: list[PrefillChunk], batch_chunks: bool | None = None):
+                 decode_tables: list[list[int]], chunks: list[PrefillChunk], batch_chunks: bool | None = None,
+                 native: NativeKernels | None = None):
         """write_slots, positions: per token of the step (host lists); decode_tables: the block table of each
-        decode token's sequence. batch_chunks: None picks the padded call on CUDA, per chunk on CPU."""
+        decode token's sequence. batch_chunks: None picks the padded call on CUDA, per chunk on CPU.
+        native (CPU): the C kernels write K,V and run decode attention in place over the block tables."""
         device, B = cache.device, cache.block_size
-        self.cache, self.chunks = cache, chunks
+        self.cache, self.chunks, self.native = cache, chunks, native
         self.num_decode = len(decode_tables)
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
-        if self.num_decode:
+        if self.num_decode and native is not None:
+            self.decode_tables = _tables(decode_tables, device)
+            self.decode_lengths = torch.tensor([p + 1 for p in positions[:self.num_decode]], dtype=torch.int32)
+        elif self.num_decode:
             decode_positions = positions[:self.num_decode]
             # on CUDA a group's calls cost more than the padding they save
             runs = length_groups([p + 1 for p in decode_positions], max_groups=4 if device.type == "cpu" else 1)
@@ -135,11 +145,17 @@ class PagedAttention:
             ]
 
     def attend(self, layer, q, k, v):
-        self.cache.write(layer, self.write_slots, k[0], v[0])
-        parts = []
         D = self.num_decode
-        if D:
-            parts += [group.attend(self.cache, layer, q[0]) for group in self.decode_groups]  # (rows, H, hd) each
+        parts = []
+        if self.native is not None:
+            self.native.write(self.cache, layer, self.write_slots, k[0], v[0])
+            if D:
+                parts.append(self.native.decode_attention(q[0, :D], self.cache.k[layer], self.cache.v[layer],
+                                                          self.decode_tables, self.decode_lengths))
+        else:
+            self.cache.write(layer, self.write_slots, k[0], v[0])
+            if D:
+                parts += [group.attend(self.cache, layer, q[0]) for group in self.decode_groups]  # (rows, H, hd) each
         if self.chunks:
             parts.append(self._attend_chunks_padded(layer, q) if self.batch_chunks
                          else self._attend_each_chunk(layer, q, k, v))

@@ -38,9 +38,10 @@ class EngineKnobs(BaseModel):
                                                      "bucket)")
     max_waiting: int = Field(256, ge=1, description="queued requests, each with all its inputs, beyond which new "
                                                     "ones get 429")
-    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
-        "auto", description="decode attention on CUDA: auto (the Triton kernel when it is installed and passes its "
-                            "start-up check), triton, or sdpa")
+    decode_attention: Literal["auto", "triton", "native", "sdpa"] = Field(
+        "auto", description="decode attention: auto (on CUDA the Triton kernel when it is installed, on CPU the C "
+                            "kernel when a C compiler builds it; each after its start-up check), triton, native, or "
+                            "sdpa")
     linear_kernel: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its "
                             "start-up check, else F.linear), onednn, or torch")

@@ -116,7 +116,7 @@ def kernel_matches_sdpa(device: torch.device, dtype: torch.dtype, kv_heads: int,
     """Run the kernel once on random data of the model's shape against SDPA; False (and a warning) if it
     fails or disagrees, so that a broken Triton install costs speed, never correctness."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    blocks, page = 40, 16
+    blocks, page = 64, 16  # 4 rows of up to 13 blocks, all distinct
     k = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(device, dtype)
     v = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(device, dtype)
     q = torch.randn(4, kv_heads * groups, head_dim, generator=g).to(device, dtype)
@@ -138,10 +138,11 @@ def kernel_matches_sdpa(device: torch.device, dtype: torch.dtype, kv_heads: int,
 
 def use_kernel(choice: str, device: torch.device, dtype: torch.dtype, args) -> bool:
     """The engine's decode_attention setting -> whether the static decode steps use the kernel.
-    auto: where it is supported and passes its check; triton: required (ValueError otherwise); sdpa: never."""
-    if choice not in ("auto", "triton", "sdpa"):
-        raise ValueError(f"decode_attention must be auto, triton or sdpa, not {choice!r}")
-    if choice == "sdpa":
+    auto: where it is supported and passes its check; triton: required (ValueError otherwise); sdpa and
+    native (the CPU's C kernel, app/engine/native_attention.py, for eager steps): never."""
+    if choice not in ("auto", "triton", "native", "sdpa"):
+        raise ValueError(f"decode_attention must be auto, triton, native or sdpa, not {choice!r}")
+    if choice in ("sdpa", "native"):
         return False
     if not kernel_supported(device, args.head_dim):
         if choice == "triton":

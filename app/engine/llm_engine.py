@@ -22,6 +22,7 @@ from app.engine.host_memory import keep_freed_memory
 from app.engine.kv_cache import KVCache
 from app.engine.linear_kernels import use_linear_kernel
 from app.engine.model import Transformer
+from app.engine.native_attention import use_native
 from app.engine.prompts import Prompts
 from app.engine.request import FinishReason, InvalidRequest, Task, WrongTaskType
 from app.engine.runner import ModelRunner
@@ -70,7 +71,8 @@ class LLMEngine:
             keep_freed_memory()
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batched_tokens, config.max_num_seqs, tokenizer.eos_ids)
-        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids)
+        native = use_native(config.decode_attention, self.cache.device, self.cache.k.dtype, model.args)
+        self.runner = ModelRunner(model, self.cache, self._static_decoder(model, config), tokenizer.eos_ids, native)
         self.prompts = Prompts(model, tokenizer.encode, config.prompt_cache_bytes)
         self.on_step: Callable[[int, int], None] | None = None  # (sequences, tokens) after each forward
         self._counters = dict(prompt_tokens_total=0, generation_tokens_total=0, steps_total=0, last_batch_tokens=0)

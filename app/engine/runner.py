@@ -13,6 +13,7 @@ from app.engine.attention import PagedAttention, PrefillChunk
 from app.engine.decode_graphs import StaticDecoder
 from app.engine.kv_cache import KVCache
 from app.engine.model import Transformer
+from app.engine.native_attention import NativeKernels
 from app.engine.logits import adjust_logits
 from app.engine.sampling import LOGPROB_FLOOR, TokenChoice, sample, sanitize
 from app.engine.scheduler import ScheduledStep, StepResult
@@ -26,10 +27,12 @@ EAGER_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATT
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: KVCache, static: StaticDecoder | None = None,
-                 eos_ids: frozenset[int] = frozenset()):
+                 eos_ids: frozenset[int] = frozenset(), native: NativeKernels | None = None):
         """static: runs the decode-only steps (CUDA graphs); steps with prefill always run eagerly.
-        eos_ids: the tokens `min_tokens` holds back."""
+        eos_ids: the tokens `min_tokens` holds back. native: the CPU's C kernels for the eager steps' KV
+        writes and decode attention (app/engine/native_attention.py); None: torch's."""
         self.model, self.cache, self.static, self.eos_ids = model, cache, static, eos_ids
+        self.native = native
         self.device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device=self.device)  # reseeded for every seeded draw (sampling.py)
 
@@ -60,7 +63,8 @@ class ModelRunner:
             tokens += seq.token_ids[seq.num_cached:seq.num_cached + n]
             positions += range(start, start + n)
             slots += [self.slot(seq, p) for p in range(start, start + n)]
-        attention = PagedAttention(self.cache, slots, positions, [seq.block_table for seq in decode], chunks)
+        attention = PagedAttention(self.cache, slots, positions, [seq.block_table for seq in decode], chunks,
+                                   native=self.native)
         tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         with sdpa_kernel(EAGER_ATTENTION_BACKENDS):
             hidden = self.model(attention.positions[None], attention, tokens=tokens_t[None])[0]  # (N, hidden)

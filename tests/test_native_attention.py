@@ -1,0 +1,131 @@
+"""The CPU's C kernels (app/engine/native/paged_attention.c): decode attention against SDPA, the KV write
+against KVCache.write, the engine's outputs against its SDPA path, and how the library is built and loaded.
+This machine (and CI's) has a C compiler, so the kernels are required here, never skipped."""
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine import native_library
+from app.engine.decode_attention import sdpa_reference
+from app.engine.kv_cache import KVCache
+from app.engine.model import ModelArgs
+from app.engine.native_attention import use_native
+from tests.test_engine import assert_same, ids, new_engine, run
+from tests.test_paged_kv import logprob_request, assert_same_logprobs, prompts_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def kernels_for(args: ModelArgs, dtype=torch.float32):
+    return use_native("native", CPU, dtype, args)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 32)])
+def test_decode_attention_reads_each_row_through_its_block_table_as_sdpa_does(dtype, tolerance, heads, kv_heads,
+                                                                              head_dim):
+    args = ModelArgs("llama", 100, heads * head_dim, 64, 1, heads, kv_heads, head_dim)
+    kernels = kernels_for(args, dtype)
+    g = torch.Generator().manual_seed(heads)
+    blocks, page = 90, 8
+    k = torch.randn(kv_heads, blocks, page, head_dim, generator=g).to(dtype)
+    v = torch.randn(kv_heads, blocks, page, head_dim, generator=g).to(dtype)
+    lengths = torch.tensor([1, 7, 8, 9, 100, 33], dtype=torch.int32)  # around block edges
+    order = torch.randperm(blocks, generator=g)
+    tables = torch.zeros(6, 13, dtype=torch.long)
+    used = 0
+    for row, n in enumerate(lengths.tolist()):  # each row its own scattered blocks; the rest of a table is 0
+        need = -(-n // page)
+        tables[row, :need] = order[used:used + need]
+        used += need
+    q = torch.randn(6, heads, head_dim, generator=g).to(dtype)
+    got = kernels.decode_attention(q, k, v, tables, lengths).float()
+    want = sdpa_reference(q.float(), k.float().permute(1, 2, 0, 3), v.float().permute(1, 2, 0, 3), tables, lengths)
+    assert got.shape == (6, heads, head_dim)
+    assert (got - want).abs().max().item() < tolerance * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype):
+    args = ModelArgs("llama", 100, 96, 64, 2, 6, 3, 16)
+    kernels = kernels_for(args, dtype)
+    g = torch.Generator().manual_seed(1)
+    fused = torch.randn(7, 6 * 16 + 2 * 3 * 16, generator=g).to(dtype)  # a q,k,v projection's output
+    k = torch.randn(7, 3, 16, generator=g).to(dtype)
+    v = fused[:, -3 * 16:].view(7, 3, 16)  # a strided view, as the model's v is
+    slots = torch.tensor([5, 17, 0, 63, 40, 41, 9])
+    ours, theirs = (KVCache(args, num_blocks=8, block_size=8, device="cpu", dtype=dtype) for _ in range(2))
+    kernels.write(ours, 1, slots, k, v)
+    theirs.write(1, slots, k, v)
+    assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
+    assert ours.k[1].flatten(1, 2)[:, slots].abs().sum() > 0 and ours.k[0].abs().sum() == 0  # layer 1 only
+
+
+def test_the_engine_gives_the_same_tokens_and_logprobs_with_the_c_kernels_as_with_sdpa(tiny_llama, tokenizer):
+    _, loaded = tiny_llama
+    prompts = prompts_for(loaded)
+    requests = [logprob_request("shallow", ids(9, 1), 10), logprob_request("deep", ids(30, 2), 12),
+                logprob_request(None, ids(50, 3), 8), logprob_request("shallow", ids(3, 4), 16)]
+    outputs = {}
+    for choice in ("native", "sdpa"):
+        engine = new_engine(loaded, tokenizer, prompts, decode_attention=choice)
+        try:
+            assert (engine.core.runner.native is not None) == (choice == "native")
+            outputs[choice] = run(engine, requests)
+        finally:
+            asyncio.run(engine.shutdown(1))
+    for a, b in zip(outputs["native"], outputs["sdpa"]):
+        assert_same(a, b)
+        assert_same_logprobs(a, b)
+
+
+def test_without_a_compiler_the_engine_keeps_sdpa_and_native_is_refused(monkeypatch, tmp_path):
+    args = ModelArgs("llama", 100, 64, 64, 1, 4, 2, 16)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native_library.load.cache_clear()
+    try:
+        assert native_library.load() is None
+        assert use_native("auto", CPU, torch.float32, args) is None
+        with pytest.raises(ValueError, match="could not be built"):
+            use_native("native", CPU, torch.float32, args)
+    finally:
+        native_library.load.cache_clear()
+    assert use_native("sdpa", CPU, torch.float32, args) is None
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        use_native("native", torch.device("meta"), torch.float32, args)
+    with pytest.raises(ValueError, match="float16"):
+        use_native("native", CPU, torch.float16, args)
+
+
+def test_a_source_that_does_not_compile_leaves_no_library_behind(monkeypatch, tmp_path):
+    broken = tmp_path / "paged_attention.c"
+    broken.write_text("int paged_decode_attention( {\n")
+    monkeypatch.setattr(native_library, "SOURCE", broken)
+    monkeypatch.setenv("SOFTSERVE_NATIVE_CACHE_DIR", str(tmp_path / "built"))
+    native_library.load.cache_clear()
+    try:
+        assert native_library.load() is None
+    finally:
+        native_library.load.cache_clear()
+    assert list((tmp_path / "built").iterdir()) == []  # no library, no half-written file
+
+
+def test_the_library_is_built_once_and_leaves_the_processs_floating_point_mode_alone(tmp_path):
+    """-ffast-math compiles the kernels; if it reached the link, loading them would flush subnormal floats to
+    zero in the whole process."""
+    script = ("import torch; from app.engine import native_library; assert native_library.load() is not None; "
+              "print(torch.tensor([1e-40]).mul(1.0).item() != 0.0)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SOFTSERVE_NATIVE_CACHE_DIR=str(tmp_path))
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "True"
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".so"]) == 1  # the second process reused it
