@@ -108,7 +108,7 @@ def test_without_a_compiler_the_engine_keeps_sdpa_and_native_is_refused(monkeypa
 def test_a_source_that_does_not_compile_leaves_no_library_behind(monkeypatch, tmp_path):
     broken = tmp_path / "paged_attention.c"
     broken.write_text("int paged_decode_attention( {\n")
-    monkeypatch.setattr(native_library, "SOURCE", broken)
+    monkeypatch.setattr(native_library, "SOURCES", [broken, *native_library.SOURCES[1:]])
     monkeypatch.setenv("SOFTSERVE_NATIVE_CACHE_DIR", str(tmp_path / "built"))
     native_library.load.cache_clear()
     try:

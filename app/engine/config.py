@@ -42,6 +42,9 @@ class EngineKnobs(BaseModel):
         "auto", description="decode attention: auto (on CUDA the Triton kernel when it is installed, on CPU the C "
                             "kernel when a C compiler builds it; each after its start-up check), triton, native, or "
                             "sdpa")
+    layer_ops: Literal["auto", "native", "torch"] = Field(
+        "auto", description="RMSNorm, RoPE and SiLU-and-mul at inference: auto (the C kernels on CPU when a C compiler "
+                            "builds them and they pass their start-up check, else torch), native, or torch")
     linear_kernel: Literal["auto", "onednn", "torch"] = Field(
         "auto", description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its "
                             "start-up check, else F.linear), onednn, or torch")

@@ -23,6 +23,7 @@ from app.engine.kv_cache import KVCache
 from app.engine.linear_kernels import use_linear_kernel
 from app.engine.model import Transformer
 from app.engine.native_attention import use_native
+from app.engine.native_layer_ops import use_layer_ops
 from app.engine.prompts import Prompts
 from app.engine.request import FinishReason, InvalidRequest, Task, WrongTaskType
 from app.engine.runner import ModelRunner
@@ -59,6 +60,7 @@ class LLMEngine:
         config = (config or EngineConfig()).for_model(model)  # its context, its device's KV budget
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.linear_kernel = use_linear_kernel(model, config.linear_kernel)
+        self.layer_ops = use_layer_ops(model, config.layer_ops)
         weight = model.embed_tokens.weight
         num_blocks = KVCache.blocks_for_budget(model.args, config.block_size, config.kv_cache_bytes, weight.dtype)
         max_blocks_per_seq = -(-config.max_seq_len // config.block_size)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -158,25 +158,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
+Kernel = Callable[[torch.Tensor], torch.Tensor]
+RopeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+K = TypeVar("K")
+
+
+def inference_kernel(kernel: K | None) -> K | None:
+    """The faster kernel attached at load (app/engine/linear_kernels.py, native_layer_ops.py), when autograd
+    is off; None when gradients flow (training) or none is attached: then the plain torch form runs."""
+    return None if torch.is_grad_enabled() else kernel
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    kernel: Kernel | None = None  # the C kernel at inference on CPU (app/engine/native_layer_ops.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = inference_kernel(self.kernel)
+        if kernel is not None:
+            return kernel(x)
         # As HF's LlamaRMSNorm, bit for bit: normalised in float32, cast back, then scaled. F.rms_norm is one
         # fused kernel where the written-out form is five; given the weight, it would scale before the cast.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-Kernel = Callable[[torch.Tensor], torch.Tensor]
-
-
-def inference_kernel(kernel: Kernel | None) -> Kernel | None:
-    """The faster kernel attached at load (app/engine/linear_kernels.py), when autograd is off; None when
-    gradients flow (training) or none is attached: then the plain F.linear path runs."""
-    return None if torch.is_grad_enabled() else kernel
 
 
 class Linear(nn.Linear):
@@ -190,6 +197,7 @@ class Linear(nn.Linear):
 
 class SelfAttention(nn.Module):
     qkv_kernel: Kernel | None = None  # q, k, v projections as one GEMM
+    rope_kernel: RopeKernel | None = None  # apply_rope on q and k in place, one pass
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -216,13 +224,15 @@ class SelfAttention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # cos/sin: (B, T, 1, D)
+        rope = inference_kernel(self.rope_kernel)
+        q, k = rope(q, k, cos, sin) if rope else (apply_rope(q, cos, sin), apply_rope(k, cos, sin))  # cos/sin: (B, T, 1, D)
         out = attention.attend(self.layer, q, k, v)
         return self.o_proj(out.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     gate_up_kernel: Kernel | None = None  # gate and up projections as one GEMM
+    act_kernel: Kernel | None = None  # that GEMM's output -> silu(gate) * up, one pass
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -232,7 +242,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         kernel = inference_kernel(self.gate_up_kernel)
-        gate, up = (self.gate_proj(x), self.up_proj(x)) if kernel is None else kernel(x).chunk(2, -1)
+        if kernel is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up, act = kernel(x), inference_kernel(self.act_kernel)
+        if act is not None:
+            return self.down_proj(act(gate_up))
+        gate, up = gate_up.chunk(2, -1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -70,7 +70,9 @@ class NativeKernels:
         tokens, kv_heads, head_dim = k.shape
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         assert k.dtype == v.dtype == k_cache.dtype and slots.dtype == torch.int64 and slots.is_contiguous()
-        assert k.stride()[1:] == v.stride()[1:] == (head_dim, 1) and slots.shape[0] == tokens
+        for x in (k, v):  # each head's values contiguous, heads one after another (a size-1 dim has any stride)
+            assert (kv_heads == 1 or x.stride(1) == head_dim) and x.stride(2) == 1
+        assert slots.shape[0] == tokens
         self._write(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                     slots.data_ptr(), tokens, kv_heads, head_dim, k_cache.shape[1] * k_cache.shape[2],
                     k.element_size())

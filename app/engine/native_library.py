@@ -1,7 +1,7 @@
 """Builds and loads the engine's C kernels for the CPU (app/engine/native/*.c), once per machine.
 
-The source is compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU
-(`-march=native`), into a cache folder keyed by the source, the flags, the compiler and the CPU's feature
+The sources are compiled on first use with the machine's C compiler (`$CC`, else `cc`), for this CPU
+(`-march=native`), into one library in a cache folder keyed by the sources, the flags, the compiler and the CPU's feature
 flags, and loaded with ctypes: a few milliseconds after the first start, ~1 s on it. No torch headers are
 involved (the kernels take raw pointers), so no build system is either. Where no compiler is installed, or the
 build fails, `load()` returns None and the engine keeps its torch paths: slower, never wrong.
@@ -21,13 +21,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (first: its libgomp is the one the library binds to)
+import torch  # imported first, unused here: its libgomp is the one the library binds to
 
 from app.engine.config import DEFAULT_CACHE_DIR
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "paged_attention.c"
+SOURCES = [Path(__file__).parent / "native" / name for name in ("paged_attention.c", "layer_ops.c")]
 # -ffast-math at compile time only (expf vectorizes through libmvec); linking without it keeps gcc's
 # crtfastmath.o, which would switch the whole process to flush-to-zero, out of the library.
 COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -54,12 +54,13 @@ def _compiler() -> str | None:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile and link SOURCE into target, atomically (a half-written library is never loaded)."""
+    """Compile SOURCES and link them into target, atomically (a half-written library is never loaded)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        obj, lib = Path(work) / "kernels.o", Path(work) / target.name
-        for command in ([compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                        [compiler, str(obj), "-o", str(lib), *LINK_FLAGS]):
+        objects = [str(Path(work) / f"{source.stem}.o") for source in SOURCES]
+        lib = Path(work) / target.name
+        commands = [[compiler, *COMPILE_FLAGS, "-c", str(source), "-o", obj] for source, obj in zip(SOURCES, objects)]
+        for command in commands + [[compiler, *objects, "-o", str(lib), *LINK_FLAGS]]:
             done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
@@ -71,19 +72,19 @@ def load() -> ctypes.CDLL | None:
     """The compiled library, building it if this machine has none yet; None (and a warning) if it cannot."""
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler (%s) on this machine: the CPU keeps torch's decode attention (slower)",
+        log.warning("no C compiler (%s) on this machine: the CPU keeps torch's forms of the C kernels (slower)",
                     os.environ.get("CC", "cc"))
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, version, _cpu_flags()])
+    sources = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, *COMPILE_FLAGS, *LINK_FLAGS, version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    target = cache_dir() / f"softserve-kernels-{key}.so"
     try:
         if not target.exists():
-            log.info("building the CPU kernels (%s) into %s", SOURCE.name, target)
+            log.info("building the CPU kernels into %s", target)
             _build(compiler, target)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("the CPU kernels could not be built or loaded (%s): the CPU keeps torch's decode attention "
-                    "(slower)", e)
+        log.warning("the CPU kernels could not be built or loaded (%s): the CPU keeps torch's forms (slower)", e)
         return None
