@@ -27,6 +27,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SOFTSERVE_PORT=8000 \
     HF_HOME=/models/hf
 
+# gcc builds the CPU's C kernels (decode attention, RMSNorm, RoPE, SiLU-and-mul) for the CPU the container runs
+# on, at its first start (~1 s; app/engine/native_library.py). Without it the engine runs torch's slower forms.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the chosen index, so that `pip install .` finds it satisfied and never pulls another build.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 

@@ -77,8 +77,9 @@ def load_services(settings: Settings) -> Services:
     if settings.example_prompts:
         add_example_prompts(registry, settings.example_prompts_dir)
     connect_registry(registry, engine, settings.watch_interval_s)
-    log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d", loaded.name, device,
-             str(settings.resolved_dtype()).removeprefix("torch."), engine.core.blocks.num_usable, settings.block_size, max_seq_len)
+    log.info("loaded %s on %s (%s); KV cache: %d blocks of %d positions; context %d; kernels: %s", loaded.name,
+             device, str(settings.resolved_dtype()).removeprefix("torch."), engine.core.blocks.num_usable,
+             settings.block_size, max_seq_len, engine.core.kernels)
     grammars = GrammarCompiler(lambda: Grammars(tokenizer.hf, loaded.args.vocab_size), settings.grammar_compile_threads,
                                settings.grammar_max_pending, int(settings.grammar_cache_mb * (1 << 20)))
     model_id = served_model_id(settings.served_model_name, settings.model, loaded.directory, loaded.name)

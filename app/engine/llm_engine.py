@@ -131,6 +131,14 @@ class LLMEngine:
         return self.scheduler.has_work
 
     @property
+    def kernels(self) -> str:
+        """Which kernels the engine chose at start-up, for the log."""
+        static = self.runner.static
+        attention = ("native" if self.runner.native is not None else
+                     "triton" if static is not None and static.kernel else "sdpa")
+        return f"linear {self.linear_kernel}, layer ops {self.layer_ops}, decode attention {attention}"
+
+    @property
     def num_waiting_requests(self) -> int:
         """Requests in the waiting queue: the sequences of one request count once."""
         return len({seq.group for seq in self.scheduler.waiting})

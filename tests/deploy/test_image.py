@@ -1,5 +1,5 @@
-"""The image, built and run for real: one copy of the model inside, healthy, serves the shipped prompts and
-the docs' examples from outside the container, takes an upload with the admin token, logs each request once,
+"""The image, built and run for real: one copy of the model inside, healthy, its CPU kernels built and chosen,
+serves the shipped prompts and the docs' examples from outside the container, takes an upload with the admin token, logs each request once,
 and lets running streams finish on `docker stop`."""
 from __future__ import annotations
 
@@ -76,6 +76,14 @@ def test_upload_with_the_admin_token_from_outside_the_container(server):
             "max_tokens": 12, "temperature": 0}
     r = client.post("/v1/chat/completions", json=chat)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+
+def test_the_container_builds_and_runs_the_c_kernels(server):
+    """The image carries gcc: the engine compiles its CPU kernels at start and chooses them (a missing compiler
+    would only log a warning and run slower, so this is checked here)."""
+    name, _ = server
+    logs = docker("logs", name)
+    assert "layer ops native, decode attention native" in logs.stdout + logs.stderr
 
 
 def test_each_request_is_logged_once(server):
