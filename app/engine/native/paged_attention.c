@@ -1,4 +1,4 @@
-/* Decode attention read in place from the paged KV cache, for the CPU (app/engine/cpu_attention.py).
+/* Decode attention read in place from the paged KV cache, for the CPU (app/engine/native_attention.py).
  *
  * One query token per row. The cache of one layer is head-major, (kv_heads, num_blocks, block_size,
  * head_dim) as app/engine/kv_cache.py keeps it, so position p of a row lives at block table[p / block_size],
@@ -11,6 +11,7 @@
  * Compiled with -ffast-math (so that expf vectorizes through glibc's libmvec) but linked without it, so
  * that loading the library does not switch the process to flush-to-zero.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -86,7 +87,7 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                 float total[MAX_GROUPS];
                 for (int g = 0; g < groups; g++) {
                     float *sg = scores + (int64_t)g * length;
-                    float best = -INFINITY;
+                    float best = -FLT_MAX;  /* finite: -ffast-math assumes no infinities */
                     for (int p = 0; p < length; p++) best = sg[p] > best ? sg[p] : best;
                     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
