@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 
+from app.engine import engine as engine_module
 from app.engine.engine import AsyncEngine, EngineConfig
 from app.engine.llm_engine import LLMEngine
 from app.engine.request import InvalidRequest, Overloaded, PromptNotFound, WrongTaskType
@@ -132,6 +133,33 @@ def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, to
     for a, b in zip(alone, together):
         assert_same(a, b)
     assert together[3].probs.shape == (7, 3) and together[4].probs.shape == (2,)
+
+
+def test_an_idle_engine_lets_a_burst_of_requests_arrive_and_starts_them_in_one_step(tiny_llama, tokenizer, prompts,
+                                                                                   monkeypatch):
+    """Clients of a burst arrive a little apart (each parsed and tokenized first). An idle engine waits while
+    they keep coming, so its first step takes all of them; a step for the first alone would make the rest wait
+    for it. The quiet period is stretched here so that a loaded test machine cannot split the burst."""
+    monkeypatch.setattr(engine_module, "BURST_QUIET_S", 0.3)
+    monkeypatch.setattr(engine_module, "BURST_WINDOW_S", 5.0)
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts)
+    steps = []
+    engine.core.on_step = lambda sequences, tokens: steps.append((sequences, tokens))
+    requests = [(None, ids(5 + i, i), Task.GENERATE, greedy(3)) for i in range(5)]
+    try:
+        async def arrive_apart():
+            tasks = []
+            for r in requests:  # 50 ms apart: each would find the engine mid-step of the ones before
+                tasks.append(asyncio.ensure_future(engine.run_to_end(engine.make_sequence(*r))))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks)
+
+        outputs = asyncio.run(arrive_apart())
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert steps[0] == (5, sum(5 + i for i in range(5)))  # every request's whole prompt in the first step
+    assert all(len(o.tokens) == 3 for o in outputs)
 
 
 def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokenizer, prompts):

@@ -33,10 +33,12 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="where to write the results (default bench_results/<time>.json)")
     p.add_argument("--skip-peer", action="store_true", help="run only softserve's side")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every engine step eagerly (to measure the graphs)")
-    p.add_argument("--decode-attention", default="auto", choices=("auto", "triton", "sdpa"),
-                   help="decode attention in the CUDA graphs (auto: the Triton kernel where it works)")
+    p.add_argument("--decode-attention", default="auto", choices=("auto", "triton", "native", "sdpa"),
+                   help="decode attention (auto: the Triton kernel in CUDA graphs, the C kernel on CPU, where they work)")
     p.add_argument("--linear-kernel", default="auto", choices=("auto", "onednn", "torch"),
                    help="softserve's linear layers (auto: oneDNN with packed weights on CPU where it passes its check)")
+    p.add_argument("--layer-ops", default="auto", choices=("auto", "native", "torch"),
+                   help="softserve's RMSNorm, RoPE and SiLU-and-mul (auto: the C kernels on CPU where they build)")
     add_setting_flags(p, ("--cache-dir",))
     http = p.add_mutually_exclusive_group()
     http.add_argument("--http", metavar="URL", help="sweep a running server on a loopback address")
@@ -109,7 +111,7 @@ def cmd_bench(args, settings: Settings) -> int:
                           virtual=args.virtual, device=args.device, dtype=args.dtype, seed=args.seed,
                           skip_peer=args.skip_peer, max_batched_tokens=args.max_batched_tokens,
                           cuda_graphs=not args.no_cuda_graphs, decode_attention=args.decode_attention,
-                          linear_kernel=args.linear_kernel,
+                          linear_kernel=args.linear_kernel, layer_ops=args.layer_ops,
                           cache_dir=cache_dir, progress=not args.no_progress)
         from app.bench.run import run_bench
 

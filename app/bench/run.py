@@ -47,8 +47,9 @@ class BenchConfig:
     skip_peer: bool = False
     max_batched_tokens: int = EngineConfig().max_batched_tokens
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
-    decode_attention: str = "auto"  # auto | triton | sdpa (CUDA graphs only)
+    decode_attention: str = "auto"  # auto | triton | native | sdpa (app/engine/config.py)
     linear_kernel: str = EngineConfig().linear_kernel  # auto | onednn | torch (app/engine/linear_kernels.py)
+    layer_ops: str = EngineConfig().layer_ops  # auto | native | torch (app/engine/native_layer_ops.py)
     cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True
     warmup: bool = True
@@ -157,7 +158,7 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     max_seq_len = cfg.virtual + cfg.hi + cfg.new
     econf = engine_config(models.ours, cfg.n, max_seq_len, max_batched_tokens=cfg.max_batched_tokens,
                           static_decode=None if cfg.cuda_graphs else False, decode_attention=cfg.decode_attention,
-                          linear_kernel=cfg.linear_kernel)
+                          linear_kernel=cfg.linear_kernel, layer_ops=cfg.layer_ops)
     t = time.perf_counter()  # built in threads that end, as the server builds it (app/own_thread.py)
     engine = run_in_own_thread(AsyncEngine, models.ours, tokenizer, econf)
     engine_setup_s = time.perf_counter() - t  # the KV cache, and on CUDA the decode graphs' capture
@@ -192,6 +193,7 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
     ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
     ours["linear_kernel"] = engine.core.linear_kernel
+    ours["kernels"] = engine.core.kernels
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
     return ours, ours_results, per_prompt, prompt_load_s
@@ -304,7 +306,7 @@ def _notes(r: dict) -> list[str]:
                      f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
     elif c["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
-    lines.append(f"softserve linear layers: {ours['linear_kernel']} (the peer: stock transformers, F.linear)")
+    lines.append(f"softserve kernels: {ours['kernels']} (the peer: stock transformers, F.linear and SDPA)")
     pc = ours["prefix_cache"]
     lines.append(f"softserve KV: {ours['kv_cache_blocks']:,} blocks; prefix cache: {pc['hits']:,} of {pc['queries']:,} "
                  f"prompt tokens reused; {pc['preemptions']} preemptions")
