@@ -27,7 +27,9 @@ from app.engine.config import DEFAULT_CACHE_DIR
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "native" / name for name in ("paged_attention.c", "layer_ops.c")]
+NATIVE_DIR = Path(__file__).parent / "native"
+SOURCES = [NATIVE_DIR / name for name in ("paged_attention.c", "layer_ops.c")]
+HEADERS = [NATIVE_DIR / "bf16.h"]
 # -ffast-math at compile time only (expf vectorizes through libmvec); linking without it keeps gcc's
 # crtfastmath.o, which would switch the whole process to flush-to-zero, out of the library.
 COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -76,7 +78,7 @@ def load() -> ctypes.CDLL | None:
                     os.environ.get("CC", "cc"))
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    sources = [source.read_text() for source in SOURCES]
+    sources = [path.read_text() for path in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*sources, *COMPILE_FLAGS, *LINK_FLAGS, version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"softserve-kernels-{key}.so"

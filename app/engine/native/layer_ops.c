@@ -11,36 +11,13 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "bf16.h"
 
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-/* Rows of bfloat16 are widened into float32 buffers, computed on, and narrowed back; float32 rows are
- * computed on in place. Either way the arithmetic below is one loop over float32 arrays, which vectorizes. */
-static inline void widen(const uint16_t *src, float *dst, int n) {
-#pragma omp simd
-    for (int i = 0; i < n; i++) dst[i] = bf16_to_float(src[i]);
-}
-
+/* Rows of bfloat16 are widened into float32 buffers (row_f32), computed on, and narrowed back; float32 rows
+ * are computed on in place. Either way the arithmetic below is one loop over float32 arrays, which vectorizes. */
 static inline void narrow(const float *src, uint16_t *dst, int n) {
 #pragma omp simd
     for (int i = 0; i < n; i++) dst[i] = float_to_bf16(src[i]);
-}
-
-static inline const float *row_f32(const void *base, int64_t offset, int n, int bf16, float *buffer) {
-    if (!bf16) return (const float *)base + offset;
-    widen((const uint16_t *)base + offset, buffer, n);
-    return buffer;
 }
 
 static inline float round_as(float x, int bf16) {  /* what a tensor of the model's dtype would hold */

@@ -17,31 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_HEAD_DIM 256
 #define MAX_GROUPS 16
-
-static inline float bf16_to_float(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7fff + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
-
-/* The row of head_dim values at index `row` of `base`, as float32: in place, or widened into `buffer`. */
-static inline const float *row_f32(const void *base, int64_t row, int head_dim, int bf16, float *buffer) {
-    if (!bf16) return (const float *)base + row * head_dim;
-    const uint16_t *src = (const uint16_t *)base + row * head_dim;
-#pragma omp simd
-    for (int d = 0; d < head_dim; d++) buffer[d] = bf16_to_float(src[d]);
-    return buffer;
-}
 
 /* q, out: (rows, heads, head_dim); k, v: (kv_heads, num_blocks, block_size, head_dim);
  * tables: (rows, table_width) block ids; lengths: (rows,) keys each row attends (positions 0..length-1).
@@ -68,13 +47,13 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                 const int64_t head_base = (int64_t)h * num_blocks;
                 const int64_t q_row = (int64_t)r * heads + (int64_t)h * groups;
                 for (int g = 0; g < groups; g++)
-                    memcpy(query + g * head_dim, row_f32(q, q_row + g, head_dim, bf16, buffer),
+                    memcpy(query + g * head_dim, row_f32(q, (q_row + g) * head_dim, head_dim, bf16, buffer),
                            sizeof(float) * head_dim);
 
                 /* pass 1: every group head's score for every key */
                 for (int p = 0; p < length; p++) {
                     const int64_t slot = (head_base + table[p / block_size]) * block_size + p % block_size;
-                    const float *key = row_f32(k, slot, head_dim, bf16, buffer);
+                    const float *key = row_f32(k, slot * head_dim, head_dim, bf16, buffer);
                     for (int g = 0; g < groups; g++) {
                         const float *qg = query + g * head_dim;
                         float s = 0.0f;
@@ -101,7 +80,7 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                 memset(acc, 0, sizeof(float) * groups * head_dim);
                 for (int p = 0; p < length; p++) {
                     const int64_t slot = (head_base + table[p / block_size]) * block_size + p % block_size;
-                    const float *value = row_f32(v, slot, head_dim, bf16, buffer);
+                    const float *value = row_f32(v, slot * head_dim, head_dim, bf16, buffer);
                     for (int g = 0; g < groups; g++) {
                         const float w = scores[(int64_t)g * length + p];
                         float *ag = acc + g * head_dim;
