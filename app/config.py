@@ -46,7 +46,7 @@ class Settings(EngineKnobs, BaseSettings):
     watch_interval_s: float = Field(2.0, gt=0, description="how often the store folder is rescanned for other replicas' changes")
     max_virtual_tokens: int = Field(MAX_VIRTUAL_TOKENS, ge=1)
     # the engine: EngineKnobs' fields, inherited (max_seq_len, block_size, prefix_caching, max_batched_tokens, max_num_seqs,
-    # max_waiting, decode_attention, linear_kernel), and these three in a person's units (`engine` converts them)
+    # max_waiting, decode_attention, layer_ops, linear_kernel), and these three in a person's units (`engine` converts them)
     kv_cache_gb: float | None = Field(None, gt=0, description="KV cache budget; unset: 90% of free GPU memory, or 2 GiB on CPU")
     prompt_cache_mb: float = Field(1024, gt=0, description="CPU memory for loaded prompts (files read, prefixes computed on first use; older versions kept for name@N and split requests count too); beyond it the least recently used are unloaded")
     cuda_graphs: bool = Field(True, description="on CUDA, replay decode steps as captured CUDA graphs (captured at start-up)")
