@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from app.engine.sampling import SamplingParams, filter_logits, sampling_probs
+from app.engine.sampling import SamplingParams, argmax, filter_logits, sampling_probs
 
 NEG = float("-inf")
 PROBS = [0.05, 0.5, 0.15, 0.3]  # token 1 first, then 3, 2, 0
@@ -58,3 +58,12 @@ def test_sampling_probs_are_zero_outside_the_cut():
 def test_a_tiny_temperature_or_top_k_1_is_greedy():
     assert SamplingParams(temperature=1e-6).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams(temperature=1e-4).greedy
+
+
+def test_the_greedy_choice_is_the_first_index_of_each_rows_maximum_as_torch_argmax_gives():
+    """sampling.argmax finds it through max() (faster on CPU): the same index on ties, NaN rows and wide rows."""
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [float("nan"), 1.0, float("nan"), 2.0], [5.0, 5.0, 5.0, 5.0]])
+    assert argmax(x).tolist() == x.argmax(-1).tolist() == [1, 0, 0]
+    wide = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0))
+    wide[:, 100] = wide[:, 7] = 1e9  # a tie far apart in every row
+    assert torch.equal(argmax(wide), wide.argmax(-1)) and (argmax(wide) == 7).all()
