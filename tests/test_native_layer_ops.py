@@ -101,3 +101,14 @@ def test_the_layer_ops_setting(tiny_llama):
     assert model.norm.kernel is not None and model.layers[-1].self_attn.rope_kernel is not None
     with pytest.raises(ValueError, match="auto, native, torch"):
         use_layer_ops(model, "fast")
+
+
+def test_strided_inputs_are_read_as_they_lie(ops):
+    """A row-slice of a wider tensor (rows further apart than their length) and a transposed one (a copy)."""
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(6, 700, generator=g)
+    x, weight = wide[:, :576], torch.rand(576, generator=g)
+    close(ops.rms_norm(x, weight, 1e-6), weight * F.rms_norm(x, (576,), eps=1e-6), torch.float32)
+    transposed = torch.randn(2 * 64, 5, generator=g).t()  # (5, 128), last dim strided
+    gate, up = transposed.chunk(2, -1)
+    close(ops.silu_and_mul(transposed), F.silu(gate) * up, torch.float32)

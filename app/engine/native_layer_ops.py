@@ -29,14 +29,11 @@ CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the
 _pointer, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor | None:
-    """x as (rows, last dim) with unit stride in the last dim, without a copy; None where no such view exists."""
-    if x.stride(-1) != 1:
-        return None
-    try:
-        return x.view(-1, x.shape[-1]) if x.dim() != 2 else x
-    except RuntimeError:
-        return None
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, last dim), each row's values contiguous: a view where one exists (rows may then lie further
+    apart than their length), else a copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 class LayerOps:
@@ -54,7 +51,7 @@ class LayerOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = _rows(x)
-        assert rows is not None and weight.is_contiguous() and weight.dtype == x.dtype
+        assert weight.is_contiguous() and weight.dtype == x.dtype
         out = torch.empty(x.shape, dtype=x.dtype)
         self._rms_norm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0],
                        rows.shape[1], eps, int(x.dtype == torch.bfloat16), torch.get_num_threads())
@@ -63,7 +60,6 @@ class LayerOps:
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up (..., 2 * width): gate, then up -> silu(gate) * up (..., width)."""
         rows = _rows(gate_up)
-        assert rows is not None
         width = gate_up.shape[-1] // 2
         out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype)
         self._silu_and_mul(rows.data_ptr(), rows.stride(0), out.data_ptr(), rows.shape[0], width,
