@@ -112,28 +112,42 @@ def sdpa_reference(q, k_cache, v_cache, tables, lengths) -> torch.Tensor:
     return torch.stack(out)
 
 
-def kernel_matches_sdpa(device: torch.device, dtype: torch.dtype, kv_heads: int, groups: int, head_dim: int) -> bool:
-    """Run the kernel once on random data of the model's shape against SDPA; False (and a warning) if it
-    fails or disagrees, so that a broken Triton install costs speed, never correctness."""
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative error against SDPA in float32
+
+
+def check_case(device: torch.device, dtype: torch.dtype, kv_heads: int, groups: int, head_dim: int):
+    """Random data of a model's shape for a decode kernel's start-up check: 4 rows over scattered blocks,
+    lengths around block edges. -> q, k, v (blocks, block_size, KVH, hd), tables, lengths, and SDPA's answer."""
     g = torch.Generator(device="cpu").manual_seed(0)
     blocks, page = 64, 16  # 4 rows of up to 13 blocks, all distinct
     k = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(device, dtype)
     v = torch.randn(blocks, page, kv_heads, head_dim, generator=g).to(device, dtype)
     q = torch.randn(4, kv_heads * groups, head_dim, generator=g).to(device, dtype)
-    tables = torch.randperm(blocks, generator=g)[:4 * 13].view(4, 13).to(device)  # scattered blocks
+    tables = torch.randperm(blocks, generator=g)[:4 * 13].view(4, 13).to(device)
     lengths = torch.tensor([1, 63, 64, 200], device=device, dtype=torch.int32)
+    return q, k, v, tables, lengths, sdpa_reference(q.float(), k.float(), v.float(), tables, lengths)
+
+
+def agrees(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, kernel: str) -> bool:
+    """Whether a kernel's check output is SDPA's within the dtype's tolerance; a warning if not."""
+    error = ((got.float() - want).norm() / want.norm()).item()
+    if error < CHECK_TOLERANCE[dtype]:
+        return True
+    log.warning("the %s decode kernel disagrees with SDPA (relative error %.2e); decode attention uses SDPA",
+                kernel, error)
+    return False
+
+
+def kernel_matches_sdpa(device: torch.device, dtype: torch.dtype, kv_heads: int, groups: int, head_dim: int) -> bool:
+    """Run the kernel once on random data of the model's shape against SDPA; False (and a warning) if it
+    fails or disagrees, so that a broken Triton install costs speed, never correctness."""
+    q, k, v, tables, lengths, want = check_case(device, dtype, kv_heads, groups, head_dim)
     try:
         got = decode_attention(q, k, v, tables, lengths)
     except Exception as e:  # a Triton that cannot compile here
         log.warning("the Triton decode kernel failed (%s); decode attention uses SDPA", e)
         return False
-    want = sdpa_reference(q.float(), k.float(), v.float(), tables, lengths)
-    error = ((got.float() - want).norm() / want.norm()).item()
-    if not error < (1e-4 if dtype == torch.float32 else 2e-2):
-        log.warning("the Triton decode kernel disagrees with SDPA (relative error %.2e); decode attention uses "
-                    "SDPA", error)
-        return False
-    return True
+    return agrees(got, want, dtype, "Triton")
 
 
 def use_kernel(choice: str, device: torch.device, dtype: torch.dtype, args) -> bool:

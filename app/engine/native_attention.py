@@ -18,14 +18,13 @@ import math
 import torch
 
 from app.engine import native_library
-from app.engine.decode_attention import sdpa_reference
+from app.engine.decode_attention import agrees, check_case
 from app.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUPS = 256, 16  # the C kernel's compiled limits
-CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # relative error against SDPA in float32
 
 _pointer, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -78,25 +77,12 @@ class NativeKernels:
                     k.element_size())
 
     def matches_sdpa(self, dtype: torch.dtype, kv_heads: int, groups: int, head_dim: int) -> bool:
-        """The kernel once on random data of the model's shape (scattered blocks, lengths around block
-        edges) against SDPA; False and a warning if it disagrees."""
-        g = torch.Generator().manual_seed(0)
-        blocks, page = 64, 16  # 4 rows of up to 13 blocks, all distinct
-        k = torch.randn(kv_heads, blocks, page, head_dim, generator=g).to(dtype)
-        v = torch.randn(kv_heads, blocks, page, head_dim, generator=g).to(dtype)
-        q = torch.randn(4, kv_heads * groups, head_dim, generator=g).to(dtype)
-        tables = torch.randperm(blocks, generator=g)[:4 * 13].view(4, 13).contiguous()
-        lengths = torch.tensor([1, 63, 64, 200], dtype=torch.int32)
-        got = self.decode_attention(q, k, v, tables, lengths).float()
-        # sdpa_reference reads the (blocks, block_size, kv_heads, hd) view the Triton kernel takes
-        want = sdpa_reference(q.float(), k.float().permute(1, 2, 0, 3), v.float().permute(1, 2, 0, 3), tables,
-                              lengths)
-        error = ((got - want).norm() / want.norm()).item()
-        if not error < CHECK_TOLERANCE[dtype]:
-            log.warning("the C decode kernel disagrees with SDPA (relative error %.2e); decode attention uses SDPA",
-                        error)
-            return False
-        return True
+        """The kernel once on the Triton kernel's check data (decode_attention.check_case) against SDPA;
+        False and a warning if it disagrees."""
+        q, k, v, tables, lengths, want = check_case(torch.device("cpu"), dtype, kv_heads, groups, head_dim)
+        k, v = (x.permute(2, 0, 1, 3).contiguous() for x in (k, v))  # the cache's (KVH, blocks, block_size, hd)
+        got = self.decode_attention(q, k, v, tables.contiguous(), lengths)
+        return agrees(got, want, dtype, "C")
 
 
 def use_native(choice: str, device: torch.device, dtype: torch.dtype, args) -> NativeKernels | None:
