@@ -35,8 +35,8 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every engine step eagerly (to measure the graphs)")
     p.add_argument("--decode-attention", default="auto", choices=("auto", "triton", "native", "sdpa"),
                    help="decode attention (auto: the Triton kernel in CUDA graphs, the C kernel on CPU, where they work)")
-    p.add_argument("--linear-kernel", default="auto", choices=("auto", "onednn", "torch"),
-                   help="softserve's linear layers (auto: oneDNN with packed weights on CPU where it passes its check)")
+    p.add_argument("--linear-kernel", default="auto", choices=("auto", "native", "onednn", "torch"),
+                   help="softserve's linear layers (auto: on CPU the C kernel for decode-sized calls and oneDNN with packed weights above, where they pass their checks)")
     p.add_argument("--layer-ops", default="auto", choices=("auto", "native", "torch"),
                    help="softserve's RMSNorm, RoPE and SiLU-and-mul (auto: the C kernels on CPU where they build)")
     add_setting_flags(p, ("--cache-dir",))

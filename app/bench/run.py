@@ -48,7 +48,7 @@ class BenchConfig:
     max_batched_tokens: int = EngineConfig().max_batched_tokens
     cuda_graphs: bool = True  # the engine's default on CUDA; no effect on CPU
     decode_attention: str = "auto"  # auto | triton | native | sdpa (app/engine/config.py)
-    linear_kernel: str = EngineConfig().linear_kernel  # auto | onednn | torch (app/engine/linear_kernels.py)
+    linear_kernel: str = EngineConfig().linear_kernel  # auto | native | onednn | torch (app/engine/linear_kernels.py)
     layer_ops: str = EngineConfig().layer_ops  # auto | native | torch (app/engine/native_layer_ops.py)
     cache_dir: Path = DEFAULT_CACHE_DIR
     progress: bool = True

@@ -45,9 +45,10 @@ class EngineKnobs(BaseModel):
     layer_ops: Literal["auto", "native", "torch"] = Field(
         "auto", description="RMSNorm, RoPE and SiLU-and-mul at inference: auto (the C kernels on CPU when a C compiler "
                             "builds them and they pass their start-up check, else torch), native, or torch")
-    linear_kernel: Literal["auto", "onednn", "torch"] = Field(
-        "auto", description="linear layers at inference: auto (oneDNN with packed weights on CPU when it passes its "
-                            "start-up check, else F.linear), onednn, or torch")
+    linear_kernel: Literal["auto", "native", "onednn", "torch"] = Field(
+        "auto", description="linear layers at inference: auto (on CPU native where it builds, else oneDNN with packed "
+                            "weights, each after its start-up check; else F.linear), native (the C kernel for "
+                            "decode-sized calls, float32 with AVX-512, and oneDNN above), onednn, or torch")
 
 
 class EngineConfig(EngineKnobs):
