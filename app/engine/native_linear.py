@@ -1,10 +1,11 @@
 """Linear layers over a few rows (decode steps) on the CPU through the C kernel (app/engine/native/few_rows_linear.c).
 
 With a few rows a linear layer streams its weights from memory; the C kernel prefetches the next weights while it
-multiplies the current ones, where oneDNN waits for them: 1.4x oneDNN's speed over every layer of the default
-model at 24 rows on this project's 2-core machine, still faster at 64, even at 96 (BENCHMARKS.md). Above
-MAX_ROWS (prefill) oneDNN's blocked GEMM is the faster, so app/engine/linear_kernels.py sends each call to one or
-the other by its row count. The kernel reads the model's own float32 weights in place: no copy.
+multiplies the current ones, where oneDNN waits for them. Over every layer of the default model, weights streamed
+from memory, on this project's 2-core machine: 1.4x oneDNN's speed at 24 rows, 1.2x at 64, 1.08x at 96, level at
+120-128, slower from 160 (BENCHMARKS.md). So app/engine/linear_kernels.py sends calls of at most MAX_ROWS rows
+(decode steps) here and larger ones (prefill) to oneDNN's blocked GEMM. The kernel reads the model's own float32
+weights in place: no copy.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from app.engine import native_library
 
-MAX_ROWS = 64  # rows up to which the C kernel beats oneDNN with packed weights (measured; see the docstring)
+MAX_ROWS = 96  # rows up to which the C kernel beats oneDNN with packed weights (measured; see the docstring)
 
 _pointer, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 

@@ -49,22 +49,35 @@ static Tile tile_at(const float *const *weights, const int *weight_rows, int mat
 }
 
 /* out[r, o] = bias[o] + sum_i x[r, i] * w[o, i] for rows r < rows, outputs o < outputs (both constants after
- * inlining); meanwhile prefetch `prefetch_rows` weight rows from `prefetch`. */
+ * inlining); meanwhile prefetch `prefetch_lines` cache lines a step, from `prefetch` on (at least one a step:
+ * a prefetch is a hint, which never faults, so running past the weights at the end costs nothing). */
 static inline __attribute__((always_inline)) void multiply_tile(
     const float *x, int64_t x_stride, const float *w, int in_features, const float *bias, float *out,
-    int64_t out_stride, int rows, int outputs, const float *prefetch, int prefetch_rows) {
+    int64_t out_stride, int rows, int outputs, const char *prefetch, int prefetch_lines) {
     __m512 acc[TILE_ROWS][TILE_OUTPUTS];
 #pragma GCC unroll 8
     for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
         for (int o = 0; o < outputs; o++) acc[r][o] = _mm512_setzero_ps();
-    for (int i = 0; i < in_features; i += 16) {
-        const __mmask16 mask = in_features - i >= 16 ? 0xffff : (__mmask16)((1u << (in_features - i)) - 1);
+    int i = 0;
+    for (; i + 16 <= in_features; i += 16, prefetch += 64 * prefetch_lines) {
+        __m512 wv[TILE_OUTPUTS];
+#pragma GCC unroll 4
+        for (int o = 0; o < outputs; o++) wv[o] = _mm512_loadu_ps(w + (int64_t)o * in_features + i);
+        _mm_prefetch(prefetch, _MM_HINT_T1);
+        for (int p = 1; p < prefetch_lines; p++) _mm_prefetch(prefetch + 64 * p, _MM_HINT_T1);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) {
+            const __m512 xv = _mm512_loadu_ps(x + r * x_stride + i);
+#pragma GCC unroll 4
+            for (int o = 0; o < outputs; o++) acc[r][o] = _mm512_fmadd_ps(xv, wv[o], acc[r][o]);
+        }
+    }
+    if (i < in_features) {  /* the last in-features, fewer than 16: masked loads read zeros past the end */
+        const __mmask16 mask = (__mmask16)((1u << (in_features - i)) - 1);
         __m512 wv[TILE_OUTPUTS];
 #pragma GCC unroll 4
         for (int o = 0; o < outputs; o++) wv[o] = _mm512_maskz_loadu_ps(mask, w + (int64_t)o * in_features + i);
-        for (int p = 0; p < prefetch_rows; p++)
-            _mm_prefetch((const char *)(prefetch + (int64_t)p * in_features + i), _MM_HINT_T1);
 #pragma GCC unroll 8
         for (int r = 0; r < rows; r++) {
             const __m512 xv = _mm512_maskz_loadu_ps(mask, x + r * x_stride + i);
@@ -98,12 +111,12 @@ static inline __attribute__((always_inline)) void multiply_tile(
 
 #define MULTIPLY(rows_, outputs_)                                                                          \
     multiply_tile(x_rows, x_stride, tile.weights, in_features, tile_bias, out_rows, out_stride, rows_,      \
-                  outputs_, prefetch, prefetch_rows)
+                  outputs_, prefetch, prefetch_lines)
 
 /* One tile's weights times up to TILE_ROWS input rows, with the row and output counts as constants. */
 static void multiply_rows(const float *x_rows, int64_t x_stride, int rows, Tile tile, int in_features,
-                          const float *tile_bias, float *out_rows, int64_t out_stride, const float *prefetch,
-                          int prefetch_rows) {
+                          const float *tile_bias, float *out_rows, int64_t out_stride, const char *prefetch,
+                          int prefetch_lines) {
 #define ROWS_CASES(outputs_)                                                                               \
     switch (rows) {                                                                                        \
     case 6: MULTIPLY(6, outputs_); break;                                                                  \
@@ -129,25 +142,27 @@ int few_rows_linear_supported(void) { return 1; }
 void few_rows_linear(const float *x, int64_t x_stride, int rows, int in_features, const float *const *weights,
                      const int *weight_rows, int matrices, const float *bias, float *out, int64_t out_stride,
                      int threads) {
+    if (rows <= 0) return;
     int tiles = 0;
     for (int m = 0; m < matrices; m++) tiles += (weight_rows[m] + TILE_OUTPUTS - 1) / TILE_OUTPUTS;
-    const int passes = (rows + TILE_ROWS - 1) / TILE_ROWS;
-    /* Each pass over the tile prefetches its share of the tile PREFETCH_TILES_AHEAD on, a row at a time. */
-    const int prefetch_share = (TILE_OUTPUTS + passes - 1) / passes;
+    const int passes = (rows + TILE_ROWS - 1) / TILE_ROWS, steps = in_features / 16;
+    /* The tile PREFETCH_TILES_AHEAD on is one run of memory (consecutive rows of one matrix); each pass over
+     * this tile fetches its share of that run, the same number of lines at each step: one line a step from
+     * 19 rows on, up to 4 for a single pass. */
+    const int tile_lines = (TILE_OUTPUTS * in_features + 15) / 16;
+    const int steps_in_all = passes * (steps > 0 ? steps : 1);
+    const int lines_per_step = (tile_lines + steps_in_all - 1) / steps_in_all;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < tiles; t++) {
         const Tile tile = tile_at(weights, weight_rows, matrices, in_features, t);
         const Tile ahead = tile_at(weights, weight_rows, matrices, in_features, t + PREFETCH_TILES_AHEAD);
+        const char *next = (const char *)(ahead.outputs ? ahead.weights : tile.weights);
         const float *tile_bias = bias ? bias + tile.column : 0;
         for (int pass = 0; pass < passes; pass++) {
             const int first_row = pass * TILE_ROWS, left = rows - first_row;
-            const int first_prefetch = pass * prefetch_share;
-            int prefetch_rows = ahead.outputs - first_prefetch;
-            prefetch_rows = prefetch_rows < 0 ? 0 : (prefetch_rows > prefetch_share ? prefetch_share : prefetch_rows);
             multiply_rows(x + first_row * x_stride, x_stride, left < TILE_ROWS ? left : TILE_ROWS, tile,
                           in_features, tile_bias, out + first_row * out_stride + tile.column, out_stride,
-                          prefetch_rows ? ahead.weights + (int64_t)first_prefetch * in_features : 0,
-                          prefetch_rows);
+                          next + (int64_t)pass * steps * lines_per_step * 64, lines_per_step);
         }
     }
 }
