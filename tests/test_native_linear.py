@@ -2,8 +2,6 @@
 it and oneDNN, the model's logits through it against transformers, and the linear_kernel setting."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,8 @@ from app.engine import native_linear
 from app.engine.linear_kernels import RowSplitLinear, use_linear_kernel
 from app.engine.model import DenseAttention
 from app.engine.native_linear import MAX_ROWS, FewRowsLinear
+from app.engine.weights import load_hf_directory
+from tests.conftest import make_tiny_hf
 from tests.test_model import batch_of_unequal_lengths, pair  # pair: a fixture (every architecture), used by name
 
 
@@ -132,9 +132,9 @@ def test_a_c_kernel_that_disagrees_with_f_linear_is_not_used(tiny_llama, monkeyp
         use_linear_kernel(model, "torch")
 
 
-def test_a_bfloat16_model_keeps_onednn(tiny_llama):
-    _, loaded = tiny_llama
-    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+def test_a_bfloat16_model_keeps_onednn(tmp_path):
+    make_tiny_hf("llama", tmp_path, vocab_size=256)
+    model = load_hf_directory(tmp_path, torch.bfloat16, "cpu", "tiny-bf16").model
     assert use_linear_kernel(model, "auto") == "onednn"
     with pytest.raises(ValueError, match="float32 model"):
         use_linear_kernel(model, "native")
