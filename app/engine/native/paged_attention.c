@@ -22,6 +22,14 @@
 #define MAX_HEAD_DIM 256
 #define MAX_GROUPS 16
 
+/* Ask for row `index` of rows of row_bytes (a key or value of one head) to be brought into the cache. Blocks
+ * of a row's table lie anywhere in the cache, a page or more apart, where the hardware prefetcher stops; so
+ * pass 1 asks for the key a block ahead and for the value it will read in pass 2. */
+static inline void prefetch_row(const void *base, int64_t index, int row_bytes) {
+    const char *row = (const char *)base + index * row_bytes;
+    for (int offset = 0; offset < row_bytes; offset += 64) __builtin_prefetch(row + offset, 0, 2);
+}
+
 /* q, out: (rows, heads, head_dim); k, v: (kv_heads, num_blocks, block_size, head_dim);
  * tables: (rows, table_width) block ids; lengths: (rows,) keys each row attends (positions 0..length-1).
  * threads: the OpenMP threads to use (torch.get_num_threads()).
@@ -30,7 +38,7 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                            int64_t table_width, const int32_t *lengths, int rows, int heads, int kv_heads,
                            int head_dim, int64_t num_blocks, int block_size, float scale, int bf16,
                            int threads) {
-    const int groups = heads / kv_heads;
+    const int groups = heads / kv_heads, row_bytes = head_dim * (bf16 ? 2 : 4);
     if (head_dim > MAX_HEAD_DIM || groups > MAX_GROUPS || groups * kv_heads != heads) return -1;
     int max_length = 0;
     for (int r = 0; r < rows; r++) max_length = lengths[r] > max_length ? lengths[r] : max_length;
@@ -53,6 +61,10 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
                 /* pass 1: every group head's score for every key */
                 for (int p = 0; p < length; p++) {
                     const int64_t slot = (head_base + table[p / block_size]) * block_size + p % block_size;
+                    if (p + block_size < length)
+                        prefetch_row(k, (head_base + table[p / block_size + 1]) * block_size + p % block_size,
+                                     row_bytes);
+                    prefetch_row(v, slot, row_bytes);
                     const float *key = row_f32(k, slot * head_dim, head_dim, bf16, buffer);
                     for (int g = 0; g < groups; g++) {
                         const float *qg = query + g * head_dim;
