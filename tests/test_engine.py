@@ -162,6 +162,34 @@ def test_an_idle_engine_lets_a_burst_of_requests_arrive_and_starts_them_in_one_s
     assert all(len(o.tokens) == 3 for o in outputs)
 
 
+def test_a_burst_that_needs_more_than_one_step_starts_shortest_prompt_first(tiny_llama, tokenizer, prompts,
+                                                                            monkeypatch):
+    """The burst's long prompt arrives first, then three short ones. A step of 32 tokens holds the three short
+    prompts and the start of the long one: the short requests get their first token in the first step, the long
+    one in the second, where it would have had it anyway (in arrival order the short ones would wait for it)."""
+    monkeypatch.setattr(engine_module, "BURST_QUIET_S", 0.3)
+    monkeypatch.setattr(engine_module, "BURST_WINDOW_S", 5.0)
+    _, loaded = tiny_llama
+    engine = new_engine(loaded, tokenizer, prompts, max_batched_tokens=32)
+    seqs = [engine.make_sequence(None, ids(n, 20 + i), Task.GENERATE, greedy(3)) for i, n in enumerate((30, 6, 5, 7))]
+    started = []  # at each step's end, before its tokens are appended: which requests have a first token so far
+    engine.core.on_step = lambda sequences, tokens: started.append([bool(s.output_ids) for s in seqs])
+    try:
+        async def arrive_apart():
+            tasks = []
+            for seq in seqs:
+                tasks.append(asyncio.ensure_future(engine.run_to_end(seq)))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*tasks)
+
+        outputs = asyncio.run(arrive_apart())
+    finally:
+        asyncio.run(engine.shutdown(1))
+    assert started[1] == [False, True, True, True]  # after the first step
+    assert started[2] == [True, True, True, True]  # after the second
+    assert all(len(o.tokens) == 3 for o in outputs)
+
+
 def test_static_decode_steps_give_the_dynamic_paths_logprobs(tiny_llama, tokenizer, prompts):
     """Static-shape decode (rows padded to a bucket, padded key length; what CUDA graphs replay on a GPU)
     against the exact path, with requests finishing at different times so the batch shrinks and grows."""
