@@ -83,7 +83,7 @@ def test_the_container_builds_and_runs_the_c_kernels(server):
     would only log a warning and run slower, so this is checked here)."""
     name, _ = server
     logs = docker("logs", name)
-    assert "layer ops native, decode attention native" in logs.stdout + logs.stderr
+    assert "linear native, layer ops native, decode attention native" in logs.stdout + logs.stderr
 
 
 def test_each_request_is_logged_once(server):
