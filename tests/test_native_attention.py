@@ -53,15 +53,16 @@ def test_decode_attention_reads_each_row_through_its_block_table_as_sdpa_does(dt
     assert (got - want).abs().max().item() < tolerance * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", [7, 50])  # 50: split over the threads
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype):
+def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype, tokens):
     args = ModelArgs("llama", 100, 96, 64, 2, 6, 3, 16)
     kernels = kernels_for(args, dtype)
     g = torch.Generator().manual_seed(1)
-    fused = torch.randn(7, 6 * 16 + 2 * 3 * 16, generator=g).to(dtype)  # a q,k,v projection's output
-    k = torch.randn(7, 3, 16, generator=g).to(dtype)
-    v = fused[:, -3 * 16:].view(7, 3, 16)  # a strided view, as the model's v is
-    slots = torch.tensor([5, 17, 0, 63, 40, 41, 9])
+    fused = torch.randn(tokens, 6 * 16 + 2 * 3 * 16, generator=g).to(dtype)  # a q,k,v projection's output
+    k = torch.randn(tokens, 3, 16, generator=g).to(dtype)
+    v = fused[:, -3 * 16:].view(tokens, 3, 16)  # a strided view, as the model's v is
+    slots = torch.randperm(64, generator=g)[:tokens]
     ours, theirs = (KVCache(args, num_blocks=8, block_size=8, device="cpu", dtype=dtype) for _ in range(2))
     kernels.write(ours, 1, slots, k, v)
     theirs.write(1, slots, k, v)

@@ -40,7 +40,7 @@ class NativeKernels:
         self._write = library.write_kv
         self._write.restype = None
         self._write.argtypes = [_pointer, _pointer, _pointer, _i64, _pointer, _i64, _pointer,
-                                _int, _int, _int, _i64, _int]
+                                _int, _int, _int, _i64, _int, _int]
 
     def decode_attention(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                          tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class NativeKernels:
         assert slots.shape[0] == tokens
         self._write(k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
                     slots.data_ptr(), tokens, kv_heads, head_dim, k_cache.shape[1] * k_cache.shape[2],
-                    k.element_size())
+                    k.element_size(), torch.get_num_threads())
 
     def matches_sdpa(self, dtype: torch.dtype, kv_heads: int, groups: int, head_dim: int) -> bool:
         """The kernel once on the Triton kernel's check data (decode_attention.check_case) against SDPA;

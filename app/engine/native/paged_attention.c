@@ -119,11 +119,14 @@ int paged_decode_attention(const void *q, const void *k, const void *v, void *ou
 /* The step's new keys and values into their slots: row t of k_new, v_new (tokens, kv_heads, head_dim; rows
  * k_stride, v_stride values apart, heads contiguous) -> position slots[t] (block * block_size + offset) of
  * each head of the layer's cache (kv_heads, num_slots, head_dim). element_size: 4 (float32) or 2 (bfloat16);
- * nothing is converted. */
+ * nothing is converted. threads: the OpenMP threads to use. */
 void write_kv(void *k_cache, void *v_cache, const void *k_new, int64_t k_stride, const void *v_new,
               int64_t v_stride, const int64_t *slots, int tokens, int kv_heads, int head_dim, int64_t num_slots,
-              int element_size) {
+              int element_size, int threads) {
     const size_t row_bytes = (size_t)head_dim * element_size;
+    /* Each copy lands in a line that is rarely cached, so one thread waits on memory for most of it: with more
+     * than a few tokens (120 rows of a decode step: 720 copies a layer), both threads share them. */
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens >= 32)
     for (int t = 0; t < tokens; t++) {
         const char *k_row = (const char *)k_new + (size_t)t * k_stride * element_size;
         const char *v_row = (const char *)v_new + (size_t)t * v_stride * element_size;
