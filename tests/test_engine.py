@@ -135,6 +135,15 @@ def test_mixed_batch_with_late_arrivals_equals_each_request_alone(tiny_llama, to
     assert together[3].probs.shape == (7, 3) and together[4].probs.shape == (2,)
 
 
+async def arrive_apart(engine: AsyncEngine, seqs: list, gap_s: float = 0.05) -> list:
+    """Submit the sequences gap_s apart, as clients of a burst arrive, and wait for all of them."""
+    tasks = []
+    for seq in seqs:
+        tasks.append(asyncio.ensure_future(engine.run_to_end(seq)))
+        await asyncio.sleep(gap_s)
+    return await asyncio.gather(*tasks)
+
+
 def test_an_idle_engine_lets_a_burst_of_requests_arrive_and_starts_them_in_one_step(tiny_llama, tokenizer, prompts,
                                                                                    monkeypatch):
     """Clients of a burst arrive a little apart (each parsed and tokenized first). An idle engine waits while
@@ -147,15 +156,8 @@ def test_an_idle_engine_lets_a_burst_of_requests_arrive_and_starts_them_in_one_s
     steps = []
     engine.core.on_step = lambda sequences, tokens: steps.append((sequences, tokens))
     requests = [(None, ids(5 + i, i), Task.GENERATE, greedy(3)) for i in range(5)]
-    try:
-        async def arrive_apart():
-            tasks = []
-            for r in requests:  # 50 ms apart: each would find the engine mid-step of the ones before
-                tasks.append(asyncio.ensure_future(engine.run_to_end(engine.make_sequence(*r))))
-                await asyncio.sleep(0.05)
-            return await asyncio.gather(*tasks)
-
-        outputs = asyncio.run(arrive_apart())
+    try:  # 50 ms apart: each would find the engine mid-step of the ones before
+        outputs = asyncio.run(arrive_apart(engine, [engine.make_sequence(*r) for r in requests]))
     finally:
         asyncio.run(engine.shutdown(1))
     assert steps[0] == (5, sum(5 + i for i in range(5)))  # every request's whole prompt in the first step
@@ -175,14 +177,7 @@ def test_a_burst_that_needs_more_than_one_step_starts_shortest_prompt_first(tiny
     started = []  # at each step's end, before its tokens are appended: which requests have a first token so far
     engine.core.on_step = lambda sequences, tokens: started.append([bool(s.output_ids) for s in seqs])
     try:
-        async def arrive_apart():
-            tasks = []
-            for seq in seqs:
-                tasks.append(asyncio.ensure_future(engine.run_to_end(seq)))
-                await asyncio.sleep(0.05)
-            return await asyncio.gather(*tasks)
-
-        outputs = asyncio.run(arrive_apart())
+        outputs = asyncio.run(arrive_apart(engine, seqs))
     finally:
         asyncio.run(engine.shutdown(1))
     assert started[1] == [False, True, True, True]  # after the first step
