@@ -7,7 +7,7 @@ import os
 import pytest
 
 from app.bench.http import check_loopback
-from app.bench.measure import percentile
+from app.bench.measure import percentile, workload_flops
 from app.bench.run import BenchConfig, run_bench
 from app.bench.workload import workload
 from app.cli import main
@@ -44,8 +44,22 @@ def test_report_numbers_are_consistent(tiny_result):
     assert 0 < ours["ttft_p50_s"] <= ours["latency_p99_s"] <= ours["wall_s"] + 1e-6
     assert ours["steps"]["prefill_tokens"] == tiny_result["workload"]["prompt_tokens"]
     assert tiny_result["bound"]["bound_tok_s"] > 0
+    b, steps = tiny_result["bound"], ours["steps"]
+    assert b["workload_forward_tokens"] == steps["prefill_tokens"] + steps["decode_tokens"]
+    per_output_token = b["workload_tflop"] / ours["generated_tokens"]
+    assert b["workload_bound_tok_s"] == pytest.approx(b["matmul_tflops"] / per_output_token)
+    assert b["share_of_peak"] == pytest.approx(ours["tok_s"] / b["workload_bound_tok_s"])
     # a 20-token prompt on the tiny shape: 2 layers * (K + V) * 2 kv heads * 20 * 16 * 4 bytes
     assert set(tiny_result["memory"]["bytes_per_prompt"].values()) == {2 * 2 * 2 * 20 * 16 * 4}
+
+
+def test_workload_flops_count_each_token_through_the_layers_and_each_sample_through_the_head(tiny_llama):
+    _, loaded = tiny_llama
+    model, a = loaded.model, loaded.model.args
+    d = a.hidden_size
+    projections = 2 * d * a.num_heads * a.head_dim + 2 * d * a.num_kv_heads * a.head_dim + 3 * d * a.intermediate_size
+    through_layers = a.num_layers * (2 * projections + 4 * a.num_heads * a.head_dim * 10)  # 10 keys attended
+    assert workload_flops(model, 7, 3, 10) == pytest.approx(7 * through_layers + 3 * 2 * a.vocab_size * d)
 
 
 def test_cli_writes_the_json(tmp_path, capsys):
@@ -60,7 +74,8 @@ def test_cli_writes_the_json(tmp_path, capsys):
         assert {"tok_s", "req_s", "latency_p50_s", "latency_p90_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s",
                 "peak_memory_bytes", "generated_tokens"} <= set(data[side])
     assert data["ratio"] == pytest.approx(data["softserve"]["tok_s"] / data["peer"]["tok_s"])
-    assert {"bandwidth_gb_s", "bound_tok_s", "share_overall"} <= set(data["bound"])
+    assert {"bandwidth_gb_s", "bound_tok_s", "share_overall", "workload_bound_tok_s",
+            "share_of_peak"} <= set(data["bound"])
     assert {"bytes_per_prompt", "prompts_fit"} <= set(data["memory"])
 
 

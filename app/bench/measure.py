@@ -139,12 +139,26 @@ def decode_bound(bandwidth: float, weight_bytes: int, kv_bytes_per_token: int, b
     return out
 
 
-def flops_per_token(model: torch.nn.Module, mean_context: float) -> float:
-    """2 x (every matmul weight a token passes through: layer projections and the LM head) + attention."""
+def _layer_flops(model: torch.nn.Module, mean_context: float) -> float:
+    """A token through every layer: 2 x its projections' weights + attention over mean_context keys."""
     a = model.args
     layer_params = sum(p.numel() for n, p in model.layers.named_parameters() if n.endswith("proj.weight"))
-    attention = 4 * a.num_layers * a.num_heads * a.head_dim * mean_context
-    return 2 * (layer_params + a.vocab_size * a.hidden_size) + attention
+    return 2 * layer_params + 4 * a.num_layers * a.num_heads * a.head_dim * mean_context
+
+
+def _head_flops(model: torch.nn.Module) -> float:
+    return 2 * model.args.vocab_size * model.args.hidden_size
+
+
+def flops_per_token(model: torch.nn.Module, mean_context: float) -> float:
+    """A decode token: 2 x (every matmul weight it passes through: layer projections and the LM head) + attention."""
+    return _layer_flops(model, mean_context) + _head_flops(model)
+
+
+def workload_flops(model: torch.nn.Module, forward_tokens: int, sampled_tokens: int, mean_context: float) -> float:
+    """A whole workload's matmul work: every token a step computes (prompt and decode) through the layers, and
+    the LM head for each token sampled (prefill computes it for a prompt's last position only)."""
+    return forward_tokens * _layer_flops(model, mean_context) + sampled_tokens * _head_flops(model)
 
 
 def device_memory_total(device: torch.device) -> int:

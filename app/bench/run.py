@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from app.bench.measure import (PeakMemory, copy_bandwidth, decode_bound, device_memory_total, device_name,
-                               flops_per_token, matmul_flops, model_bytes, percentile)
+                               flops_per_token, matmul_flops, model_bytes, percentile, workload_flops)
 from app.bench.ours import StepTimer, engine_config, run_ours
 from app.bench.peer import RequestResult, run_peer
 from app.bench.workload import NullTokenizer, TASK_KINDS, build_models, prompt_files, prompt_tensors, workload
@@ -231,6 +231,14 @@ def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, peer:
         bound["peer_share_overall"] = peer["tok_s"] / bound["bound_tok_s"]
     if ours.get("decode_window_tok_s"):
         bound["share_decode_window"] = ours["decode_window_tok_s"] / bound["bound_tok_s"]
+    # The whole workload (prefill too) at the matmul peak: the ceiling if every step ran at the best GEMM's speed.
+    steps, generated = ours["steps"], ours["generated_tokens"]
+    work = workload_flops(models.ours, steps["prefill_tokens"] + steps["decode_tokens"], generated, mean_context)
+    bound.update(workload_tflop=work / 1e12, workload_forward_tokens=steps["prefill_tokens"] + steps["decode_tokens"],
+                 workload_bound_tok_s=flops * generated / work)
+    bound["share_of_peak"] = ours["tok_s"] / bound["workload_bound_tok_s"]
+    if peer is not None:
+        bound["peer_share_of_peak"] = peer["tok_s"] / bound["workload_bound_tok_s"]
     total = device_memory_total(device)
     room = total - weights - ours["kv_cache_bytes"]
     memory = dict(device_total_bytes=total, weight_bytes=weights, kv_cache_bytes=ours["kv_cache_bytes"],
@@ -255,7 +263,8 @@ def _fmt(x, unit="", digits=2) -> str:
 
 def format_table(r: dict) -> str:
     """The result as the table softserve bench prints: a header, softserve vs peer, then notes."""
-    return "\n".join([_header(r), "", *_comparison(r), "", *_notes(r), _bound_line(r), _memory_line(r)])
+    return "\n".join([_header(r), "", *_comparison(r), "", *_notes(r), _bound_line(r), _peak_line(r),
+                      _memory_line(r)])
 
 
 def _header(r: dict) -> str:
@@ -333,6 +342,14 @@ def _bound_line(r: dict) -> str:
             f"overall" + (f", {100 * b['share_decode_window']:.1f}% while all rows decode "
                           f"({ours['decode_window_tok_s']:,.0f} tokens/s)" if 'share_decode_window' in b else "")
             + (f"; the peer {100 * b['peer_share_overall']:.1f}% overall" if 'peer_share_overall' in b else ""))
+
+
+def _peak_line(r: dict) -> str:
+    b, generated = r["bound"], r["softserve"]["generated_tokens"]
+    return (f"whole workload at the matmul peak: {b['workload_tflop'] * 1e3:,.1f} GFLOP "
+            f"({b['workload_forward_tokens']:,} tokens through the layers, {generated:,} through the LM head) at {b['matmul_tflops'] * 1e3:,.0f} "
+            f"GFLOP/s = {b['workload_bound_tok_s']:,.0f} tokens/s; softserve reaches {100 * b['share_of_peak']:.1f}%"
+            + (f", the peer {100 * b['peer_share_of_peak']:.1f}%" if "peer_share_of_peak" in b else ""))
 
 
 def _memory_line(r: dict) -> str:
