@@ -191,9 +191,7 @@ def _run_softserve(cfg: BenchConfig, models, tensors, reqs, warm, device):
     ours["engine_setup_s"] = engine_setup_s
     static = engine.core.runner.static
     ours["decode_graphs"] = len(static.graphs) if static is not None else 0
-    ours["decode_attention"] = "triton kernel" if static is not None and static.kernel else "sdpa"
-    ours["linear_kernel"] = engine.core.linear_kernel
-    ours["kernels"] = engine.core.kernels
+    ours["kernels"] = engine.core.kernels  # linear layers, layer ops, decode attention
     per_prompt = {name: tp.nbytes for name, tp in task_prompts.items()}
     log.info("softserve: %.1f tokens/s in %.1f s", ours["tok_s"], ours_wall)
     return ours, ours_results, per_prompt, prompt_load_s
@@ -232,9 +230,9 @@ def _bound_and_memory(cfg: BenchConfig, models, device, dtype, ours: dict, peer:
     if ours.get("decode_window_tok_s"):
         bound["share_decode_window"] = ours["decode_window_tok_s"] / bound["bound_tok_s"]
     # The whole workload (prefill too) at the matmul peak: the ceiling if every step ran at the best GEMM's speed.
-    steps, generated = ours["steps"], ours["generated_tokens"]
-    work = workload_flops(models.ours, steps["prefill_tokens"] + steps["decode_tokens"], generated, mean_context)
-    bound.update(workload_tflop=work / 1e12, workload_forward_tokens=steps["prefill_tokens"] + steps["decode_tokens"],
+    forward, generated = ours["steps"]["prefill_tokens"] + ours["steps"]["decode_tokens"], ours["generated_tokens"]
+    work = workload_flops(models.ours, forward, generated, mean_context)
+    bound.update(workload_tflop=work / 1e12, workload_forward_tokens=forward,
                  workload_bound_tok_s=flops * generated / work)
     bound["share_of_peak"] = ours["tok_s"] / bound["workload_bound_tok_s"]
     if peer is not None:
@@ -312,7 +310,7 @@ def _notes(r: dict) -> list[str]:
                      f"{a['mean_common_prefix']:.1f}")
     if ours["decode_graphs"]:
         lines.append(f"softserve decode steps replay {ours['decode_graphs']} CUDA graphs captured at engine start "
-                     f"({ours['engine_setup_s']:.1f} s); decode attention: {ours['decode_attention']}")
+                     f"({ours['engine_setup_s']:.1f} s)")
     elif c["device"].startswith("cuda"):
         lines.append("softserve ran without CUDA graphs (--no-cuda-graphs)")
     lines.append(f"softserve kernels: {ours['kernels']} (the peer: stock transformers, F.linear and SDPA)")
@@ -347,8 +345,9 @@ def _bound_line(r: dict) -> str:
 def _peak_line(r: dict) -> str:
     b, generated = r["bound"], r["softserve"]["generated_tokens"]
     return (f"whole workload at the matmul peak: {b['workload_tflop'] * 1e3:,.1f} GFLOP "
-            f"({b['workload_forward_tokens']:,} tokens through the layers, {generated:,} through the LM head) at {b['matmul_tflops'] * 1e3:,.0f} "
-            f"GFLOP/s = {b['workload_bound_tok_s']:,.0f} tokens/s; softserve reaches {100 * b['share_of_peak']:.1f}%"
+            f"({b['workload_forward_tokens']:,} tokens through the layers, {generated:,} through the LM head) "
+            f"at {b['matmul_tflops'] * 1e3:,.0f} GFLOP/s = {b['workload_bound_tok_s']:,.0f} tokens/s; "
+            f"softserve reaches {100 * b['share_of_peak']:.1f}%"
             + (f", the peer {100 * b['peer_share_of_peak']:.1f}%" if "peer_share_of_peak" in b else ""))
 
 
