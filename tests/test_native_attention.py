@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app.engine import native_library
+from app.engine.attention import NATIVE_CHUNK_TOKENS, PagedAttention, PrefillChunk
 from app.engine.decode_attention import sdpa_reference
 from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
@@ -68,6 +69,42 @@ def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype,
     theirs.write(1, slots, k, v)
     assert torch.equal(ours.k, theirs.k) and torch.equal(ours.v, theirs.v)
     assert ours.k[1].flatten(1, 2)[:, slots].abs().sum() > 0 and ours.k[0].abs().sum() == 0  # layer 1 only
+
+
+@pytest.mark.parametrize("decode_positions, chunks", [
+    ([30, 5, 70], [(60, 0), (10, 0), (8, 20), (50, 16)]),  # long chunks before short ones: outputs reordered
+    ([9, 40], [(10, 0), (3, 12), (NATIVE_CHUNK_TOKENS, 0)]),  # every chunk short: one run of C rows
+])
+def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_positions, chunks):
+    """A step's decode rows and prefill chunks (length, first position), some after a cached prefix: the C
+    path (short chunks as rows of the decode kernel) gives SDPA's outputs, in the flat list's order."""
+    args = ModelArgs("llama", 100, 96, 64, 1, 6, 2, 16)
+    kernels = kernels_for(args)
+    g = torch.Generator().manual_seed(len(chunks))
+    block = 8
+    caches = [KVCache(args, num_blocks=64, block_size=block, device="cpu", dtype=torch.float32) for _ in range(2)]
+    for cache in caches[1:]:  # the same earlier positions in both: a prefix or a decode row's past
+        cache.k.copy_(caches[0].k.copy_(torch.randn(caches[0].k.shape, generator=g)))
+        cache.v.copy_(caches[0].v.copy_(torch.randn(caches[0].v.shape, generator=g)))
+    free = iter(torch.randperm(63, generator=g).add(1).tolist())
+    def table(positions: int) -> list[int]:
+        return [next(free) for _ in range(-(-positions // block))]
+    decode_tables = [table(p + 1) for p in decode_positions]
+    slots = [t[p // block] * block + p % block for t, p in zip(decode_tables, decode_positions)]
+    positions, steps = list(decode_positions), []
+    for length, start in chunks:
+        t = table(start + length)
+        steps.append(PrefillChunk(t, len(positions), length, start))
+        positions += range(start, start + length)
+        slots += [t[p // block] * block + p % block for p in range(start, start + length)]
+    tokens = len(positions)
+    q = torch.randn(1, tokens, 6, 16, generator=g)
+    k, v = (torch.randn(1, tokens, 2, 16, generator=g) for _ in range(2))
+    got = PagedAttention(caches[0], slots, positions, decode_tables, steps, native=kernels).attend(0, q, k, v)
+    want = PagedAttention(caches[1], slots, positions, decode_tables, steps, native=None).attend(0, q, k, v)
+    assert got.shape == want.shape == (1, tokens, 6, 16)
+    assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 def test_the_engine_gives_the_same_tokens_and_logprobs_with_the_c_kernels_as_with_sdpa(tiny_llama, tokenizer):
