@@ -75,14 +75,15 @@ def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype,
     ([30, 5, 70], [(60, 0), (10, 0), (8, 20), (50, 16)]),  # long chunks before short ones: outputs reordered
     ([9, 40], [(10, 0), (3, 12), (NATIVE_CHUNK_TOKENS, 0)]),  # every chunk short: one run of C rows
 ])
-def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_positions, chunks):
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_positions, chunks, dtype, tolerance):
     """A step's decode rows and prefill chunks (length, first position), some after a cached prefix: the C
     path (short chunks as rows of the decode kernel) gives SDPA's outputs, in the flat list's order."""
     args = ModelArgs("llama", 100, 96, 64, 1, 6, 2, 16)
-    kernels = kernels_for(args)
+    kernels = kernels_for(args, dtype)
     g = torch.Generator().manual_seed(len(chunks))
     block = 8
-    caches = [KVCache(args, num_blocks=64, block_size=block, device="cpu", dtype=torch.float32) for _ in range(2)]
+    caches = [KVCache(args, num_blocks=64, block_size=block, device="cpu", dtype=dtype) for _ in range(2)]
     for cache in caches[1:]:  # the same earlier positions in both: a prefix or a decode row's past
         cache.k.copy_(caches[0].k.copy_(torch.randn(caches[0].k.shape, generator=g)))
         cache.v.copy_(caches[0].v.copy_(torch.randn(caches[0].v.shape, generator=g)))
@@ -98,12 +99,12 @@ def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_posi
         positions += range(start, start + length)
         slots += [t[p // block] * block + p % block for p in range(start, start + length)]
     tokens = len(positions)
-    q = torch.randn(1, tokens, 6, 16, generator=g)
-    k, v = (torch.randn(1, tokens, 2, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, tokens, 6, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, tokens, 2, 16, generator=g).to(dtype) for _ in range(2))
     got = PagedAttention(caches[0], slots, positions, decode_tables, steps, native=kernels).attend(0, q, k, v)
     want = PagedAttention(caches[1], slots, positions, decode_tables, steps, native=None).attend(0, q, k, v)
     assert got.shape == want.shape == (1, tokens, 6, 16)
-    assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
+    assert (got.float() - want.float()).abs().max().item() < tolerance * max(1.0, want.float().abs().max().item())
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
