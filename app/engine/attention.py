@@ -114,6 +114,7 @@ class PagedAttention:
         self.num_decode = len(decode_tables)
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        self._flat_order: torch.Tensor | None = None  # with C rows out of the flat list's order: see below
         if native is not None:
             self._plan_native_rows(decode_tables, positions, chunks)
             chunks = [c for c in chunks if c.length > NATIVE_CHUNK_TOKENS]
@@ -164,7 +165,6 @@ class PagedAttention:
         lengths = [p + 1 for p in positions[:self.num_decode]] + \
             [c.start_pos + t + 1 for c in short for t in range(c.length)]
         self.native_rows = len(tables)
-        self._flat_order: torch.Tensor | None = None
         self._native_index: torch.Tensor | None = None
         if self.native_rows:
             self.native_tables = _tables(tables, self.positions.device)
@@ -192,7 +192,7 @@ class PagedAttention:
             parts.append(self._attend_chunks_padded(layer, q) if self.batch_chunks
                          else self._attend_each_chunk(layer, q, k, v))
         out = torch.cat(parts, 0)
-        if self.native is not None and self._flat_order is not None:
+        if self._flat_order is not None:
             out = out[self._flat_order]  # C rows, then SDPA's chunks -> the flat list's order
         return out[None]
 
