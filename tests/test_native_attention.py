@@ -84,9 +84,10 @@ def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_posi
     g = torch.Generator().manual_seed(len(chunks))
     block = 8
     caches = [KVCache(args, num_blocks=64, block_size=block, device="cpu", dtype=dtype) for _ in range(2)]
-    for cache in caches[1:]:  # the same earlier positions in both: a prefix or a decode row's past
-        cache.k.copy_(caches[0].k.copy_(torch.randn(caches[0].k.shape, generator=g)))
-        cache.v.copy_(caches[0].v.copy_(torch.randn(caches[0].v.shape, generator=g)))
+    for name in ("k", "v"):  # the same earlier positions in both: a prefix or a decode row's past
+        values = torch.randn(getattr(caches[0], name).shape, generator=g).to(dtype)
+        for cache in caches:
+            getattr(cache, name).copy_(values)
     free = iter(torch.randperm(63, generator=g).add(1).tolist())
     def table(positions: int) -> list[int]:
         return [next(free) for _ in range(-(-positions // block))]
