@@ -1,5 +1,6 @@
-"""The CPU's C kernels (app/engine/native/paged_attention.c): decode attention against SDPA, the KV write
-against KVCache.write, the engine's outputs against its SDPA path, and how the library is built and loaded.
+"""The CPU's C kernels (app/engine/native/paged_attention.c, prefill_attention.c): decode and prefill attention
+against SDPA, the KV write against KVCache.write, the engine's outputs against its SDPA path, and how the library
+is built and loaded.
 This machine (and CI's) has a C compiler, so the kernels are required here, never skipped."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from app.engine import native_library
-from app.engine.attention import NATIVE_CHUNK_TOKENS, PagedAttention, PrefillChunk
+from app.engine.attention import PagedAttention, PrefillChunk
 from app.engine.decode_attention import sdpa_reference
 from app.engine.kv_cache import KVCache
 from app.engine.model import ModelArgs
@@ -72,23 +73,25 @@ def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype,
 
 
 @pytest.mark.parametrize("decode_positions, chunks", [
-    ([30, 5, 70], [(60, 0), (10, 0), (8, 20), (50, 16)]),  # long chunks before short ones: outputs reordered
-    ([9, 40], [(10, 0), (3, 12), (NATIVE_CHUNK_TOKENS, 0)]),  # every chunk short: one run of C rows
+    # chunks (length, first position) across the kernel's 16-token query tiles and 32-key tiles, from
+    # position 0 and after a cached prefix that ends inside a block
+    ([30, 5, 70], [(60, 0), (10, 0), (8, 20), (50, 16), (1, 0), (33, 31)]),
+    ([], [(17, 0), (3, 12), (48, 0), (100, 77)]),  # a step of prefill chunks only
 ])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_positions, chunks, dtype, tolerance):
-    """A step's decode rows and prefill chunks (length, first position), some after a cached prefix: the C
-    path (short chunks as rows of the decode kernel) gives SDPA's outputs, in the flat list's order."""
+def test_a_steps_rows_attend_in_the_c_kernels_as_through_sdpa(decode_positions, chunks, dtype, tolerance):
+    """A step's decode rows and prefill chunks: the C path (decode kernel, then one prefill call for every
+    chunk) gives SDPA's outputs in the flat list's order, and writes the same cache."""
     args = ModelArgs("llama", 100, 96, 64, 1, 6, 2, 16)
     kernels = kernels_for(args, dtype)
     g = torch.Generator().manual_seed(len(chunks))
     block = 8
-    caches = [KVCache(args, num_blocks=64, block_size=block, device="cpu", dtype=dtype) for _ in range(2)]
+    caches = [KVCache(args, num_blocks=96, block_size=block, device="cpu", dtype=dtype) for _ in range(2)]
     for name in ("k", "v"):  # the same earlier positions in both: a prefix or a decode row's past
         values = torch.randn(getattr(caches[0], name).shape, generator=g).to(dtype)
         for cache in caches:
             getattr(cache, name).copy_(values)
-    free = iter(torch.randperm(63, generator=g).add(1).tolist())
+    free = iter(torch.randperm(95, generator=g).add(1).tolist())
     def table(positions: int) -> list[int]:
         return [next(free) for _ in range(-(-positions // block))]
     decode_tables = [table(p + 1) for p in decode_positions]
@@ -100,8 +103,8 @@ def test_short_prefill_chunks_attend_in_the_c_kernel_as_through_sdpa(decode_posi
         positions += range(start, start + length)
         slots += [t[p // block] * block + p % block for p in range(start, start + length)]
     tokens = len(positions)
-    q = torch.randn(1, tokens, 6, 16, generator=g).to(dtype)
-    k, v = (torch.randn(1, tokens, 2, 16, generator=g).to(dtype) for _ in range(2))
+    fused = torch.randn(1, tokens, (6 + 2 + 2) * 16, generator=g).to(dtype)  # q, k, v: views of one projection
+    q, k, v = (x.view(1, tokens, -1, 16) for x in fused.split([6 * 16, 2 * 16, 2 * 16], -1))
     got = PagedAttention(caches[0], slots, positions, decode_tables, steps, native=kernels).attend(0, q, k, v)
     want = PagedAttention(caches[1], slots, positions, decode_tables, steps, native=None).attend(0, q, k, v)
     assert got.shape == want.shape == (1, tokens, 6, 16)

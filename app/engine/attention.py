@@ -6,12 +6,11 @@ written to its slot, then attention reads every sequence's keys through its bloc
   - decode tokens (longest first): on CPU with the C kernels (app/engine/native_attention.py), one call a
     layer that reads each row's keys in place through its block table; else in runs of similar length (on
     CPU; one run on CUDA), one SDPA call per run over its gathered keys (padded to its longest, masked);
-  - prefill chunks: one padded SDPA call for all of them (CUDA, where each call costs ~10 kernel launches a
-    layer) or one call per chunk (CPU, where the padded call measured 2-3x slower; a chunk that starts at
-    position 0 attends over its own K,V as computed, with nothing to gather). With the C kernels, a chunk of
-    at most NATIVE_CHUNK_TOKENS tokens instead joins the decode rows: each of its tokens is one more row of
-    the decode kernel over its block table (a burst of short prompts is otherwise a hundred small SDPA calls
-    a layer, each costing more in setup than in arithmetic).
+  - prefill chunks: on CPU with the C kernels, one call a layer for all of them, each chunk over its block
+    table (the prefill kernel: a hundred short prompts would otherwise be a hundred SDPA calls a layer, each
+    costing more in setup than in arithmetic); else one padded SDPA call for all of them (CUDA, where each
+    call costs ~10 kernel launches a layer) or one call per chunk (CPU, where the padded call measured 2-3x
+    slower; a chunk that starts at position 0 attends over its own K,V as computed, with nothing to gather).
 Keys are gathered block by block in the cache's head-major layout (app/engine/kv_cache.py), which gives
 (kv_heads, ..., positions, head_dim) directly; decode attention then runs over (kv_heads, rows) as the batch.
 `StaticDecodeAttention` is the decode-only step at fixed shapes that CUDA graphs replay
@@ -29,15 +28,10 @@ import torch.nn.functional as F
 
 from app.engine.decode_attention import decode_attention
 from app.engine.kv_cache import KVCache, slots_of
+from app.engine.native_attention import PrefillPlan
 
 if TYPE_CHECKING:
     from app.engine.native_attention import NativeKernels
-
-
-# Prefill chunks of at most this many tokens attend in the C decode kernel, a row per token, with the C kernels.
-# Per layer, on this project's 2-core CPU (9 heads over 3 KV heads of 64): 102 chunks of 20 tokens 2.1 ms
-# against 5.8 ms through per-chunk SDPA, 51 of 40 2.9 against 4.7, 32 of 64 level (4.1 ms).
-NATIVE_CHUNK_TOKENS = 48
 
 
 @dataclass
@@ -108,16 +102,22 @@ class PagedAttention:
                  native: NativeKernels | None = None):
         """write_slots, positions: per token of the step (host lists); decode_tables: the block table of each
         decode token's sequence. batch_chunks: None picks the padded call on CUDA, per chunk on CPU.
-        native (CPU): the C kernels write K,V and run decode attention in place over the block tables."""
+        native (CPU): the C kernels write K,V and attend in place over the block tables, decode rows and
+        prefill chunks alike."""
         device, B = cache.device, cache.block_size
         self.cache, self.native = cache, native
         self.num_decode = len(decode_tables)
         self.write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)
-        self._flat_order: torch.Tensor | None = None  # with C rows out of the flat list's order: see below
         if native is not None:
-            self._plan_native_rows(decode_tables, positions, chunks)
-            chunks = [c for c in chunks if c.length > NATIVE_CHUNK_TOKENS]
+            if self.num_decode:
+                self.native_tables = _tables(decode_tables, device)
+                self.native_lengths = torch.tensor([p + 1 for p in positions[:self.num_decode]], dtype=torch.int32)
+            self.prefill_plan = PrefillPlan.build([c.table for c in chunks], [c.offset for c in chunks],
+                                                  [c.length for c in chunks], [c.start_pos for c in chunks],
+                                                  native.key_tile, cache.k.shape[1], cache.k.shape[-1]) \
+                if chunks else None
+            chunks = []
         elif self.num_decode:
             decode_positions = positions[:self.num_decode]
             # on CUDA a group's calls cost more than the padding they save
@@ -155,45 +155,27 @@ class PagedAttention:
                 for c in chunks
             ]
 
-    def _plan_native_rows(self, decode_tables: list[list[int]], positions: list[int],
-                          chunks: list[PrefillChunk]) -> None:
-        """The C kernel's rows: the decode tokens, then every token of each short chunk; token t of a chunk
-        attends the positions up to its own through the chunk's block table. When the rows are not the first
-        tokens of the flat list (a long chunk before a short one), `_flat_order` puts the outputs back."""
-        short = [c for c in chunks if c.length <= NATIVE_CHUNK_TOKENS]
-        tables = decode_tables + [c.table for c in short for _ in range(c.length)]
-        lengths = [p + 1 for p in positions[:self.num_decode]] + \
-            [c.start_pos + t + 1 for c in short for t in range(c.length)]
-        self.native_rows = len(tables)
-        self._native_index: torch.Tensor | None = None
-        if self.native_rows:
-            self.native_tables = _tables(tables, self.positions.device)
-            self.native_lengths = torch.tensor(lengths, dtype=torch.int32)
-        rows = list(range(self.num_decode)) + [c.offset + t for c in short for t in range(c.length)]
-        if rows != list(range(len(rows))):
-            others = [c.offset + t for c in chunks if c.length > NATIVE_CHUNK_TOKENS for t in range(c.length)]
-            self._native_index = torch.tensor(rows)
-            self._flat_order = torch.empty(len(rows) + len(others), dtype=torch.long)
-            self._flat_order[torch.tensor(rows + others)] = torch.arange(len(rows) + len(others))
-
     def attend(self, layer, q, k, v):
-        parts = []
         if self.native is not None:
-            self.native.write(self.cache, layer, self.write_slots, k[0], v[0])
-            if self.native_rows:
-                rows = q[0, :self.native_rows] if self._native_index is None else q[0, self._native_index]
-                parts.append(self.native.decode_attention(rows, self.cache.k[layer], self.cache.v[layer],
-                                                          self.native_tables, self.native_lengths))
-        else:
-            self.cache.write(layer, self.write_slots, k[0], v[0])
-            if self.num_decode:
-                parts += [group.attend(self.cache, layer, q[0]) for group in self.decode_groups]  # (rows, H, hd) each
+            return self._attend_native(layer, q, k, v)
+        self.cache.write(layer, self.write_slots, k[0], v[0])
+        parts = [group.attend(self.cache, layer, q[0]) for group in self.decode_groups] if self.num_decode else []
         if self.chunks:
             parts.append(self._attend_chunks_padded(layer, q) if self.batch_chunks
                          else self._attend_each_chunk(layer, q, k, v))
-        out = torch.cat(parts, 0)
-        if self._flat_order is not None:
-            out = out[self._flat_order]  # C rows, then SDPA's chunks -> the flat list's order
+        return torch.cat(parts, 0)[None]
+
+    def _attend_native(self, layer, q, k, v):
+        """The C kernels: decode rows (the flat list's first) and prefill chunks, each writing its rows of one
+        output."""
+        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
+        self.native.write(self.cache, layer, self.write_slots, k[0], v[0])
+        out = torch.empty(q.shape[1:], dtype=q.dtype)
+        if self.num_decode:
+            self.native.decode_attention(q[0, :self.num_decode], k_layer, v_layer, self.native_tables,
+                                         self.native_lengths, out=out[:self.num_decode])
+        if self.prefill_plan is not None:
+            self.native.prefill_attention(q[0], k_layer, v_layer, self.prefill_plan, out)
         return out[None]
 
     def _attend_each_chunk(self, layer, q, k, v):

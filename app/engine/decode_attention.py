@@ -133,8 +133,7 @@ def agrees(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, kernel: st
     error = ((got.float() - want).norm() / want.norm()).item()
     if error < CHECK_TOLERANCE[dtype]:
         return True
-    log.warning("the %s decode kernel disagrees with SDPA (relative error %.2e); decode attention uses SDPA",
-                kernel, error)
+    log.warning("the %s kernel disagrees with SDPA (relative error %.2e); attention keeps SDPA", kernel, error)
     return False
 
 
@@ -147,7 +146,7 @@ def kernel_matches_sdpa(device: torch.device, dtype: torch.dtype, kv_heads: int,
     except Exception as e:  # a Triton that cannot compile here
         log.warning("the Triton decode kernel failed (%s); decode attention uses SDPA", e)
         return False
-    return agrees(got, want, dtype, "Triton")
+    return agrees(got, want, dtype, "Triton decode")
 
 
 def use_kernel(choice: str, device: torch.device, dtype: torch.dtype, args) -> bool:

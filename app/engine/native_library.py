@@ -28,7 +28,8 @@ from app.engine.config import DEFAULT_CACHE_DIR
 log = logging.getLogger(__name__)
 
 NATIVE_DIR = Path(__file__).parent / "native"
-SOURCES = [NATIVE_DIR / name for name in ("paged_attention.c", "layer_ops.c", "few_rows_linear.c")]
+SOURCES = [NATIVE_DIR / name for name in ("paged_attention.c", "prefill_attention.c", "layer_ops.c",
+                                          "few_rows_linear.c")]
 HEADERS = [NATIVE_DIR / "bf16.h"]
 # -ffast-math at compile time only (expf vectorizes through libmvec); linking without it keeps gcc's
 # crtfastmath.o, which would switch the whole process to flush-to-zero, out of the library.
