@@ -79,10 +79,11 @@ def test_the_kv_write_puts_every_token_and_head_where_kv_cache_write_does(dtype,
     ([], [(17, 0), (3, 12), (48, 0), (100, 77)]),  # a step of prefill chunks only
 ])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_a_steps_rows_attend_in_the_c_kernels_as_through_sdpa(decode_positions, chunks, dtype, tolerance):
+@pytest.mark.parametrize("head_dim", [16, 24])  # 24: a vector of 16 and 8 values one by one
+def test_a_steps_rows_attend_in_the_c_kernels_as_through_sdpa(decode_positions, chunks, dtype, tolerance, head_dim):
     """A step's decode rows and prefill chunks: the C path (decode kernel, then one prefill call for every
     chunk) gives SDPA's outputs in the flat list's order, and writes the same cache."""
-    args = ModelArgs("llama", 100, 96, 64, 1, 6, 2, 16)
+    args = ModelArgs("llama", 100, 6 * head_dim, 64, 1, 6, 2, head_dim)
     kernels = kernels_for(args, dtype)
     g = torch.Generator().manual_seed(len(chunks))
     block = 8
@@ -103,11 +104,11 @@ def test_a_steps_rows_attend_in_the_c_kernels_as_through_sdpa(decode_positions, 
         positions += range(start, start + length)
         slots += [t[p // block] * block + p % block for p in range(start, start + length)]
     tokens = len(positions)
-    fused = torch.randn(1, tokens, (6 + 2 + 2) * 16, generator=g).to(dtype)  # q, k, v: views of one projection
-    q, k, v = (x.view(1, tokens, -1, 16) for x in fused.split([6 * 16, 2 * 16, 2 * 16], -1))
+    fused = torch.randn(1, tokens, 10 * head_dim, generator=g).to(dtype)  # q, k, v: views of one projection
+    q, k, v = (x.view(1, tokens, -1, head_dim) for x in fused.split([6 * head_dim, 2 * head_dim, 2 * head_dim], -1))
     got = PagedAttention(caches[0], slots, positions, decode_tables, steps, native=kernels).attend(0, q, k, v)
     want = PagedAttention(caches[1], slots, positions, decode_tables, steps, native=None).attend(0, q, k, v)
-    assert got.shape == want.shape == (1, tokens, 6, 16)
+    assert got.shape == want.shape == (1, tokens, 6, head_dim)
     assert (got.float() - want.float()).abs().max().item() < tolerance * max(1.0, want.float().abs().max().item())
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 

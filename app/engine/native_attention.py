@@ -173,7 +173,6 @@ def use_native(choice: str, device: torch.device, dtype: torch.dtype, args) -> N
     groups = args.num_heads // args.num_kv_heads
     unsupported = (f"the model is {str(dtype).removeprefix('torch.')}" if dtype not in DTYPES else
                    f"head size {args.head_dim} is over {MAX_HEAD_DIM}" if args.head_dim > MAX_HEAD_DIM else
-                   f"head size {args.head_dim} is not a multiple of 16" if args.head_dim % 16 else
                    f"{groups} query heads a KV head is over {MAX_GROUPS}" if groups > MAX_GROUPS else None)
     if unsupported:
         if required:

@@ -78,10 +78,12 @@ static inline __attribute__((always_inline)) void score_rows(const Workspace *w,
         for (int x = 0; x < VECTORS; x++) store(w->scores + (row + i) * KEY_TILE + x * LANES, s[i][x]);
 }
 
-/* acc[r] += sum_j weights[r, j] * value_j for `count` rows from `row`, one vector of head_dim at a time. */
+/* acc[r] += sum_j weights[r, j] * value_j for `count` rows from `row`, one vector of head_dim at a time (the
+ * last few values of a head_dim that is not a multiple of LANES one by one). */
 static inline __attribute__((always_inline)) void add_values(const Workspace *w, const float *values, int keys,
                                                              int row, int count, int head_dim) {
-    for (int d = 0; d < head_dim; d += LANES) {
+    int d = 0;
+    for (; d + LANES <= head_dim; d += LANES) {
         vec a[ROW_BLOCK];
 #pragma GCC unroll 8
         for (int i = 0; i < count; i++) a[i] = load(w->acc + (int64_t)(row + i) * head_dim + d);
@@ -93,6 +95,10 @@ static inline __attribute__((always_inline)) void add_values(const Workspace *w,
 #pragma GCC unroll 8
         for (int i = 0; i < count; i++) store(w->acc + (int64_t)(row + i) * head_dim + d, a[i]);
     }
+    for (; d < head_dim; d++)
+        for (int i = 0; i < count; i++)
+            for (int j = 0; j < keys; j++)
+                w->acc[(int64_t)(row + i) * head_dim + d] += w->scores[(row + i) * KEY_TILE + j] * values[j * head_dim + d];
 }
 
 /* Rows first..rows-1, where row r is token r / groups of the tile, at cache position position0 + r / groups;
@@ -199,15 +205,14 @@ int prefill_attention_key_tile(void) { return KEY_TILE; }
  * over block table tables[c] (table_width ids). Rows of q outside every chunk are neither read nor written.
  * scratch: float32 workspace of scratch_floats, at least 2 * kv_heads * head_dim * KEY_TILE * (the sum over
  * chunks of their positions starts[c] + lengths[c], each rounded up to KEY_TILE).
- * Returns 0, or -1 if a shape is past the compiled limits, head_dim is not a multiple of 16 or the scratch is
- * too small (nothing is written then). */
+ * Returns 0, or -1 if a shape is past the compiled limits or the scratch is too small (nothing is written then). */
 int paged_prefill_attention(const void *q, int64_t q_stride, const void *k, const void *v, void *out, const int64_t *tables,
                             int64_t table_width, const int32_t *offsets, const int32_t *lengths,
                             const int32_t *starts, int chunks, int heads, int kv_heads, int head_dim,
                             int64_t num_blocks, int block_size, float scale, int bf16, float *scratch,
                             int64_t scratch_floats, int threads) {
     const int groups = heads / kv_heads;
-    if (head_dim > MAX_HEAD_DIM || head_dim % LANES || groups > MAX_GROUPS || groups * kv_heads != heads) return -1;
+    if (head_dim > MAX_HEAD_DIM || groups > MAX_GROUPS || groups * kv_heads != heads) return -1;
     const int64_t tile_floats = 2 * (int64_t)head_dim * KEY_TILE;
     /* Key tiles (chunk, KV head, tile) and query tiles (chunk, tile) as flat lists; first_key_tile[c]: chunk c's
      * first in the staged list, where its KV head h's tiles follow h * key_tiles(c) on. */
@@ -245,7 +250,8 @@ int paged_prefill_attention(const void *q, int64_t q_stride, const void *k, cons
         /* 2: the query tiles, each over its staged keys; one allocation for the workspace, 64-byte lines */
         const size_t rows = (size_t)QUERY_TILE * groups, line = 64 / sizeof(float);
         const size_t rows_padded = (rows + line - 1) / line * line;
-        float *memory = aligned_alloc(64, sizeof(float) * (2 * rows * head_dim + rows * KEY_TILE + 2 * rows_padded));
+        const size_t floats = 2 * rows * head_dim + rows * KEY_TILE + 2 * rows_padded;
+        float *memory = aligned_alloc(64, sizeof(float) * ((floats + line - 1) / line * line));
         Workspace w;
         w.query = memory;
         w.acc = w.query + rows * head_dim;
