@@ -8,6 +8,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,27 @@ def test_a_source_that_does_not_compile_leaves_no_library_behind(monkeypatch, tm
     finally:
         native_library.load.cache_clear()
     assert list((tmp_path / "built").iterdir()) == []  # no library, no half-written file
+
+
+def test_a_new_build_removes_the_libraries_unused_for_a_week_and_loading_marks_one_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOFTSERVE_NATIVE_CACHE_DIR", str(tmp_path))
+    day = 24 * 3600
+    stale, recent = tmp_path / "softserve-kernels-0000000000000000.so", tmp_path / "softserve-kernels-1111.so"
+    other = tmp_path / "not-ours.so"
+    for path, age_days in ((stale, 8), (recent, 6), (other, 30)):
+        path.write_bytes(b"")
+        os.utime(path, (path.stat().st_atime, path.stat().st_mtime - age_days * day))
+    native_library.load.cache_clear()
+    try:
+        assert native_library.load() is not None  # built: this folder had no library for these sources
+        built = [p for p in tmp_path.glob("softserve-kernels-*.so") if p not in (stale, recent)]
+        assert len(built) == 1 and not stale.exists() and recent.exists() and other.exists()
+        os.utime(built[0], (built[0].stat().st_atime, built[0].stat().st_mtime - 8 * day))
+        native_library.load.cache_clear()
+        assert native_library.load() is not None  # loaded, not built again: now marked used
+        assert time.time() - built[0].stat().st_mtime < day and recent.exists()
+    finally:
+        native_library.load.cache_clear()
 
 
 def test_the_library_is_built_once_and_leaves_the_processs_floating_point_mode_alone(tmp_path):

@@ -4,7 +4,8 @@ The sources are compiled on first use with the machine's C compiler (`$CC`, else
 (`-march=native`), into one library in a cache folder keyed by the sources, the flags, the compiler and the CPU's feature
 flags, and loaded with ctypes: a few milliseconds after the first start, ~1 s on it. No torch headers are
 involved (the kernels take raw pointers), so no build system is either. Where no compiler is installed, or the
-build fails, `load()` returns None and the engine keeps its torch paths: slower, never wrong.
+build fails, `load()` returns None and the engine keeps its torch paths: slower, never wrong. A new build
+removes the folder's libraries that no process has loaded for a week (those of earlier versions or CPUs).
 
 OpenMP: the library is linked against libgomp by its soname, which torch has already loaded from its own
 wheel, so the kernels run on torch's thread pool rather than a second one competing for the same cores.
@@ -19,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch  # imported first, unused here: its libgomp is the one the library binds to
@@ -36,6 +38,9 @@ HEADERS = [NATIVE_DIR / "bf16.h"]
 COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-fPIC"]
 LINK_FLAGS = ["-shared", "-fopenmp", "-lmvec", "-lm"]
 BUILD_TIMEOUT_S = 120
+# Each change of the sources, flags, compiler or CPU builds a new library beside the old ones; a library no
+# process has loaded for this long is removed when a new one is built (loading one marks it used).
+STALE_AFTER_S = 7 * 24 * 3600
 
 
 def cache_dir() -> Path:
@@ -70,6 +75,24 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(lib, target)
 
 
+def _mark_used(library: Path) -> None:
+    try:
+        os.utime(library)
+    except OSError:  # a read-only cache: nothing is removed from it either
+        pass
+
+
+def _remove_stale(keep: Path) -> None:
+    """Remove the cache folder's other libraries that no process has loaded for STALE_AFTER_S."""
+    for other in keep.parent.glob("softserve-kernels-*.so"):
+        try:
+            if other != keep and time.time() - other.stat().st_mtime > STALE_AFTER_S:
+                other.unlink()
+                log.info("removed %s, unused for %d days", other, STALE_AFTER_S // 86400)
+        except OSError:  # another process removed it first, or the folder is not ours to change
+            pass
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled library, building it if this machine has none yet; None (and a warning) if it cannot."""
@@ -84,9 +107,12 @@ def load() -> ctypes.CDLL | None:
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"softserve-kernels-{key}.so"
     try:
-        if not target.exists():
+        if target.exists():
+            _mark_used(target)
+        else:
             log.info("building the CPU kernels into %s", target)
             _build(compiler, target)
+            _remove_stale(target)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("the CPU kernels could not be built or loaded (%s): the CPU keeps torch's forms (slower)", e)
