@@ -40,8 +40,8 @@ class EngineKnobs(BaseModel):
                                                     "ones get 429")
     decode_attention: Literal["auto", "triton", "native", "sdpa"] = Field(
         "auto", description="decode attention: auto (on CUDA the Triton kernel when it is installed, on CPU the C "
-                            "kernel when a C compiler builds it; each after its start-up check), triton, native, or "
-                            "sdpa")
+                            "kernels when a C compiler builds them; each after its start-up check), triton, native "
+                            "(on CPU the C kernels attend prefill chunks too), or sdpa")
     layer_ops: Literal["auto", "native", "torch"] = Field(
         "auto", description="RMSNorm, RoPE and SiLU-and-mul at inference: auto (the C kernels on CPU when a C compiler "
                             "builds them and they pass their start-up check, else torch), native, or torch")
