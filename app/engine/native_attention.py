@@ -100,7 +100,8 @@ class NativeKernels:
         chunk's rows of out (tokens, H, hd), contiguous; its other rows are left as they are."""
         tokens, heads, head_dim = q.shape
         kv_heads, num_blocks, block_size = k_layer.shape[:3]
-        assert q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and out.shape == q.shape
+        assert q.stride(2) == 1 and (heads == 1 or q.stride(1) == head_dim)  # a size-1 dim has any stride
+        assert out.is_contiguous() and out.shape == q.shape
         assert k_layer.is_contiguous() and v_layer.is_contiguous() and k_layer.dtype == q.dtype == out.dtype
         status = self._prefill(q.data_ptr(), q.stride(0), k_layer.data_ptr(), v_layer.data_ptr(), out.data_ptr(),
                                plan.tables.data_ptr(), plan.tables.shape[1], plan.offsets.data_ptr(),
