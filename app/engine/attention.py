@@ -21,17 +21,13 @@ needs no GQA expansion (5x faster on CPU than enable_gqa).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from app.engine.decode_attention import decode_attention
 from app.engine.kv_cache import KVCache, slots_of
-from app.engine.native_attention import PrefillPlan
-
-if TYPE_CHECKING:
-    from app.engine.native_attention import NativeKernels
+from app.engine.native_attention import NativeKernels, PrefillPlan
 
 
 @dataclass
